@@ -72,7 +72,11 @@ def load_dit(path: str | os.PathLike, dtype: torch.dtype | None = None, device: 
     """Load a DiT from one of our files, a diffusers folder, or a ComfyUI file of a known family."""
     with TensorSource(path, field) as src:
         family, config = detect(src)
-        with torch.device("meta"):
+        # accelerate's init_empty_weights puts only parameters on meta: plain tensor attributes built in
+        # __init__ (Qwen-Image's RoPE tables in pos_embed) stay real, so the loaded model can run.
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
             model = _families()[family].model_class()(**config)
         state = {k: src.get(k) for k in src.keys()}
     expected = set(model.state_dict().keys())
