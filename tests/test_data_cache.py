@@ -23,15 +23,15 @@ from dit_distillery.formats import save_safetensors
 class SpaceToDepthCodec:
     latent_channels, spatial_factor = 12, 2
 
-    def __init__(self, identity="s2d:v1"):
-        self.identity = identity
+    def __init__(self, identity="s2d:v1", dtype=torch.bfloat16):
+        self.identity, self.dtype = identity, dtype
         self.calls = self.items = 0
 
     def encode(self, images):
         assert images.dim() == 4 and images.min() >= -1 and images.max() <= 1
         self.calls += 1
         self.items += images.shape[0]
-        return F.pixel_unshuffle(images, self.spatial_factor).to(torch.bfloat16)
+        return F.pixel_unshuffle(images, self.spatial_factor).to(self.dtype)
 
     def decode(self, latents):
         return F.pixel_shuffle(latents.float(), self.spatial_factor)
@@ -70,22 +70,23 @@ def dataset(tmp_path):
     return base
 
 
-def models(identity="s2d:v1"):
-    return SpaceToDepthCodec(identity), HashingPromptEncoder()
+def models(identity="s2d:v1", dtype=torch.bfloat16):
+    return SpaceToDepthCodec(identity, dtype), HashingPromptEncoder()
 
 
 RES = Resolution(max_pixels=4096, factor=16)
 
 
-def build(base, cache_dir, res=RES, identity="s2d:v1", **options):
-    codec, text = models(identity)
+def build(base, cache_dir, res=RES, identity="s2d:v1", dtype=torch.bfloat16, **options):
+    codec, text = models(identity, dtype)
     cache, report = build_cache(read_metadata(base).rows, cache_dir, codec, text, res, **options)
     return cache, report, codec, text
 
 
-def test_build_batches_then_reuses(dataset, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_build_batches_then_reuses(dataset, tmp_path, dtype):
     seen = []
-    cache, report, codec, text = build(dataset, tmp_path / "cache", batch_size=4, shard_size=3,
+    cache, report, codec, text = build(dataset, tmp_path / "cache", dtype=dtype, batch_size=4, shard_size=3,
                                        progress=lambda done, total: seen.append((done, total)))
     assert (report.total, report.reused, report.encoded) == (8, 0, 8)
     assert codec.items == 8 and codec.calls == 3      # batched per size: 32x32 x (4 + 2), 64x32 (wide, cropped) x 2
@@ -94,8 +95,10 @@ def test_build_batches_then_reuses(dataset, tmp_path):
     assert seen[0] == (0, 8) and seen[-1] == (8, 8)
     assert not list((tmp_path / "cache").glob("*.tmp"))
 
-    again, report2, codec2, text2 = build(dataset, tmp_path / "cache")
+    again, report2, codec2, text2 = build(dataset, tmp_path / "cache", dtype=dtype)
     assert (report2.reused, report2.encoded, codec2.calls, text2.calls) == (8, 0, 0, 0)  # nothing encoded
+    key = cache.key(read_metadata(dataset)[7])
+    assert cache.info(key)["size"] == [32, 64] and again.load(key)["latents"].dtype == torch.float32
 
 
 def test_invalidation_per_key_part(dataset, tmp_path):

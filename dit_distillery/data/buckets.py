@@ -7,6 +7,10 @@ depend only on (seed, epoch), so every process computes the same global list and
 number of steps (DDP hangs otherwise) while never seeing the same batch. A run resumes mid-epoch from the
 number of batches it had consumed (`state` / `resume`): the sampler cannot count that itself, because a
 DataLoader prefetches ahead of what training actually used.
+
+Shard here or in accelerate, not both: give each process its (rank, world_size) and keep the DataLoader out of
+`accelerator.prepare` (whose `BatchSamplerShard` would split the batches again and pad by repeating samples), or
+leave rank=0, world_size=1 and let accelerate shard.
 """
 
 from __future__ import annotations

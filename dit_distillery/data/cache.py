@@ -210,7 +210,7 @@ class LatentCache:
             for i, (key, row) in enumerate(zip(keys, batch_rows)):
                 done += 1
                 try:
-                    item = {"latents": latents[i].float()}
+                    item = {"latents": latents[i].to(torch.float32, copy=True)}  # owns its memory
                     item["embeds"], item["mask"] = unpad_text(text, i)
                     if row.latents is not None:
                         item["target_latents"] = load_teacher_latents(row, tuple(latents[i].shape))
@@ -315,18 +315,25 @@ def unpad_text(text: TextEmbeds, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row i's embeddings [L,D] and mask [L], cut after its last real token (padding is rebuilt by collate)."""
     embeds = text.embeds[i]
     if text.mask is None:
-        return embeds.contiguous(), torch.ones(embeds.shape[0], dtype=torch.bool)
+        return embeds.clone(), torch.ones(embeds.shape[0], dtype=torch.bool)
     mask = text.mask[i].bool()
     used = mask.nonzero()
     length = int(used.max()) + 1 if used.numel() else 1
-    return embeds[:length].contiguous(), mask[:length].contiguous()
+    return embeds[:length].clone(), mask[:length].clone()  # copies: the padded batch can be freed
 
 
 def load_teacher_latents(row: Row, expected: tuple[int, ...]) -> torch.Tensor:
     """The teacher's final latents for a row, as unpacked [C, h, w], checked against the image's latent shape."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(row.latents))
+    try:
+        tensors = load_file(str(row.latents))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise DistilleryError(f"{row.where}, latents", str(row.latents), f"not a readable safetensors file ({exc}).",
+                              "regenerate the teacher latents for this row or leave the column blank.") from exc
+    if not tensors:
+        raise DistilleryError(f"{row.where}, latents", str(row.latents), "the file holds no tensor.",
+                              "store the teacher's final latents as one tensor named 'latents'.")
     tensor = tensors["latents"] if "latents" in tensors else next(iter(tensors.values()))
     while tensor.dim() > 3 and tensor.shape[0] == 1:
         tensor = tensor[0]
