@@ -1,0 +1,113 @@
+"""`sample`: text-to-image with any pipeline (a diffusers folder, the tiny/default ones) and, optionally, a
+trained student DiT file in place of the pipeline's own.
+
+Several `--prompt`s and `--seed`s make several images (a single one of either is paired with all of the other);
+with more than one image, `--out x.png` becomes `x_0.png`, `x_1.png`, ... Everything is checked and the
+pipeline loaded before anything is written; each PNG is written atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import DistilleryError
+from ..formats import atomic_output, dtype_from_name, save_safetensors
+
+HELP = "Generate images from prompts with a pipeline folder (or 'tiny' / 'default') and optionally a student DiT."
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--pipeline", default="default",
+                   help="diffusers-layout folder (e.g. a local Qwen/Qwen-Image), 'tiny', 'tiny:qwen_image' or 'default'")
+    p.add_argument("--dit", help="DiT file or transformer folder replacing the pipeline's (e.g. a trained student)")
+    p.add_argument("--text-encoder", help="text encoder folder, or .safetensors file (then also --text-encoder-config)")
+    p.add_argument("--text-encoder-config", help="folder with the text encoder's config.json (for a single file)")
+    p.add_argument("--tokenizer", help="tokenizer folder replacing the pipeline's")
+    p.add_argument("--vae", help="VAE folder or .safetensors file replacing the pipeline's")
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several images)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (used when --cfg is not 1)")
+    p.add_argument("--seed", type=int, action="append", help="seed (repeat for several images; default 0)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale; 1 disables it (default: the pipeline's)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the pipeline's)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the pipeline's)")
+    p.add_argument("--mu", type=float, help="schedule shift mu (default: the resolution's own; 0.8 = DiffSynth training)")
+    p.add_argument("--rand-device", default="cpu", help="device the noise is drawn on (cpu matches every machine)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="bf16, fp16 or fp32 (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--batch-size", type=int, help="images denoised together (default: all)")
+    p.add_argument("--out", required=True, help="output PNG path")
+    p.add_argument("--latents-out", help="also save the final latents to this .safetensors file")
+
+
+def _placement(device: str, dtype: str) -> tuple[str, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DistilleryError("device", device, "no CUDA device is available.", "use --device cpu.")
+    if dtype == "auto":
+        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return device, dtype_from_name(dtype, "dtype")
+
+
+def output_paths(out: str, count: int) -> list[Path]:
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise DistilleryError("out", str(out), "the output must be a .png file.", "use e.g. --out image.png.")
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
+
+
+def run(args) -> dict:
+    from ..pipelines.loading import load_pipeline
+
+    if args.latents_out and not args.latents_out.endswith(".safetensors"):
+        raise DistilleryError("latents_out", args.latents_out, "must be a .safetensors file.", "use e.g. latents.safetensors.")
+    device, dtype = _placement(args.device, args.dtype)
+    pipe = load_pipeline(args.pipeline, dit=args.dit, text_encoder=args.text_encoder,
+                         text_encoder_config=args.text_encoder_config, tokenizer=args.tokenizer, vae=args.vae,
+                         device=device, dtype=dtype)
+    seeds = args.seed or [0]
+    count = max(len(args.prompt), len(seeds))
+    paths = output_paths(args.out, count)
+    bar = None
+    if not args.json:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="sampling", unit="step", leave=False)
+
+    def progress(step, total, _preview):
+        if bar is not None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+    start = time.perf_counter()
+    result = pipe.sample(args.prompt, seeds=seeds, steps=args.steps, cfg_scale=args.cfg,
+                         negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                         rand_device=args.rand_device, batch_size=args.batch_size, mu=args.mu, callback=progress)
+    seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    for image, path in zip(result.images, paths):
+        with atomic_output(path) as tmp:
+            image.save(tmp, format="PNG")
+    if args.latents_out:
+        save_safetensors({"latents": result.latents}, args.latents_out,
+                         {"prompts": result.prompts, "seeds": result.seeds, "sigmas": result.sigmas})
+    return {
+        "images": [str(p) for p in paths],
+        "prompts": result.prompts,
+        "seeds": result.seeds,
+        "family": pipe.family,
+        "steps": len(result.sigmas),
+        "sigmas": [round(s, 6) for s in result.sigmas],
+        "cfg_scale": args.cfg if args.cfg is not None else pipe.defaults["cfg_scale"],
+        "size": list(result.images[0].size) if result.images else None,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "seconds": round(seconds, 3),
+    }

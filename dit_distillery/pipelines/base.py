@@ -1,0 +1,205 @@
+"""`TextToImagePipeline`: prompt encoder + DiT + codec, one interface for every family.
+
+It strings together the core pieces (`text` -> `noise` -> `schedule` -> `sampling.euler_denoise` over
+`velocity.predict_velocity` -> `codecs`) and adds what a front end needs: batches of prompts and seeds,
+progress callbacks with latent previews, a stop flag, PIL output. Devices and dtypes are the caller's choice
+(move the pipeline with `.to(device, dtype)`: bf16 on a GPU, fp32 on a CPU); the Euler state itself is
+always float32, and the initial noise is always DiffSynth's bf16 draw (see `noise`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import noise as noise_mod
+from .. import schedule
+from ..codecs import Codec
+from ..conditioning import TextEmbeds
+from ..errors import DistilleryError
+from ..sampling import euler_denoise
+from ..text import PromptEncoder
+from ..velocity import base_model, family_of, model_dtype, predict_velocity
+
+OUTPUTS = ("image", "latent", "both")
+# What each family's own pipeline uses when the caller does not say (DiffSynth's defaults).
+FAMILY_DEFAULTS = {
+    "qwen_image": dict(steps=50, cfg_scale=4.0, height=1328, width=1328),
+    "aaadit": dict(steps=30, cfg_scale=10.0, height=256, width=256),
+}
+
+
+def to_pil(pixels: torch.Tensor) -> list:
+    """[B, 3, H, W] in [-1, 1] -> PIL images, rounded like diffusers' VaeImageProcessor (DiffSynth truncates)."""
+    from PIL import Image
+
+    arr = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
+
+
+def from_pil(images, device=None, dtype=torch.float32) -> torch.Tensor:
+    """PIL images (same size) -> [B, 3, H, W] in [-1, 1]."""
+    import numpy as np
+
+    arr = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    return (torch.from_numpy(arr).permute(0, 3, 1, 2).to(device=device, dtype=dtype) / 127.5 - 1)
+
+
+@dataclass
+class SampleResult:
+    """What `TextToImagePipeline.sample` made: final latents, and decoded pixels / PIL images when asked."""
+
+    latents: torch.Tensor  # [B, C, h, w] float32 on CPU
+    prompts: list[str]
+    seeds: list[int]
+    sigmas: list[float]
+    pixels: torch.Tensor | None = None  # [B, 3, H, W] in [-1, 1] float32 on CPU
+    images: list = field(default_factory=list)  # PIL
+
+
+class TextToImagePipeline:
+    """Text-to-image sampling with any DiT family (see the module docstring)."""
+
+    def __init__(self, dit: torch.nn.Module, prompt_encoder: PromptEncoder, codec: Codec, family: str | None = None,
+                 template: str | None = None, defaults: dict | None = None):
+        actual = family_of(dit)
+        if family is not None and family != actual:
+            raise DistilleryError("family", family, f"the DiT is a {actual} model.", f"use family '{actual}' or omit it.")
+        self.dit, self.prompt_encoder, self.codec, self.family = dit, prompt_encoder, codec, actual
+        self.template = template or schedule.template_for(actual)
+        self.patch = 2 if actual == "qwen_image" else 1  # Qwen-Image packs 2x2 latent patches into one token
+        self.defaults = dict(FAMILY_DEFAULTS[actual], **(defaults or {}))
+        self._check_compatible()
+
+    def _check_compatible(self) -> None:
+        config = base_model(self.dit).config
+        if self.family == "qwen_image":
+            channels, text_width = config.in_channels // 4, config.joint_attention_dim
+        else:
+            channels, text_width = config.latent_channels, config.text_width
+        if channels != self.codec.latent_channels:
+            raise DistilleryError("vae", self.codec.identity, f"gives {self.codec.latent_channels} latent channels; "
+                                  f"the DiT takes {channels}.", "use the VAE/codec the DiT was trained with.")
+        if text_width != self.prompt_encoder.width:
+            raise DistilleryError("text_encoder", self.prompt_encoder.identity, f"gives {self.prompt_encoder.width}-wide "
+                                  f"embeddings; the DiT takes {text_width}.", "use the text encoder the DiT was trained with.")
+
+    # -- placement
+    @property
+    def device(self) -> torch.device:
+        return next(base_model(self.dit).parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return model_dtype(self.dit)
+
+    def to(self, device=None, dtype=None) -> "TextToImagePipeline":
+        """Move every component to a device and/or dtype (None keeps each component's own)."""
+        # Cast only what changes: diffusers warns on every `.to(dtype=...)` of a model, even a no-op one.
+        for part, current in ((self.dit, self.dtype), (self.prompt_encoder, self.prompt_encoder.dtype),
+                              (self.codec, self.codec.dtype)):
+            kwargs = {} if dtype is None or dtype == current else {"dtype": dtype}
+            if device is not None:
+                kwargs["device"] = device
+            if kwargs:
+                part.to(**kwargs)
+        return self
+
+    # -- the pieces
+    @property
+    def size_multiple(self) -> int:
+        return self.codec.spatial_factor * self.patch
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        m = self.size_multiple
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= m and v % m == 0 for v in (height, width)):
+            raise DistilleryError("size", f"{width}x{height}", f"width and height must be positive multiples of {m} "
+                                  f"for this {self.family} pipeline.",
+                                  f"use e.g. {max(m, int(width) // m * m)}x{max(m, int(height) // m * m)}.")
+        return self.codec.latent_shape(height, width)
+
+    def image_seq_len(self, height: int, width: int) -> int:
+        """Image tokens the DiT sees (DiffSynth's `dynamic_shift_len`, e.g. (H/16) * (W/16))."""
+        _, h, w = self.latent_shape(height, width)
+        return (h // self.patch) * (w // self.patch)
+
+    def encode_prompts(self, prompts: list[str]) -> TextEmbeds:
+        return self.prompt_encoder.encode(prompts).to(device=self.device)
+
+    def initial_noise(self, seeds, height: int, width: int, rand_device: str = "cpu") -> torch.Tensor:
+        """DiffSynth's noise for these seeds, as float32 on the pipeline's device."""
+        return noise_mod.initial_noise(seeds, self.latent_shape(height, width), rand_device=rand_device,
+                                       device=self.device, out_dtype=torch.float32)
+
+    def sigmas(self, steps: int, height: int, width: int, mu: float | None = None) -> list[float]:
+        """The family's schedule; mu defaults to the resolution's own (what DiffSynth uses at inference)."""
+        return schedule.sigmas(self.template, steps, image_seq_len=self.image_seq_len(height, width), mu=mu)
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, text: TextEmbeds) -> torch.Tensor:
+        return predict_velocity(self.dit, latents, sigma, text)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> pixels [B, 3, H, W] in [-1, 1] (float32, CPU)."""
+        return self.codec.decode(latents.to(self.codec.device)).float().cpu().clamp(-1, 1)
+
+    # -- the whole thing
+    @torch.no_grad()
+    def sample(self, prompts: str | list[str], *, seeds: int | list[int] = 0, steps: int | None = None,
+               cfg_scale: float | None = None, negative_prompt: str = "", height: int | None = None,
+               width: int | None = None, rand_device: str = "cpu", output: str = "image", callback=None, stop=None,
+               batch_size: int | None = None, mu: float | None = None, sigmas: list[float] | None = None) -> SampleResult:
+        """Generate one image per (prompt, seed) pair; a single prompt or seed is paired with all of the others.
+
+        callback(step, total, latents_preview) counts steps over all batches; stop() raises `StopRequested`.
+        `sigmas` overrides the schedule (then `steps` and `mu` are ignored).
+        """
+        d = self.defaults
+        steps = d["steps"] if steps is None else steps
+        cfg_scale = float(d["cfg_scale"] if cfg_scale is None else cfg_scale)
+        height, width = (d["height"] if height is None else height), (d["width"] if width is None else width)
+        if output not in OUTPUTS:
+            raise DistilleryError("output", output, "unknown output kind.", f"use one of {list(OUTPUTS)}.")
+        prompts, seeds = _pair(prompts, seeds)
+        batch_size = len(prompts) if batch_size is None else batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DistilleryError("batch_size", batch_size, "must be a whole number >= 1.", "use 1 on small GPUs.")
+        self.latent_shape(height, width)
+        sigmas = list(sigmas) if sigmas is not None else self.sigmas(steps, height, width, mu)
+        negative = self.encode_prompts([negative_prompt]) if cfg_scale != 1.0 else None
+        velocity = functools.partial(predict_velocity, self.dit)
+        total = len(sigmas) * -(-len(prompts) // batch_size)
+        latents, pixels = [], []
+        for start in range(0, len(prompts), batch_size):
+            chunk_prompts, chunk_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
+            unique = list(dict.fromkeys(chunk_prompts))
+            text = self.encode_prompts(unique).select([unique.index(p) for p in chunk_prompts])
+            x = self.initial_noise(chunk_seeds, height, width, rand_device)
+            done = start // batch_size * len(sigmas)
+            step_cb = None if callback is None else (lambda i, n, preview, _done=done: callback(_done + i, total, preview))
+            x = euler_denoise(velocity, x, sigmas, text, cfg_scale=cfg_scale, negative_text=negative,
+                              callback=step_cb, stop=stop)
+            latents.append(x.float().cpu())
+            if output != "latent":
+                pixels.append(self.decode(x))
+        result = SampleResult(torch.cat(latents), prompts, seeds, sigmas)
+        if output != "latent":
+            result.pixels = torch.cat(pixels)
+            result.images = to_pil(result.pixels)
+        return result
+
+
+def _pair(prompts, seeds) -> tuple[list[str], list[int]]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    seeds = noise_mod.check_seeds(seeds)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise DistilleryError("prompt", prompts, "expected a prompt or a non-empty list of prompts.", "give some text.")
+    if len(prompts) == 1:
+        prompts = prompts * len(seeds)
+    elif len(seeds) == 1:
+        seeds = seeds * len(prompts)
+    elif len(prompts) != len(seeds):
+        raise DistilleryError("seed", seeds, f"{len(seeds)} seeds for {len(prompts)} prompts.",
+                              "give one seed per prompt, a single seed, or a single prompt.")
+    return prompts, seeds

@@ -1,0 +1,317 @@
+"""Build `TextToImagePipeline`s from disk, and save them.
+
+Sources:
+* a diffusers-layout folder (a local `Qwen/Qwen-Image`: `model_index.json`, `transformer/`, `text_encoder/`,
+  `tokenizer/`, `vae/`, `scheduler/`), or one written by `save_pipeline` (the same layout; AAADiT pipelines and
+  the pixel codec are described under the private `_dit_distillery` key, which diffusers ignores);
+* single files, as ComfyUI users keep them, each replacing one component of a folder or given all together:
+  the DiT (`models/diffusion_models`, read by `models.registry.load_dit`), the VAE (`models/vae`: diffusers keys,
+  or the original Wan/LDM layouts converted with diffusers' own converters) and the text encoder
+  (`models/text_encoders`: a transformers checkpoint file, which needs its `config.json` folder beside it;
+  transformers has no single-file loader);
+* "tiny", "tiny:qwen_image", "default": the built-in random pipelines of `tiny`.
+
+Only safetensors are read (`use_safetensors=True` everywhere). Anything missing raises a DistilleryError naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .. import schedule
+from ..codecs import Codec, Flux2VAECodec, PixelCodec, QwenImageVAECodec
+from ..errors import DistilleryError
+from ..text import PromptEncoder, Qwen3PromptEncoder, QwenImagePromptEncoder
+from ..velocity import base_model, family_of
+from .base import TextToImagePipeline
+
+MODEL_INDEX = "model_index.json"
+META_KEY = "_dit_distillery"  # leading underscore: diffusers' from_pretrained skips it
+PIPELINE_CLASSES = {"qwen_image": "QwenImagePipeline", "aaadit": "AAAImagePipeline"}
+FAMILY_OF_PIPELINE = {v: k for k, v in PIPELINE_CLASSES.items()}
+VAE_CLASSES = {"qwen_image": "AutoencoderKLQwenImage", "aaadit": "AutoencoderKLFlux2"}
+TEXT_ENCODER_CLASSES = {"qwen_image": "Qwen2_5_VLForConditionalGeneration", "aaadit": "Qwen3Model"}
+BUILTIN = ("tiny", "tiny:aaadit", "tiny:qwen_image", "default")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving
+
+def save_pipeline(pipe: TextToImagePipeline, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a diffusers-layout folder (all safetensors). Written beside the target, renamed into place whole."""
+    import diffusers
+
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+        raise DistilleryError("out", str(folder), "already exists and is not empty.", "choose a new folder or overwrite.")
+    dit = base_model(pipe.dit)
+    if any("lora_" in name for name, _ in dit.named_parameters()):
+        raise DistilleryError("dit", type(dit).__name__, "holds LoRA adapters; a pipeline folder stores plain weights.",
+                              "merge the LoRA (peft merge_and_unload) or save the LoRA file on its own.")
+    encoder, codec = pipe.prompt_encoder, pipe.codec
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        dit.save_pretrained(tmp / "transformer", safe_serialization=True)
+        encoder.text_encoder.save_pretrained(tmp / "text_encoder")
+        encoder.tokenizer.save_pretrained(tmp / "tokenizer")
+        schedule.scheduler(pipe.template).save_pretrained(tmp / "scheduler")
+        vae = getattr(codec, "vae", None)
+        if vae is not None:
+            vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        index = {
+            "_class_name": PIPELINE_CLASSES[pipe.family],
+            "_diffusers_version": diffusers.__version__,
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", type(encoder.text_encoder).__name__],
+            "tokenizer": ["transformers", type(encoder.tokenizer).__name__],
+            "transformer": ["diffusers" if pipe.family == "qwen_image" else "dit_distillery", type(dit).__name__],
+            "vae": ["diffusers", type(vae).__name__] if vae is not None else [None, None],
+            META_KEY: {
+                "family": pipe.family, "template": pipe.template, "defaults": pipe.defaults,
+                "codec": _codec_meta(codec), "prompt_encoder": _encoder_meta(encoder),
+            },
+        }
+        (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _replace_dir(tmp: Path, folder: Path) -> None:
+    old = None
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _codec_meta(codec: Codec) -> dict:
+    if isinstance(codec, PixelCodec):
+        return {"kind": "pixel", "patch": codec.patch}
+    return {"kind": codec.kind}
+
+
+def _encoder_meta(encoder: PromptEncoder) -> dict:
+    meta = {"kind": encoder.kind, "max_length": encoder.max_length}
+    if isinstance(encoder, Qwen3PromptEncoder):
+        meta["hidden_layers"] = list(encoder.hidden_layers)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading components
+
+def _exists(path, field: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise DistilleryError(field, str(path), "no such file or folder.", f"check the {field} path.")
+    return path
+
+
+def load_dit(path, *, dtype=None, device="cpu", field: str = "dit") -> torch.nn.Module:
+    """A DiT from a diffusers `transformer/` folder (config.json) or any file/folder `registry.load_dit` reads."""
+    from ..models import registry
+
+    path = _exists(path, field)
+    config = path / "config.json"
+    if path.is_dir() and config.is_file():
+        name = json.loads(config.read_text()).get("_class_name")
+        families = registry._families()
+        classes = {fam.model_class().__name__: fam.model_class() for fam in families.values()}
+        if name not in classes:
+            raise DistilleryError(field, str(path), f"holds a {name}, not a DiT this pack knows.",
+                                  f"use one of {sorted(classes)}.")
+        return classes[name].from_pretrained(path, torch_dtype=dtype, use_safetensors=True).to(device).eval()
+    return registry.load_dit(path, dtype=dtype, device=device, field=field)
+
+
+def load_tokenizer(path, field: str = "tokenizer"):
+    from transformers import AutoTokenizer
+
+    path = _exists(path, field)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise DistilleryError(field, str(path), f"not a tokenizer folder ({exc}).",
+                              "give the model's tokenizer/ folder (tokenizer.json or vocab.json + merges.txt).") from exc
+
+
+def load_text_encoder(path, family: str, *, config_dir=None, dtype=None, device="cpu", field: str = "text_encoder"):
+    """A transformers text encoder from its folder, or from a single safetensors file plus a config.json folder."""
+    import transformers
+
+    path = _exists(path, field)
+    if path.is_file():
+        return _text_encoder_from_file(path, family, config_dir, dtype, device, field)
+    config = path / "config.json"
+    if not config.is_file():
+        raise DistilleryError(field, str(path), "has no config.json.", "give a transformers model folder.")
+    arch = (json.loads(config.read_text()).get("architectures") or [TEXT_ENCODER_CLASSES[family]])[0]
+    # Qwen3 checkpoints are usually Qwen3ForCausalLM: we only need the hidden states, so skip the LM head.
+    arch = {"Qwen3ForCausalLM": "Qwen3Model"}.get(arch, arch)
+    if arch not in TEXT_ENCODER_CLASSES.values():
+        raise DistilleryError(field, str(path), f"holds a {arch}.",
+                              f"use {TEXT_ENCODER_CLASSES[family]} for a {family} pipeline.")
+    cls = getattr(transformers, arch)
+    return cls.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()
+
+
+def _text_encoder_from_file(path: Path, family: str, config_dir, dtype, device, field: str):
+    from safetensors import safe_open
+
+    if path.suffix != ".safetensors":
+        raise DistilleryError(field, str(path), "only .safetensors weights are read.", "convert the file to safetensors.")
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    if any(k.endswith("scaled_fp8") or k.endswith(".scale_weight") for k in keys):
+        raise DistilleryError(field, str(path), "is a ComfyUI fp8-scaled text encoder, which transformers cannot read.",
+                              "use the bf16/fp16 text encoder file, or the model's text_encoder/ folder.")
+    if config_dir is None or not (Path(config_dir) / "config.json").is_file():
+        raise DistilleryError(field, str(path), "a single text-encoder file has no configuration, and transformers "
+                              "cannot load one from a file alone.",
+                              "also give the config folder: the text_encoder/ folder of the diffusers model "
+                              "(config.json is enough), or use that folder instead of the file.")
+    # transformers reads a folder: give it one made of the config and a link to the file, so its own key
+    # conversions (e.g. older Qwen2.5-VL layouts) apply.
+    with tempfile.TemporaryDirectory(prefix="dit_distillery_te_") as tmp:
+        shutil.copy(Path(config_dir) / "config.json", Path(tmp) / "config.json")
+        os.symlink(path.resolve(), Path(tmp) / "model.safetensors")
+        return load_text_encoder(tmp, family, dtype=dtype, device=device, field=field)
+
+
+def load_vae(path, family: str, *, config_dir=None, dtype=None, device="cpu", field: str = "vae"):
+    """A diffusers VAE from its folder, or from one safetensors file (diffusers, Wan or LDM key layout)."""
+    import diffusers
+
+    path = _exists(path, field)
+    cls = getattr(diffusers, VAE_CLASSES[family])
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise DistilleryError(field, str(path), "has no config.json.", "give a diffusers vae/ folder or a .safetensors file.")
+        return cls.from_pretrained(path, torch_dtype=dtype, use_safetensors=True).to(device).eval()
+    if path.suffix != ".safetensors":
+        raise DistilleryError(field, str(path), "only .safetensors weights are read.", "convert the file to safetensors.")
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    if config_dir is not None:
+        vae = cls.from_config(cls.load_config(config_dir))
+    else:
+        vae = cls()  # the class defaults are the real model's config (Qwen-Image's / FLUX.2's VAE)
+    expected = set(vae.state_dict())
+    if not expected <= set(state):
+        state = _convert_vae_state(state, family, dict(vae.config))
+    missing = sorted(expected - set(state))
+    if missing:
+        raise DistilleryError(field, str(path), f"does not hold a {cls.__name__} (missing {missing[:3]}).",
+                              f"give the {family} VAE file (or its diffusers vae/ folder; add the vae/ config folder "
+                              "for a non-default VAE size).")
+    vae.load_state_dict({k: state[k] for k in expected}, strict=True)
+    return vae.to(device=device, dtype=dtype).eval()
+
+
+def _convert_vae_state(state: dict, family: str, config: dict) -> dict:
+    """Original-layout VAE files -> diffusers keys with diffusers' single-file converters."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    if family == "qwen_image":  # ComfyUI's qwen_image_vae.safetensors keeps Wan 2.1's layout (same modules)
+        return sfu.convert_wan_vae_to_diffusers(state)
+    converted = sfu.convert_ldm_vae_checkpoint(state, config)  # FLUX.2's VAE is an LDM VAE + BatchNorm stats
+    converted.update({k: v for k, v in state.items() if k.startswith("bn.")})
+    return converted
+
+
+def _codec(meta: dict, vae) -> Codec:
+    if meta.get("kind") == "pixel":
+        return PixelCodec(int(meta.get("patch", 4)))
+    if vae is None:
+        raise DistilleryError("vae", None, "this pipeline needs a VAE and none was found.",
+                              "give the vae/ folder or a VAE .safetensors file.")
+    return QwenImageVAECodec(vae) if type(vae).__name__ == "AutoencoderKLQwenImage" else Flux2VAECodec(vae)
+
+
+def _prompt_encoder(family: str, meta: dict, text_encoder, tokenizer) -> PromptEncoder:
+    if family == "qwen_image":
+        return QwenImagePromptEncoder(text_encoder, tokenizer, max_length=int(meta.get("max_length", 1024)))
+    return Qwen3PromptEncoder(text_encoder, tokenizer, max_length=int(meta.get("max_length", 128)),
+                              hidden_layers=tuple(meta.get("hidden_layers", (-1,))))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading pipelines
+
+def load_pipeline(source: str | os.PathLike | None = None, *, dit=None, text_encoder=None, text_encoder_config=None,
+                  tokenizer=None, vae=None, vae_config=None, device="cpu", dtype: torch.dtype | None = None,
+                  seed: int = 0) -> TextToImagePipeline:
+    """A pipeline from a diffusers folder / built-in name, with any component replaced by a file or folder.
+
+    source: a diffusers-layout folder, "tiny", "tiny:qwen_image", "default", or None (then give every component).
+    dit: a DiT file (ComfyUI diffusion_models, our trained students) or transformer folder.
+    text_encoder (+ text_encoder_config, a folder with its config.json), tokenizer, vae (+ vae_config): likewise.
+    """
+    if source is not None and str(source) in BUILTIN:
+        pipe = _builtin(str(source), seed)
+        if dit is not None:
+            pipe = TextToImagePipeline(load_dit(dit, dtype=dtype), pipe.prompt_encoder, pipe.codec,
+                                       defaults=pipe.defaults)
+        if any(x is not None for x in (text_encoder, tokenizer, vae)):
+            raise DistilleryError("source", str(source), "built-in pipelines only take a replacement DiT.",
+                                  "save the built-in pipeline with save_pipeline, then replace components of the folder.")
+        return pipe.to(device=device, dtype=dtype)
+
+    root = None if source is None else _exists(source, "pipeline")
+    index = {}
+    if root is not None:
+        if not (root / MODEL_INDEX).is_file():
+            raise DistilleryError("pipeline", str(root), f"is not a diffusers pipeline folder (no {MODEL_INDEX}).",
+                                  "give a folder like a local Qwen/Qwen-Image download, or one written by save_pipeline.")
+        index = json.loads((root / MODEL_INDEX).read_text())
+    meta = index.get(META_KEY, {})
+
+    def part(given, sub: str, what: str):
+        if given is not None:
+            return given
+        if root is not None and (root / sub).exists():
+            return root / sub
+        raise DistilleryError(what, None, f"no {what} given" + (f" and {root} has no {sub}/ folder." if root else "."),
+                              f"give the {what} (a file or folder), or a diffusers folder that contains {sub}/.")
+
+    model = load_dit(part(dit, "transformer", "dit"), dtype=dtype, device=device)
+    family = family_of(model)
+    expected = meta.get("family") or FAMILY_OF_PIPELINE.get(index.get("_class_name"))
+    if dit is None and expected and expected != family:
+        raise DistilleryError("pipeline", str(root), f"model_index says {expected} but the transformer is {family}.",
+                              "the folder is inconsistent; re-save it.")
+    te_config = text_encoder_config or (root / "text_encoder" if root is not None else None)
+    encoder_model = load_text_encoder(part(text_encoder, "text_encoder", "text_encoder"), family, config_dir=te_config,
+                                      dtype=dtype, device=device)
+    tok = load_tokenizer(part(tokenizer, "tokenizer", "tokenizer"))
+    codec_meta = meta.get("codec", {"kind": "vae"})
+    vae_model = None
+    if codec_meta.get("kind") != "pixel" or vae is not None:
+        codec_meta = {"kind": "vae"} if vae is not None else codec_meta
+        vae_cfg = vae_config or (root / "vae" if root is not None and (root / "vae" / "config.json").is_file() else None)
+        vae_model = load_vae(part(vae, "vae", "vae"), family, config_dir=vae_cfg, dtype=dtype, device=device)
+    pipe = TextToImagePipeline(model, _prompt_encoder(family, meta.get("prompt_encoder", {}), encoder_model, tok),
+                               _codec(codec_meta, vae_model), family, template=meta.get("template"),
+                               defaults=meta.get("defaults"))
+    return pipe
+
+
+def _builtin(name: str, seed: int) -> TextToImagePipeline:
+    from .. import tiny
+
+    if name == "default":
+        return tiny.embedded_default_pipeline(seed)
+    return tiny.tiny_pipeline(name.split(":", 1)[1] if ":" in name else "aaadit", seed)
