@@ -1,0 +1,471 @@
+"""How big a DiT is and how much memory training it takes, computed without allocating a single weight.
+
+Everything runs on PyTorch's `meta` device: the model is built there (shapes, no data) and so are the inputs.
+Parameter counts come from the module tree, by part (embedders, each block, output head).
+
+Activation memory is *measured*, not guessed: a meta-device forward pass runs under
+`torch.autograd.graph.saved_tensors_hooks`, which sees every tensor autograd keeps for the backward pass; we
+sum their storages (each once; weights excluded since they are counted as weights). Meta ops do no compute, so
+a 20B model at 1024x1024 takes about a second. Block hooks attribute each saved tensor to a block or to the
+code outside the blocks, which gives the gradient-checkpointing figure from the same pass: checkpointing keeps
+only the blocks' inputs and what is saved outside them, and recomputes one block at a time during backward.
+
+Attention: on meta, PyTorch's SDPA takes its math path, which saves the full [B, heads, S, S] softmax. Training
+runs flash or memory-efficient attention, which saves only q, k, v, the output and one fp32 logsumexp per query
+(O(tokens)). During the measurement SDPA is therefore replaced by a stand-in that saves exactly that; the math
+path's extra is measured too and reported beside it. tests/test_report.py checks the meta measurement, stand-in
+included, against the autograd graph of a real CPU forward (whose SDPA runs PyTorch's CPU flash kernel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import unittest.mock
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import DistilleryError
+from .formats import TensorSource
+from .lora_presets import DEFAULT_PRESET, LORA_PRESETS, lora_parameter_count, parse_targets, resolve_targets
+from .models import aaadit, qwen_image, registry
+
+GIB = 1024 ** 3
+
+# Named configurations the report (and its CLI) accepts instead of a file.
+PRESETS = {
+    "qwen-image": ("qwen_image", qwen_image.QWEN_IMAGE_CONFIG),
+    "qwen-image-tiny": ("qwen_image", qwen_image.tiny_config()),
+    "aaadit": ("aaadit", aaadit.TUTORIAL_CONFIG),
+    "aaadit-tiny": ("aaadit", aaadit.tiny_config()),
+}
+
+# Text length assumed when none is given. AAADiT: the tutorial pads every prompt to 128 Qwen3 tokens.
+# Qwen-Image: prompts are not padded; 256 tokens covers long captions (DiffSynth trains up to 512).
+DEFAULT_TEXT_TOKENS = {"qwen_image": 256, "aaadit": 128}
+
+# Per family: the blocks' ModuleList, the output head's parameter prefixes, and pixels per token side
+# (Qwen-Image: VAE /8 then 2x2 patches; AAADiT: Flux2 VAE /16, one token per latent pixel).
+_LAYOUT = {
+    "qwen_image": {"blocks": "transformer_blocks", "head": ("norm_out.", "proj_out."), "pixels_per_token": 16},
+    "aaadit": {"blocks": "blocks", "head": ("proj_out.",), "pixels_per_token": 16},
+}
+_OVERRIDE_KEYS = {"qwen_image": ("num_layers", "num_attention_heads"), "aaadit": ("num_blocks", "num_heads")}
+
+COMPUTE_DTYPE = torch.bfloat16
+ASSUMPTIONS = [
+    "full training: fp32 master weights (4 B/param), their bf16 autocast copies (2 B), fp32 gradients (4 B), "
+    "AdamW m and v in fp32 (8 B).",
+    "LoRA training: frozen base weights in bf16 (2 B/param); adapters in fp32 with bf16 copies, fp32 gradients "
+    "and fp32 AdamW states, as for full training.",
+    "activations: bytes autograd saves for backward in a bf16 forward (measured on the meta device, weights "
+    "excluded); the bf16 weight copies above are counted separately.",
+    "attention: flash / memory-efficient SDPA (saves q, k, v, output and a per-query logsumexp, O(tokens)); the "
+    "math path also saves the [B, heads, S, S] softmax, reported as math_attention_extra.",
+    "gradient checkpointing: per block; keeps each block's inputs and recomputes one block at a time.",
+    "not counted: the CUDA context and allocator slack (~0.5-1.5 GiB), transient backward buffers, the text "
+    "encoder and VAE (cache their outputs before training, or add their weights).",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What to report on
+
+def _families():
+    return {qwen_image.FAMILY: qwen_image, aaadit.FAMILY: aaadit}
+
+
+def _constructor_keys(family: str) -> set[str]:
+    params = inspect.signature(_families()[family].model_class().__init__).parameters
+    return {k for k in params if k != "self"}
+
+
+def _config_from_json(path: Path, field: str) -> tuple[str, dict]:
+    """(family, config) from a diffusers config.json, our {"family", "config"} form, or bare constructor args."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DistilleryError(field, str(path), f"unreadable JSON ({exc}).", "give a valid config JSON file.") from exc
+    if not isinstance(raw, dict):
+        raise DistilleryError(field, str(path), "the JSON is not an object.", "give a model config JSON object.")
+    if isinstance(raw.get("config"), dict) and raw.get("family") in _families():
+        return raw["family"], dict(raw["config"])
+    by_class = {fam.model_class().__name__: name for name, fam in _families().items()}
+    family = by_class.get(raw.get("_class_name"))
+    args = {k: v for k, v in raw.items() if not k.startswith("_")}
+    if family is None:
+        fitting = [name for name in _families() if args and set(args) <= _constructor_keys(name)]
+        if len(fitting) != 1:
+            raise DistilleryError(field, str(path), "cannot tell which DiT family this config describes.",
+                                  'add "_class_name" (QwenImageTransformer2DModel or AAADiT) or use '
+                                  '{"family": "qwen_image"|"aaadit", "config": {...}}.')
+        family = fitting[0]
+    # diffusers configs carry keys of older versions (Qwen-Image's pooled_projection_dim): keep the constructor's.
+    keys = _constructor_keys(family)
+    return family, {k: v for k, v in args.items() if k in keys}
+
+
+def resolve_spec(spec, field: str = "model") -> tuple[str, dict, str]:
+    """(family, config, source description) of a model instance, a (family, config) pair, a preset name, a
+    JSON config, a diffusers folder or a safetensors file (only its header is read)."""
+    if isinstance(spec, torch.nn.Module):
+        return registry.family_of(spec), registry.model_config(spec), type(spec).__name__
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict):
+        if spec[0] not in _families():
+            raise DistilleryError(field, spec[0], "unknown DiT family.", f"use one of {sorted(_families())}.")
+        return spec[0], dict(spec[1]), f"{spec[0]} config"
+    if not isinstance(spec, (str, os.PathLike)):
+        raise DistilleryError(field, type(spec).__name__, "not a model, config, path or preset name.",
+                              f"give a path or one of {sorted(PRESETS)}.")
+    path = Path(spec)
+    preset = str(spec).strip().lower().replace("_", "-")
+    if preset in PRESETS and not path.exists():
+        family, config = PRESETS[preset]
+        return family, dict(config), f"preset {preset}"
+    if path.is_file() and path.suffix == ".json" and not path.name.endswith(".index.json"):
+        return (*_config_from_json(path, field), str(path))
+    if path.is_dir():
+        for candidate in (path / "config.json", path / "transformer" / "config.json"):
+            if candidate.is_file():  # exact config (head count included) without touching the weights
+                return (*_config_from_json(candidate, field), str(path))
+    if path.exists():
+        with TensorSource(path, field) as src:
+            family, config = registry.detect(src)
+        return family, config, str(path)
+    raise DistilleryError(field, str(spec), "no such file or folder, and not a preset name.",
+                          f"give a .safetensors file, a diffusers folder, a config JSON, or one of {sorted(PRESETS)}.")
+
+
+def with_overrides(family: str, config: dict, layers: int | None = None, heads: int | None = None) -> dict:
+    """The config with another block count and/or head count (Qwen-Image: width = heads x head dim)."""
+    config = dict(config)
+    for field, value, key in (("layers", layers, _OVERRIDE_KEYS[family][0]), ("heads", heads, _OVERRIDE_KEYS[family][1])):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DistilleryError(field, value, "must be a positive integer.", f"give a whole number >= 1 for {field}.")
+        config[key] = value
+    return config
+
+
+def build_meta(family: str, config: dict, field: str = "config") -> torch.nn.Module:
+    """The model on the meta device (no memory); a config the class rejects becomes a DistilleryError."""
+    unknown = set(config) - _constructor_keys(family)
+    if unknown:
+        raise DistilleryError(field, sorted(unknown), f"not {family} config keys.",
+                              f"use keys among {sorted(_constructor_keys(family))}.")
+    try:
+        return registry.build_empty(family, config, "meta")
+    except DistilleryError:
+        raise
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        raise DistilleryError(field, config, f"cannot build a {family} model from it ({exc}).",
+                              "check the sizes (width divisible by heads, positive counts).") from exc
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameters
+
+def parameter_counts(model: torch.nn.Module, family: str) -> dict:
+    """Parameters in total and by part: embedders (everything before the blocks), blocks (and each), head."""
+    layout = _LAYOUT[family]
+    prefix = layout["blocks"] + "."
+    per_block = [0] * len(getattr(model, layout["blocks"]))
+    parts = {"embedders": 0, "blocks": 0, "head": 0}
+    for name, p in model.named_parameters():
+        if name.startswith(prefix):
+            per_block[int(name[len(prefix):].split(".", 1)[0])] += p.numel()
+            parts["blocks"] += p.numel()
+        elif name.startswith(layout["head"]):
+            parts["head"] += p.numel()
+        else:
+            parts["embedders"] += p.numel()
+    return {"params": sum(parts.values()), "parts": parts, "per_block": per_block}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Activations
+
+class _FlashAttentionAccounting(torch.autograd.Function):
+    """Stands in for SDPA during a measurement: saves what flash / memory-efficient kernels save for backward
+    (q, k, v, output, fp32 logsumexp per query row, the mask if any), and returns the output in their layout
+    ([B, S, heads, D] in memory), so merging the heads afterwards is a view as in training, not a copy.
+    Forward only: reports never backprop."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+        out = _real_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                         scale=scale, enable_gqa=enable_gqa)
+        out = out.transpose(-3, -2).contiguous().transpose(-3, -2)
+        logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, out, logsumexp, *([attn_mask] if attn_mask is not None else []))
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("the attention stand-in is for memory accounting only")
+
+
+_real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
+def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if query.device.type != "meta":  # real tensors (another thread, a CPU check) keep the real kernels
+        return _real_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                          scale=scale, enable_gqa=enable_gqa)
+    return _FlashAttentionAccounting.apply(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+@contextlib.contextmanager
+def flash_attention_accounting():
+    """Within the block, SDPA on meta tensors saves what flash attention saves (see the module docstring).
+
+    The patch is process-wide for its (short) duration, so the stand-in leaves real tensors alone.
+    """
+    with unittest.mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _flash_sdpa):
+        yield
+
+
+def _tensors_in(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_in(v)]
+    return []
+
+
+@dataclass
+class _Record:
+    """One saved storage: its size, where it was first saved (-1 = outside the blocks), the tensors saved on it."""
+
+    key: int
+    nbytes: int
+    region: int
+    refs: list = field(default_factory=list)
+
+    def alive(self) -> bool:
+        return any(ref() is not None for ref in self.refs)
+
+
+@dataclass
+class SavedActivations:
+    """Bytes autograd saved in one forward, by storage: outside the blocks, in each block, and the blocks'
+    inputs (what gradient checkpointing keeps)."""
+
+    outside: dict[int, int] = field(default_factory=dict)
+    blocks: list[dict[int, int]] = field(default_factory=list)
+    block_inputs: dict[int, int] = field(default_factory=dict)
+
+    def total(self, checkpointing: bool) -> int:
+        if not checkpointing:
+            everything = dict(self.outside)
+            for block in self.blocks:
+                everything.update(block)
+            return sum(everything.values())
+        kept = {**self.outside, **self.block_inputs}
+        recompute = max((sum(n for k, n in block.items() if k not in kept) for block in self.blocks), default=0)
+        return sum(kept.values()) + recompute
+
+    def largest_block(self) -> int:
+        return max((sum(block.values()) for block in self.blocks), default=0)
+
+
+def measure_saved_activations(model: torch.nn.Module, blocks: torch.nn.ModuleList, inputs: dict,
+                              flash_attention: bool = True) -> SavedActivations:
+    """Run `model(**inputs)` with grad on and record what autograd saves (any device; meta costs nothing).
+
+    Only tensors still held by the graph when the forward returns count (a branch whose result is dropped,
+    like the text stream of Qwen-Image's last block, frees what it saved). Checkpointing must be off for the
+    pass: its own hooks would hide the blocks' saved tensors.
+    """
+    weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    result = SavedActivations(blocks=[{} for _ in blocks])
+    records: dict[int, _Record] = {}  # storage id -> its latest record
+    every: list[_Record] = []
+    block_inputs: list[torch.Tensor] = []  # held: checkpointing keeps them, and their ids must stay unique
+    region = [-1]  # -1: outside the blocks
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in weights:
+            record = records.get(key)
+            if record is None or not record.alive():  # a dead record's id may have been reused by a new storage
+                record = records[key] = _Record(key, storage.nbytes(), region[-1])
+                every.append(record)
+            record.refs.append(weakref.ref(t))
+        return t
+
+    def enter(i):
+        def hook(module, args, kwargs):
+            block_inputs.extend(t for t in _tensors_in((args, kwargs)) if t.untyped_storage()._cdata not in weights)
+            region.append(i)
+        return hook
+
+    def leave(module, args, output):
+        region.pop()
+
+    handles = []
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(enter(i), with_kwargs=True))
+        handles.append(block.register_forward_hook(leave))
+    attention = flash_attention_accounting() if flash_attention else contextlib.nullcontext()
+    try:
+        with attention, torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            output = model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    for record in every:
+        if record.alive():
+            (result.outside if record.region < 0 else result.blocks[record.region])[record.key] = record.nbytes
+    for t in block_inputs:
+        result.block_inputs[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+    del output
+    return result
+
+
+def example_inputs(family: str, config: dict, *, batch: int, height: int, width: int, text_tokens: int,
+                   device="meta", dtype=COMPUTE_DTYPE) -> dict:
+    """Forward kwargs of the right shapes for an image of height x width (no data on meta)."""
+    step = _LAYOUT[family]["pixels_per_token"]
+    h, w = height // step, width // step
+    kw = {"device": device, "dtype": dtype}
+    timestep = torch.full((batch,), 500.0, device=device)
+    if family == "qwen_image":
+        return {"hidden_states": torch.randn(batch, h * w, config["in_channels"], **kw),
+                "encoder_hidden_states": torch.randn(batch, text_tokens, config["joint_attention_dim"], **kw),
+                "timestep": timestep, "img_shapes": [(1, h, w)] * batch, "return_dict": False}
+    return {"latents": torch.randn(batch, config["latent_channels"], h, w, **kw),
+            "prompt_embeds": torch.randn(batch, text_tokens, config["text_width"], **kw), "timestep": timestep}
+
+
+def _measure(family: str, config: dict, inputs: dict, lora: tuple[list[str], int] | None,
+             flash_attention: bool = True) -> SavedActivations:
+    model = build_meta(family, config)
+    if lora is not None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        names, rank = lora
+        model.requires_grad_(False)
+        with torch.device("meta"):
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=names), model)
+    torch.nn.Module.to(model, COMPUTE_DTYPE)  # nn.Module.to: diffusers' .to warns about fp32 modules
+    return measure_saved_activations(model, getattr(model, _LAYOUT[family]["blocks"]), inputs, flash_attention)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report
+
+def _check_size(field: str, value, multiple: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % multiple:
+        need = f"a positive multiple of {multiple}" if multiple > 1 else "a positive integer"
+        raise DistilleryError(field, value, f"must be {need}.", f"give {need} for {field}.")
+
+
+def size_report(spec, *, height: int = 1024, width: int = 1024, batch: int = 1, gradient_checkpointing: bool = True,
+                lora_rank: int = 32, lora_targets=None, text_tokens: int | None = None) -> dict:
+    """Parameters, weight memory and estimated training memory (full and LoRA) of a DiT. See the module doc.
+
+    `spec`: a model, (family, config), a preset name (`PRESETS`), a JSON config, a diffusers folder or a
+    safetensors file. Sizes are in bytes; `summary_lines` turns the report into readable text.
+    """
+    family, config, source = resolve_spec(spec)
+    step = _LAYOUT[family]["pixels_per_token"]
+    _check_size("height", height, step)
+    _check_size("width", width, step)
+    _check_size("batch", batch)
+    _check_size("lora_rank", lora_rank)
+    text_tokens = DEFAULT_TEXT_TOKENS[family] if text_tokens is None else text_tokens
+    _check_size("text_tokens", text_tokens)
+
+    model = build_meta(family, config)
+    counts = parameter_counts(model, family)
+    params = counts["params"]
+    preset = lora_targets or DEFAULT_PRESET[family]
+    lora_names = resolve_targets(model, preset)
+    lora_params = lora_parameter_count(model, lora_names, lora_rank)
+
+    inputs = example_inputs(family, config, batch=batch, height=height, width=width, text_tokens=text_tokens)
+    full_acts = _measure(family, config, inputs, None)
+    math_acts = _measure(family, config, inputs, None, flash_attention=False)
+    lora_acts = _measure(family, config, inputs, (lora_names, lora_rank))
+
+    def training(frozen: int, trainable: int, acts: SavedActivations) -> dict:
+        parts = {"weights_bytes": frozen * 2 + trainable * 4, "bf16_copies_bytes": trainable * 2,
+                 "gradients_bytes": trainable * 4, "optimizer_bytes": trainable * 8,
+                 "activations_bytes": acts.total(gradient_checkpointing)}
+        return {"trainable_params": trainable, **parts, "total_bytes": sum(parts.values())}
+
+    image_tokens = (height // step) * (width // step)
+    return {
+        "family": family,
+        "config": config,
+        "source": source,
+        **counts,
+        "weights_bytes": {"fp32": params * 4, "bf16": params * 2, "fp8": params},
+        "setting": {"height": height, "width": width, "batch": batch, "image_tokens": image_tokens,
+                    "text_tokens": text_tokens, "gradient_checkpointing": gradient_checkpointing,
+                    "compute_dtype": "bf16"},
+        "training": {
+            "full": training(0, params, full_acts),
+            "lora": {"rank": lora_rank,
+                     "targets": preset if isinstance(preset, str) and preset in LORA_PRESETS else parse_targets(preset),
+                     "modules": len(lora_names), **training(params, lora_params, lora_acts)},
+        },
+        "activations": {
+            "method": "measured: saved_tensors_hooks on a meta-device forward (bf16)",
+            "full": {"checkpointing_bytes": full_acts.total(True), "no_checkpointing_bytes": full_acts.total(False),
+                     "largest_block_bytes": full_acts.largest_block()},
+            "lora": {"checkpointing_bytes": lora_acts.total(True), "no_checkpointing_bytes": lora_acts.total(False),
+                     "largest_block_bytes": lora_acts.largest_block()},
+            "math_attention_extra_bytes": math_acts.total(gradient_checkpointing) - full_acts.total(gradient_checkpointing),
+        },
+        "assumptions": ASSUMPTIONS,
+    }
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def _training_line(t: dict) -> str:
+    return (f"{_size(t['total_bytes'])} = weights {_size(t['weights_bytes'])} + bf16 copies {_size(t['bf16_copies_bytes'])}"
+            f" + gradients {_size(t['gradients_bytes'])} + AdamW {_size(t['optimizer_bytes'])}"
+            f" + activations {_size(t['activations_bytes'])}")
+
+
+def summary_lines(report: dict) -> dict[str, str]:
+    """The report as short human-readable lines (the CLI's text output, the ComfyUI node's text)."""
+    s, per_block = report["setting"], report["per_block"]
+    blocks = (f"{len(per_block)} x {per_block[0]:,}" if per_block and len(set(per_block)) == 1
+              else f"{len(per_block)} blocks {report['parts']['blocks']:,}")
+    lora, acts = report["training"]["lora"], report["activations"]
+    targets = lora["targets"] if isinstance(lora["targets"], str) else ",".join(lora["targets"])
+    return {
+        "model": f"{report['family']} ({report['source']})",
+        "params": f"{report['params']:,} ({_count(report['params'])}): embedders {report['parts']['embedders']:,}, "
+                  f"blocks {blocks}, head {report['parts']['head']:,}",
+        "weights": " | ".join(f"{k} {_size(v)}" for k, v in report["weights_bytes"].items()),
+        "setting": f"{s['width']}x{s['height']}, batch {s['batch']}, {s['image_tokens']} image + {s['text_tokens']} "
+                   f"text tokens, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}",
+        "full training": _training_line(report["training"]["full"]),
+        "lora training": f"rank {lora['rank']} on {lora['modules']} layers ({targets}), {lora['trainable_params']:,} "
+                         f"params: {_training_line(lora)}",
+        "activations": f"full: {_size(acts['full']['checkpointing_bytes'])} with checkpointing, "
+                       f"{_size(acts['full']['no_checkpointing_bytes'])} without; largest block "
+                       f"{_size(acts['full']['largest_block_bytes'])}; math-path attention would add "
+                       f"{_size(acts['math_attention_extra_bytes'])}",
+        "assumptions": " ".join(report["assumptions"]),
+    }
