@@ -144,11 +144,11 @@ def resolve_spec(spec, field: str = "model") -> tuple[str, dict, str]:
 def with_overrides(family: str, config: dict, layers: int | None = None, heads: int | None = None) -> dict:
     """The config with another block count and/or head count (Qwen-Image: width = heads x head dim)."""
     config = dict(config)
-    for field, value, key in (("layers", layers, _OVERRIDE_KEYS[family][0]), ("heads", heads, _OVERRIDE_KEYS[family][1])):
+    for option, value, key in (("layers", layers, _OVERRIDE_KEYS[family][0]), ("heads", heads, _OVERRIDE_KEYS[family][1])):
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise DistilleryError(field, value, "must be a positive integer.", f"give a whole number >= 1 for {field}.")
+            raise DistilleryError(option, value, "must be a positive integer.", f"give a whole number >= 1 for {option}.")
         config[key] = value
     return config
 
