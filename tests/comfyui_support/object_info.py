@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -90,6 +91,40 @@ def core_object_info() -> dict:
     (see scripts/setup_comfyui.sh) and `python -m tests.comfyui_support.object_info http://127.0.0.1:PORT NAME...`.
     """
     return json.loads(CORE_FIXTURE.read_text())
+
+
+_IN_COMFYUI = r"""
+import asyncio, importlib.util, json, sys
+comfyui_dir, base_dir, helper = sys.argv[1:4]
+sys.path.insert(0, comfyui_dir)
+from comfy.cli_args import args
+args.cpu = True  # before comfy.model_management is imported (CPU-only torch)
+args.base_directory = base_dir or None
+import nodes
+asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+spec = importlib.util.spec_from_file_location("dd_object_info", helper)
+helper = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(helper)
+out = {}
+for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+    try:
+        out[name] = helper.node_info(name, cls, nodes.NODE_DISPLAY_NAME_MAPPINGS.get(name))
+    except Exception as e:
+        out[name] = {"error": repr(e)}
+print("OBJECT_INFO_JSON" + json.dumps(out))
+"""
+
+
+def core_object_info_in_comfyui(comfyui_dir: str | Path, python: str = sys.executable, base_dir: str | Path = "",
+                                timeout: float = 300) -> dict:
+    """This module's `node_info` applied to every core node class of a ComfyUI checkout (API nodes excepted),
+    in a subprocess of that ComfyUI's python: what the offline builder makes of ComfyUI's own classes."""
+    result = subprocess.run([python, "-c", _IN_COMFYUI, str(comfyui_dir), str(base_dir), __file__],
+                            cwd=comfyui_dir, capture_output=True, text=True, timeout=timeout)
+    line = next((l for l in result.stdout.splitlines() if l.startswith("OBJECT_INFO_JSON")), None)
+    if result.returncode != 0 or line is None:
+        raise RuntimeError(f"node_info inside ComfyUI failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return json.loads(line[len("OBJECT_INFO_JSON"):])
 
 
 def _add_to_fixture(url: str, names: list[str]) -> None:
