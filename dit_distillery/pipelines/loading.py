@@ -218,7 +218,7 @@ def load_vae(path, family: str, *, config_dir=None, dtype=None, device="cpu", fi
                               f"give the {family} VAE file (or its diffusers vae/ folder; add the vae/ config folder "
                               "for a non-default VAE size).")
     vae.load_state_dict({k: state[k] for k in expected}, strict=True)
-    return vae.to(device=device, dtype=dtype).eval()
+    return vae.to(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}).eval()
 
 
 def _convert_vae_state(state: dict, family: str, config: dict) -> dict:
@@ -252,13 +252,15 @@ def _prompt_encoder(family: str, meta: dict, text_encoder, tokenizer) -> PromptE
 # Loading pipelines
 
 def load_pipeline(source: str | os.PathLike | None = None, *, dit=None, text_encoder=None, text_encoder_config=None,
-                  tokenizer=None, vae=None, vae_config=None, device="cpu", dtype: torch.dtype | None = None,
-                  seed: int = 0) -> TextToImagePipeline:
+                  tokenizer=None, vae=None, vae_config=None, text_max_length: int | None = None, device="cpu",
+                  dtype: torch.dtype | None = None, seed: int = 0) -> TextToImagePipeline:
     """A pipeline from a diffusers folder / built-in name, with any component replaced by a file or folder.
 
     source: a diffusers-layout folder, "tiny", "tiny:qwen_image", "default", or None (then give every component).
     dit: a DiT file (ComfyUI diffusion_models, our trained students) or transformer folder.
     text_encoder (+ text_encoder_config, a folder with its config.json), tokenizer, vae (+ vae_config): likewise.
+    text_max_length: prompt tokens (default: the folder's setting, else 1024 Qwen-Image / 128 AAADiT). It matters
+    for AAADiT, which attends to the padding: use the length the DiT was trained with.
     """
     if source is not None and str(source) in BUILTIN:
         pipe = _builtin(str(source), seed)
@@ -278,6 +280,9 @@ def load_pipeline(source: str | os.PathLike | None = None, *, dit=None, text_enc
                                   "give a folder like a local Qwen/Qwen-Image download, or one written by save_pipeline.")
         index = json.loads((root / MODEL_INDEX).read_text())
     meta = index.get(META_KEY, {})
+    encoder_meta = dict(meta.get("prompt_encoder", {}))
+    if text_max_length is not None:
+        encoder_meta["max_length"] = text_max_length
 
     def part(given, sub: str, what: str):
         if given is not None:
@@ -303,7 +308,7 @@ def load_pipeline(source: str | os.PathLike | None = None, *, dit=None, text_enc
         codec_meta = {"kind": "vae"} if vae is not None else codec_meta
         vae_cfg = vae_config or (root / "vae" if root is not None and (root / "vae" / "config.json").is_file() else None)
         vae_model = load_vae(part(vae, "vae", "vae"), family, config_dir=vae_cfg, dtype=dtype, device=device)
-    pipe = TextToImagePipeline(model, _prompt_encoder(family, meta.get("prompt_encoder", {}), encoder_model, tok),
+    pipe = TextToImagePipeline(model, _prompt_encoder(family, encoder_meta, encoder_model, tok),
                                _codec(codec_meta, vae_model), family, template=meta.get("template"),
                                defaults=meta.get("defaults"))
     return pipe
