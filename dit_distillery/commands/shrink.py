@@ -1,0 +1,52 @@
+"""`python -m dit_distillery shrink SRC --out OUT --layers N ...`: Shrink DiT from the command line."""
+
+from __future__ import annotations
+
+import sys
+
+HELP = "make a smaller Qwen-Image DiT (fewer blocks and/or heads) by streaming exact slices of the source"
+
+
+def add_arguments(p) -> None:
+    from ..shrink import STRATEGIES, WIDTH_METHODS
+
+    p.add_argument("source", help="Qwen-Image DiT: .safetensors (bare or ComfyUI-prefixed) or a diffusers folder")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--layers", type=int, default=None, help="blocks to keep (default: all, or the --keep-blocks count)")
+    p.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="which blocks to keep (default: list with --keep-blocks, else uniform)")
+    p.add_argument("--keep-blocks", default=None, help="explicit source blocks for --strategy list, e.g. '0-9,50-59'")
+    p.add_argument("--keep-first", type=int, default=None,
+                   help="interval strategy: keep this many first blocks (default about a third of --layers)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads per block to keep (width shrink)")
+    p.add_argument("--width-method", choices=WIDTH_METHODS, default="magnitude",
+                   help="how kept heads/FFN units/channels are chosen")
+    p.add_argument("--dtype", default="keep", help="keep | bf16 | fp16 | fp32 | fp8 (e4m3fn weight matrices)")
+    p.add_argument("--diffusers-folder", default=None, help="also write a diffusers folder (config.json + weights)")
+    p.add_argument("--device", default=None, help="device for importance calibration (default cpu)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (kept blocks, heads) without writing")
+    p.add_argument("--no-progress", action="store_true", help="do not print progress to stderr")
+
+
+def _progress_printer():
+    state = {"stage": None, "last": -1}
+
+    def progress(done, total, stage="", **info):
+        pct = int(100 * done / max(total, 1))
+        if stage != state["stage"] or pct // 10 != state["last"] // 10 or done == total:
+            print(f"[shrink] {stage}: {done}/{total} ({pct}%)", file=sys.stderr, flush=True)
+            state.update(stage=stage, last=pct)
+
+    return progress
+
+
+def run(args) -> dict:
+    from ..shrink import plan_shrink, shrink
+
+    strategy = args.strategy or ("list" if args.keep_blocks else "uniform")
+    common = dict(layers=args.layers, strategy=strategy, keep_blocks=args.keep_blocks, keep_first=args.keep_first,
+                  heads=args.heads, width_method=args.width_method, device=args.device,
+                  progress=None if (args.no_progress or args.json) else _progress_printer())
+    if args.dry_run:
+        return {"dry_run": True, **plan_shrink(args.source, **common).summary()}
+    return shrink(args.source, args.out, dtype=args.dtype, diffusers_folder=args.diffusers_folder, **common)

@@ -1,0 +1,148 @@
+"""Shrink DiT: a smaller Qwen-Image DiT made of exact slices of the source's weights, written by streaming.
+
+Depth keeps N of the source's blocks (renumbered 0..N-1, in source order); width keeps H of the heads in every
+block, which narrows the residual stream to H x head_dim and the FFNs to 4x that. What is kept is decided in
+`plan.py`, scored in `importance.py` and copied in `stream.py`. The output is one safetensors file with bare
+diffusers keys (a depth-only student loads in stock ComfyUI's UNETLoader) and our metadata (student config +
+provenance), so `models.registry.load_dit` rebuilds any student, width-shrunk ones included.
+
+    report = shrink("qwen_image_bf16.safetensors", "qwen_30.safetensors", layers=30, strategy="interval")
+    plan = plan_shrink("qwen_image_bf16.safetensors", layers=30, heads=16)   # preview, writes nothing
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import DistilleryError
+from ..formats import dtype_from_name, dtype_name
+from .importance import Calibration, check_calibration, magnitude_scores, proxy_calibration, run_calibration
+from .plan import STRATEGIES, WIDTH_METHODS, ShrinkPlan, WidthPlan, check_layers, select_blocks, select_width
+from .stream import SourceModel, expected_shapes, student_config, write_diffusers_folder, write_student
+
+__all__ = ["shrink", "plan_shrink", "Calibration", "proxy_calibration", "ShrinkPlan", "WidthPlan", "STRATEGIES",
+           "WIDTH_METHODS", "OUTPUT_DTYPES"]
+
+OUTPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
+
+
+def plan_shrink(source, *, layers=None, strategy="uniform", keep_blocks=None, keep_first=None, heads=None,
+                width_method="magnitude", calibration=None, device=None, progress=None, stop=None) -> ShrinkPlan:
+    """Decide which blocks, heads, FFN units and channels a student keeps, without writing anything.
+
+    Cheap for the uniform/first/interval/list strategies with no width change; width shrinking reads the kept
+    blocks once (magnitude) and importance runs the source block by block on calibration inputs.
+    """
+    with SourceModel(source) as src:
+        return _plan(src, layers=layers, strategy=strategy, keep_blocks=keep_blocks, keep_first=keep_first,
+                     heads=heads, width_method=width_method, calibration=calibration, device=device,
+                     progress=progress, stop=stop)
+
+
+def shrink(source, out, *, layers=None, strategy="uniform", keep_blocks=None, keep_first=None, heads=None,
+           width_method="magnitude", calibration=None, dtype=None, diffusers_folder=None, device=None,
+           progress=None, stop=None) -> dict:
+    """Write a shrunk copy of the Qwen-Image DiT `source` to `out` (one safetensors file) and return a report.
+
+    `layers`: blocks to keep (default all); `strategy`: uniform | first | interval | list | importance;
+    `keep_blocks`: '0-9,50-59' for 'list'; `keep_first`: K for 'interval'; `heads`: heads per block (default all);
+    `width_method`: magnitude | importance; `calibration`: a `Calibration` (None = seeded Gaussian proxy, used
+    only when a strategy needs scores); `dtype`: None/'keep', 'bf16', 'fp16', 'fp32' or 'fp8' (e4m3fn weight
+    matrices); `diffusers_folder`: also write config.json + weights there; `device`: where calibration runs;
+    `progress(done, total, stage=...)`, `stop()`: as for every long job (stopping leaves nothing on disk).
+    """
+    start = time.perf_counter()
+    out = _check_out(out, source)
+    target = dtype_from_name(dtype)
+    if target is not None and target not in OUTPUT_DTYPES:
+        raise DistilleryError("dtype", dtype, "not an output dtype Shrink DiT writes.", "use keep, bf16, fp16, fp32 or fp8.")
+    if diffusers_folder is not None and Path(diffusers_folder).is_file():
+        raise DistilleryError("diffusers_folder", str(diffusers_folder), "is a file, not a folder.",
+                              "give a folder path (it is created if missing).")
+    with SourceModel(source) as src:
+        plan = _plan(src, layers=layers, strategy=strategy, keep_blocks=keep_blocks, keep_first=keep_first,
+                     heads=heads, width_method=width_method, calibration=calibration, device=device,
+                     progress=progress, stop=stop)
+        written = write_student(src, plan, out, target, progress=progress, stop=stop)
+    if diffusers_folder is not None:
+        write_diffusers_folder(out, Path(diffusers_folder), plan.config)
+    report = {"out": str(out), **plan.summary()}
+    report.update(dtype=dtype_name(target) if target is not None else "keep", bytes_written=written,
+                  diffusers_folder=None if diffusers_folder is None else str(diffusers_folder),
+                  seconds=round(time.perf_counter() - start, 3))
+    return report
+
+
+def _check_out(out, source) -> Path:
+    if out is None or str(out) == "":
+        raise DistilleryError("out", out, "no output file given.", "give a path ending in .safetensors.")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise DistilleryError("out", str(out), "the student is written as one .safetensors file.",
+                              "give a path ending in .safetensors.")
+    if out.is_dir():
+        raise DistilleryError("out", str(out), "is a folder.", "give a file path ending in .safetensors.")
+    if out.exists() and Path(source).exists() and os.path.samefile(out, source):
+        raise DistilleryError("out", str(out), "is the source file itself.", "write the student to a new file.")
+    return out
+
+
+def _plan(src: SourceModel, *, layers, strategy, keep_blocks, keep_first, heads, width_method, calibration,
+          device, progress, stop) -> ShrinkPlan:
+    config = src.config
+    n = src.num_blocks
+    # every cheap check first, so bad input fails before any (possibly long) calibration or scoring
+    if strategy not in STRATEGIES:
+        raise DistilleryError("strategy", strategy, "unknown depth strategy.", f"use one of {list(STRATEGIES)}.")
+    if width_method not in WIDTH_METHODS:
+        raise DistilleryError("width_method", width_method, "unknown channel-selection method.",
+                              f"use one of {list(WIDTH_METHODS)}.")
+    source_heads = config["num_attention_heads"]
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= source_heads):
+        raise DistilleryError("heads", heads, f"the source has {source_heads} heads per block; a student keeps "
+                              f"1..{source_heads} (head dim {config['attention_head_dim']} is kept).",
+                              f"choose a whole number between 1 and {source_heads}.")
+    width_shrink = heads is not None and heads < source_heads
+    if strategy == "importance":
+        if layers is None:
+            raise DistilleryError("layers", None, "the importance strategy needs the number of blocks to keep.",
+                                  f"give layers between 1 and {n}.")
+        check_layers(layers, n)
+    select_blocks(strategy, n, layers, keep_blocks=keep_blocks, keep_first=keep_first, scores=[0.0] * n)
+    needs_calibration = strategy == "importance" or (width_shrink and width_method == "importance")
+    stats = cal = None
+    if needs_calibration:
+        cal = check_calibration(calibration if calibration is not None else proxy_calibration(config), config)
+        stats = run_calibration(src, cal, device=device, progress=progress, stop=stop)
+    kept = select_blocks(strategy, n, layers, keep_blocks=keep_blocks, keep_first=keep_first,
+                         scores=stats.block_scores if stats else None)
+    width = None
+    if width_shrink:
+        scores = (stats.width_scores(kept) if width_method == "importance"
+                  else magnitude_scores(src, kept, progress=progress, stop=stop))
+        width = select_width(scores, heads, config["attention_head_dim"], width_method)
+    student = student_config(config, len(kept), heads if width_shrink else None)
+    notes = [f"source block {n - 1} (its text branch was never trained) is kept as the student's last block."]
+    if cal is not None and cal.kind == "proxy":
+        notes.append("scores came from a seeded Gaussian PROXY of latents and prompts; pass a Calibration of real "
+                     "encoded prompts for scores that reflect real images.")
+    return ShrinkPlan(
+        source=Path(src.path).name, source_config=config, config=student, strategy=strategy, kept_blocks=kept,
+        width=width, block_scores=stats.block_scores if stats else None, calibration=cal.kind if cal else None,
+        params_before=_count(src.shapes.values()), params_after=_count(expected_shapes(student).values()),
+        notes=notes,
+    )
+
+
+def _count(shapes) -> int:
+    total = 0
+    for shape in shapes:
+        n = 1
+        for s in shape:
+            n *= s
+        total += n
+    return total

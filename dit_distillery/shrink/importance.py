@@ -1,0 +1,285 @@
+"""Scores that decide what a shrunk Qwen-Image keeps: calibration activations, or weight magnitudes.
+
+* Calibration (`run_calibration`): the source runs block by block on calibration inputs. The stem (img_in,
+  txt_norm/txt_in, the timestep embedding, RoPE) is diffusers' own modules, loaded from the source's non-block
+  weights; then ONE diffusers `QwenImageTransformerBlock` at a time is built, loaded from the source, run and
+  freed, so memory stays at one block (1.4 GB in fp32 for the real model) plus the activations. It measures:
+  - block influence (ShortGPT): 1 - cos(input, output) of each block's IMAGE tokens, averaged over tokens and
+    samples. Only the image stream reaches the output (norm_out/proj_out read image tokens only; the text stream
+    is auxiliary and the last block's text output is discarded), so text tokens are left out.
+  - activation magnitudes for width (Minitron-style): mean |x| per residual channel at each kept block's input
+    (image tokens + real text tokens) and after the last block (image tokens); mean L2 norm of each head's
+    attention output (the input of to_out / to_add_out; the text side is skipped for the source's last block,
+    whose text branch was never trained); mean |GELU output| per FFN unit; mean |SiLU(.)| of the timestep
+    embedding and of the timestep MLP's hidden layer (what the modulation layers and linear_2 read).
+* Magnitude (`magnitude_scores`, no calibration needed): every index (channel, head, FFN unit) is scored by the
+  weight mass it carries: the sum of squares of every row and column that would be removed with it, across the
+  kept blocks and the non-block layers (the L2 group norm of structured pruning). Each channel of a space owns the
+  same number of entries, so the comparison is fair. For the source's last block the untrained text-output
+  weights (to_add_out, txt_mlp) do not vote for residual channels or heads.
+
+Calibration inputs come from the caller (`Calibration`: the ComfyUI node encodes real prompts with the pipeline's
+text encoder) or, when none is given, `proxy_calibration` makes seeded Gaussian latents and text states; reports
+name which one was used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..conditioning import TextEmbeds
+from ..errors import DistilleryError, StopRequested
+from .plan import LAST_BLOCK_UNTRAINED, WidthScores, spaces_of, split_key
+from .stream import SourceModel, empty_model
+
+
+@dataclass
+class Calibration:
+    """DiT inputs for scoring: unpacked latents [B, C, h, w] at noise levels `sigmas` [B] (the DiT's input as it
+    is during sampling) and the prompts' text states. `sigmas=None` spreads the samples evenly over (0, 1)."""
+
+    latents: torch.Tensor
+    text: TextEmbeds
+    sigmas: torch.Tensor | None = None
+    kind: str = "provided"
+
+    def resolved_sigmas(self) -> torch.Tensor:
+        if self.sigmas is not None:
+            return torch.as_tensor(self.sigmas, dtype=torch.float32).reshape(-1)
+        b = self.latents.shape[0]
+        return (torch.arange(b, dtype=torch.float32) + 0.5) / b
+
+
+def proxy_calibration(config: dict, batch: int = 2, latent_size: int = 32, text_len: int = 32,
+                      seed: int = 0) -> Calibration:
+    """Seeded Gaussian stand-ins for real latents and prompt states (reported as kind 'proxy')."""
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, config["out_channels"], latent_size, latent_size, generator=g)
+    embeds = torch.randn(batch, text_len, config["joint_attention_dim"], generator=g)
+    return Calibration(latents, TextEmbeds(embeds, None), None, kind="proxy")
+
+
+def check_calibration(cal, config: dict) -> Calibration:
+    if not isinstance(cal, Calibration):
+        raise DistilleryError("calibration", type(cal).__name__, "not a Calibration.",
+                              "pass dit_distillery.shrink.Calibration(latents, TextEmbeds(...)) or None for a proxy.")
+    lat, text = cal.latents, cal.text
+    channels = config["in_channels"] // config["patch_size"] ** 2
+    if lat.ndim != 4 or lat.shape[1] != channels or lat.shape[2] % 2 or lat.shape[3] % 2 or lat.shape[0] < 1:
+        raise DistilleryError("calibration.latents", tuple(lat.shape),
+                              f"must be unpacked latents [B, {channels}, h, w] with even h and w.",
+                              "encode images (or draw noise) at a size divisible by 16 pixels.")
+    emb = text.embeds
+    if emb.ndim != 3 or emb.shape[0] != lat.shape[0] or emb.shape[2] != config["joint_attention_dim"]:
+        raise DistilleryError("calibration.text", tuple(emb.shape),
+                              f"must be [B={lat.shape[0]}, L, {config['joint_attention_dim']}] text states.",
+                              "encode one prompt per latent with the Qwen-Image text encoder.")
+    if text.mask is not None and tuple(text.mask.shape) != tuple(emb.shape[:2]):
+        raise DistilleryError("calibration.text.mask", tuple(text.mask.shape), "must be [B, L] like the embeds.",
+                              "pass the encoder's attention mask.")
+    sig = cal.resolved_sigmas()
+    if sig.numel() != lat.shape[0] or bool(((sig < 0) | (sig > 1)).any()):
+        raise DistilleryError("calibration.sigmas", sig.tolist(), "needs one sigma in [0, 1] per latent.",
+                              "pass sigmas of shape [B] or None.")
+    return cal
+
+
+@dataclass
+class CalibrationStats:
+    """What one calibration pass over every source block measured (see the module docstring)."""
+
+    block_scores: list[float]
+    residual_in: list[torch.Tensor]  # per source block, [D]
+    residual_out: torch.Tensor  # [D] after the last block
+    heads: list[torch.Tensor]
+    img_units: list[torch.Tensor]
+    txt_units: list[torch.Tensor]
+    temb: torch.Tensor
+    temb_hidden: torch.Tensor
+
+    def width_scores(self, kept_blocks: list[int]) -> WidthScores:
+        return WidthScores(
+            channels=sum(self.residual_in[s] for s in kept_blocks) + self.residual_out,
+            temb=self.temb, temb_hidden=self.temb_hidden,
+            heads=[self.heads[s] for s in kept_blocks],
+            img_units=[self.img_units[s] for s in kept_blocks],
+            txt_units=[self.txt_units[s] for s in kept_blocks],
+        )
+
+
+def _token_mean(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean over batch and tokens of x [B, L, ...]; `weight` [B, L] masks out padding tokens."""
+    x = x.double()
+    if weight is None:
+        return x.flatten(0, 1).mean(0)
+    w = weight.to(x.dtype).reshape(*weight.shape, *([1] * (x.ndim - 2)))
+    return (x * w).flatten(0, 1).sum(0) / w.sum().clamp_min(1)
+
+
+def load_block(source: SourceModel, index: int, dtype: torch.dtype, device) -> torch.nn.Module:
+    """Source block `index` as ONE diffusers QwenImageTransformerBlock (the same class the full model uses)."""
+    from accelerate import init_empty_weights
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
+
+    c = source.config
+    with init_empty_weights():
+        block = QwenImageTransformerBlock(dim=c["num_attention_heads"] * c["attention_head_dim"],
+                                          num_attention_heads=c["num_attention_heads"],
+                                          attention_head_dim=c["attention_head_dim"])
+    prefix = f"transformer_blocks.{index}."
+    state = {k: source.reader.read(prefix + k).to(device=device, dtype=dtype) for k in block.state_dict()}
+    block.load_state_dict(state, assign=True, strict=True)
+    return block.eval()
+
+
+def _pack(latents: torch.Tensor, patch: int) -> torch.Tensor:
+    # diffusers' QwenImagePipeline._pack_latents (2x2 patches, channel-major); importing the pipeline would pull in
+    # transformers' Qwen2.5-VL for three lines, so the same rearrangement is written with einops.
+    from einops import rearrange
+
+    return rearrange(latents, "b c (h p) (w q) -> b (h w) (c p q)", p=patch, q=patch)
+
+
+@torch.no_grad()
+def run_calibration(source: SourceModel, calibration: Calibration, device=None, progress=None,
+                    stop=None) -> CalibrationStats:
+    """Run the source block by block on `calibration` and measure everything in `CalibrationStats`."""
+    from diffusers.models.transformers.transformer_qwenimage import compute_text_seq_len_from_mask
+
+    device = torch.device(device or "cpu")
+    # fp32 on CPU (bf16 matmuls are slow or unsupported on many CPUs); the source's bf16 on accelerators
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    config = source.config
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    cal = check_calibration(calibration, config)
+
+    stem = empty_model(dict(config, num_layers=0))
+    stem.load_state_dict({k: source.reader.read(k).to(device=device, dtype=dtype) for k in stem.state_dict()},
+                         assign=True, strict=True)
+    stem.eval()
+    latents = cal.latents.to(device=device, dtype=dtype)
+    b, _, h, w = latents.shape
+    p = config["patch_size"]
+    hidden = stem.img_in(_pack(latents, p))
+    text = stem.txt_in(stem.txt_norm(cal.text.embeds.to(device=device, dtype=dtype)))
+    mask = None if cal.text.mask is None else cal.text.mask.to(device)
+    text_len, _, mask = compute_text_seq_len_from_mask(text, mask)
+    seen = {}
+    hook = stem.time_text_embed.timestep_embedder.linear_2.register_forward_pre_hook(
+        lambda m, args: seen.__setitem__("temb_hidden", args[0].abs().double().mean(0)))
+    temb = stem.time_text_embed(cal.resolved_sigmas().to(device=device, dtype=dtype), hidden)
+    hook.remove()
+    rope = stem.pos_embed([(1, h // p, w // p)] * b, max_txt_seq_len=text_len, device=device)
+    temb_score = F.silu(temb).abs().double().mean(0)
+    del stem
+
+    n = source.num_blocks
+    stats = CalibrationStats([], [], None, [], [], [], temb_score.cpu(), seen["temb_hidden"].cpu())
+    for s in range(n):
+        if stop is not None and stop():
+            raise StopRequested("calibration stopped")
+        block = load_block(source, s, dtype, device)
+        last = s == n - 1
+        got = {}
+
+        def head_norms(name, weight):
+            def hook(module, args):
+                per_head = args[0].unflatten(-1, (heads, head_dim)).norm(dim=-1)
+                got[name] = _token_mean(per_head, weight)
+            return hook
+
+        def unit_magnitude(name, weight):
+            return lambda module, args: got.__setitem__(name, _token_mean(args[0].abs(), weight))
+
+        hooks = [
+            block.attn.to_out[0].register_forward_pre_hook(head_norms("img_heads", None)),
+            block.attn.to_add_out.register_forward_pre_hook(head_norms("txt_heads", mask)),
+            block.img_mlp.net[2].register_forward_pre_hook(unit_magnitude("img_units", None)),
+            block.txt_mlp.net[2].register_forward_pre_hook(unit_magnitude("txt_units", mask)),
+        ]
+        new_text, new_hidden = block(hidden_states=hidden, encoder_hidden_states=text,
+                                     encoder_hidden_states_mask=mask, temb=temb, image_rotary_emb=rope)
+        for hk in hooks:
+            hk.remove()
+        cos = F.cosine_similarity(hidden.double(), new_hidden.double(), dim=-1)
+        stats.block_scores.append(float(1 - cos.mean()))
+        stats.residual_in.append((_token_mean(hidden.abs(), None) + _token_mean(text.abs(), mask)).cpu())
+        stats.heads.append((got["img_heads"] + (0 if last else got["txt_heads"])).cpu())
+        stats.img_units.append(got["img_units"].cpu())
+        stats.txt_units.append(got["txt_units"].cpu())
+        hidden, text = new_hidden, new_text
+        del block
+        if progress is not None:
+            progress(s + 1, n, stage="calibrate", block=s)
+    stats.residual_out = _token_mean(hidden.abs(), None).cpu()
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weight magnitudes
+
+_ROWS_PER_CHUNK = 256  # squares are taken in fp32 row chunks: bounded memory even for 18432-row matrices
+
+
+def _row_col_mass(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sum of squares of every row (and of every column for a matrix), accumulated in float64."""
+    if t.ndim == 1:
+        return t.double().square(), None
+    rows = torch.empty(t.shape[0], dtype=torch.float64)
+    cols = torch.zeros(t.shape[1], dtype=torch.float64)
+    for start in range(0, t.shape[0], _ROWS_PER_CHUNK):
+        sq = t[start:start + _ROWS_PER_CHUNK].float().square()
+        rows[start:start + sq.shape[0]] = sq.sum(1, dtype=torch.float64)
+        cols += sq.sum(0, dtype=torch.float64)
+    return rows, cols
+
+
+def magnitude_scores(source: SourceModel, kept_blocks: list[int], progress=None, stop=None) -> WidthScores:
+    """Weight-mass scores of every index space, reading the non-block layers and the kept blocks once."""
+    c = source.config
+    dim = c["num_attention_heads"] * c["attention_head_dim"]
+    heads, head_dim = c["num_attention_heads"], c["attention_head_dim"]
+    zeros = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
+    shared = {"res": zeros(dim), "temb": zeros(dim), "temb_hidden": zeros(dim)}
+    per_block = []
+
+    def add(space, mass, local, skip_shared):
+        if space is None or mass is None:
+            return
+        if space.startswith("res"):
+            if not skip_shared:
+                shared["res"] += mass.reshape(-1, dim).sum(0)  # res*2 / res*6: sum over the stacked chunks
+        elif space in shared:
+            shared[space] += mass
+        elif space == "heads":
+            if not skip_shared:
+                local["heads"] += mass.reshape(heads, head_dim).sum(1)
+        else:
+            local[space] += mass
+
+    keys = [(None, k) for k in source.global_keys()]
+    for i, s in enumerate(kept_blocks):
+        per_block.append({"heads": zeros(heads), "img_ffn": zeros(4 * dim), "txt_ffn": zeros(4 * dim)})
+        keys += [(i, k) for k in source.keys_of_block(s)]
+    last = source.num_blocks - 1
+    for done, (i, key) in enumerate(keys):
+        if stop is not None and stop():
+            raise StopRequested("scoring stopped")
+        block, module, _ = split_key(key)
+        row_space, col_space = spaces_of(key, len(source.shapes[key]))
+        if row_space is not None or col_space is not None:
+            rows, cols = _row_col_mass(source.reader.read(key))
+            untrained = block == last and module in LAST_BLOCK_UNTRAINED
+            local = per_block[i] if i is not None else None
+            add(row_space, rows, local, untrained)
+            add(col_space, cols, local, untrained)
+        if progress is not None:
+            progress(done + 1, len(keys), stage="score", tensor=key)
+    return WidthScores(
+        channels=shared["res"], temb=shared["temb"], temb_hidden=shared["temb_hidden"],
+        heads=[b["heads"] for b in per_block], img_units=[b["img_ffn"] for b in per_block],
+        txt_units=[b["txt_ffn"] for b in per_block],
+    )

@@ -1,0 +1,349 @@
+"""Read the source one tensor at a time and write the student one tensor at a time.
+
+Memory stays near one tensor whatever the model size: `RawReader` reads a tensor with positional reads into a
+buffer it owns, the kept rows/columns are sliced out, and `StreamingSafetensorsWriter` writes it before the next
+is read. The real 60-block bf16 Qwen-Image (41 GB) therefore shrinks on a 24 GB machine; its largest tensor
+(img_mod.1.weight, 18432 x 3072) is 113 MB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+
+from ..errors import DistilleryError, StopRequested
+from ..formats import StreamingSafetensorsWriter, TensorSource, atomic_output, atomic_write_text
+from ..models import qwen_image, registry
+from .plan import BLOCK_PREFIX, ShrinkPlan, WidthPlan, spaces_of, split_key
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn; larger values would become NaN when cast
+
+
+class RawReader:
+    """Tensors of a `TensorSource`, read with plain positional reads into fresh torch buffers.
+
+    Why not safetensors' `get_tensor`: `safe_open` memory-maps each file, and every page a read touches stays in
+    the process's resident set until the handle is closed, so streaming a 41 GB source through it shows (and, under
+    pressure, competes for) tens of GB of RSS. Reading into a buffer we own holds exactly one tensor. The offsets
+    come from the safetensors header (8-byte little-endian length, JSON with `data_offsets`).
+    """
+
+    def __init__(self, src: TensorSource):
+        self.src = src
+        self._files = []
+        self._where: dict[str, tuple[int, int, int]] = {}
+        for i, path in enumerate(src.files):
+            f = open(path, "rb", buffering=0)
+            self._files.append(f)
+            _advise_sequential(f)
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+            for raw, info in header.items():
+                if raw == "__metadata__" or not raw.startswith(src.prefix):
+                    continue
+                key = raw[len(src.prefix):]
+                if key in src:
+                    start, stop = info["data_offsets"]
+                    self._where[key] = (i, 8 + length + start, stop - start)
+
+    def read(self, key: str) -> torch.Tensor:
+        i, offset, nbytes = self._where[key]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        f = self._files[i]
+        f.seek(offset)
+        done = 0
+        while done < nbytes:  # one read() returns at most ~2 GB on Linux
+            n = f.readinto(view[done:])
+            if not n:
+                raise DistilleryError(self.src.field, str(self.src.files[i]), f"the file ends inside tensor {key!r}.",
+                                      "the file is truncated: download or export it again.")
+            done += n
+        return buf.view(self.src.dtype(key)).reshape(self.src.shape(key))
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        self._files.clear()
+
+
+def _advise_sequential(f) -> None:
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError:
+            pass
+
+
+class SourceModel:
+    """An opened, checked Qwen-Image DiT source: lazy tensors, a raw reader, and its diffusers config."""
+
+    def __init__(self, path, field: str = "source"):
+        self.path = Path(path)
+        self.src = TensorSource(path, field)
+        try:
+            self._check(field)
+            self.reader = RawReader(self.src)
+        except BaseException:
+            self.src.close()
+            raise
+
+    def _check(self, field: str) -> None:
+        keys = self.src.keys()
+        scaled = [k for k in keys if k.endswith((".scale_weight", ".scale_input")) or k == "scaled_fp8"]
+        if scaled:
+            raise DistilleryError(field, str(self.path), "a 'scaled fp8' checkpoint (weights stored with per-layer "
+                                  f"scale factors, e.g. {scaled[0]!r}): slicing it needs the scales applied, which "
+                                  "Shrink DiT does not do.",
+                                  "shrink the bf16 or the plain fp8_e4m3fn Qwen-Image file instead.")
+        try:
+            family, config = registry.detect(self.src)
+        except DistilleryError as exc:
+            raise DistilleryError(field, str(self.path), "not a Qwen-Image DiT (" + exc.problem + ")",
+                                  "choose a Qwen-Image diffusion model (e.g. qwen_image_bf16.safetensors).") from None
+        if family != qwen_image.FAMILY:
+            raise DistilleryError(field, str(self.path), f"a {family} model, not a Qwen-Image DiT.",
+                                  "Shrink DiT slices Qwen-Image; build small AAADiTs with Build AAADiT.")
+        unsupported = [k for k in ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope") if config.get(k)]
+        if unsupported:
+            raise DistilleryError(field, str(self.path), f"a Qwen-Image variant with {unsupported}, which Shrink DiT "
+                                  "does not handle.", "use a text-to-image Qwen-Image DiT.")
+        self.config = dict(config)
+        expected = expected_shapes(self.config)
+        have = {k: self.src.shape(k) for k in keys}
+        missing = sorted(set(expected) - set(have))
+        extra = sorted(set(have) - set(expected))
+        wrong = [k for k in expected if k in have and have[k] != expected[k]]
+        if missing or extra or wrong:
+            raise DistilleryError(field, str(self.path), f"not a complete Qwen-Image DiT (missing {missing[:3]}, "
+                                  f"unexpected {extra[:3]}, wrong shapes {wrong[:3]}).",
+                                  "the file is incomplete or from another model: download or export it again.")
+        self.shapes = expected
+
+    @property
+    def num_blocks(self) -> int:
+        return self.config["num_layers"]
+
+    def keys_of_block(self, index: int) -> list[str]:
+        prefix = f"{BLOCK_PREFIX}{index}."
+        return [k for k in self.shapes if k.startswith(prefix)]
+
+    def global_keys(self) -> list[str]:
+        return [k for k in self.shapes if not k.startswith(BLOCK_PREFIX)]
+
+    def close(self) -> None:
+        self.reader.close()
+        self.src.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def empty_model(config: dict):
+    """A diffusers QwenImageTransformer2DModel with parameters on the meta device (no memory)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return qwen_image.model_class()(**config)
+
+
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the diffusers model for `config`, in its state_dict order, with its shape."""
+    return {k: tuple(v.shape) for k, v in empty_model(config).state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The student's tensors
+
+def student_config(source_config: dict, layers: int, heads: int | None) -> dict:
+    config = dict(source_config, num_layers=layers)
+    if heads is not None:
+        config["num_attention_heads"] = heads
+    return config
+
+
+def _index(space: str | None, width: WidthPlan | None, block: int | None, dim: int) -> torch.Tensor | None:
+    """The kept indices of one dimension of a source tensor (None = keep it whole)."""
+    if space is None or width is None:
+        return None
+    if space == "res":
+        return torch.tensor(width.channels)
+    if space.startswith("res*"):
+        chunks = int(space[4:])
+        base = torch.tensor(width.channels)
+        return torch.cat([base + c * dim for c in range(chunks)])
+    if space == "temb":
+        return torch.tensor(width.temb)
+    if space == "temb_hidden":
+        return torch.tensor(width.temb_hidden)
+    if space == "heads":
+        hd = width.head_dim
+        return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in width.block_heads[block]])
+    if space == "img_ffn":
+        return torch.tensor(width.img_units[block])
+    if space == "txt_ffn":
+        return torch.tensor(width.txt_units[block])
+    raise KeyError(space)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """An integer view of the same bytes: slicing it copies bits exactly, whatever the dtype (fp8 included)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def slice_tensor(t: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    if rows is None and cols is None:
+        return t
+    bits = _bits(t)
+    if rows is not None:
+        bits = bits.index_select(0, rows)
+    if cols is not None:
+        bits = bits.index_select(1, cols)
+    return bits.view(t.dtype)
+
+
+def output_dtype(key: str, ndim: int, source: torch.dtype, target: torch.dtype | None) -> torch.dtype:
+    """`target=None` keeps every tensor's dtype. fp8 applies to 2-D weight matrices only (the Linear layers,
+    as ComfyUI's fp8 files do): biases and RMSNorm scales are tiny and precision-sensitive, so they keep the
+    source dtype. Other targets apply to every floating-point tensor."""
+    if target is None or not source.is_floating_point:
+        return source
+    if target == FP8:
+        return FP8 if (ndim == 2 and key.endswith(".weight")) else source
+    return target
+
+
+def convert(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if t.dtype == dtype:
+        return t
+    if dtype == FP8 and t.dtype != torch.float8_e5m2:
+        t = t.clamp(-FP8_MAX, FP8_MAX)
+    return t.to(dtype)
+
+
+class StudentTensor:
+    """One output tensor: its name, where it comes from, and which rows/columns are kept."""
+
+    __slots__ = ("name", "source_key", "block", "rows", "cols", "dtype", "shape")
+
+    def __init__(self, name, source_key, block, rows, cols, dtype, shape):
+        self.name, self.source_key, self.block = name, source_key, block
+        self.rows, self.cols, self.dtype, self.shape = rows, cols, dtype, shape
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def student_tensors(source: SourceModel, plan: ShrinkPlan, dtype: torch.dtype | None) -> list[StudentTensor]:
+    """The student's tensors in diffusers' state_dict order (block i renamed from source block kept_blocks[i])."""
+    dim = source.config["num_attention_heads"] * source.config["attention_head_dim"]
+    out = []
+    for name, shape in expected_shapes(plan.config).items():
+        block, module, param = split_key(name)
+        source_key = name if block is None else f"{BLOCK_PREFIX}{plan.kept_blocks[block]}.{module}.{param}"
+        ndim = len(source.shapes[source_key])
+        row_space, col_space = spaces_of(source_key, ndim)
+        rows = _index(row_space, plan.width, block, dim)
+        cols = _index(col_space, plan.width, block, dim)
+        src_shape = source.shapes[source_key]
+        sliced = tuple(len(ix) if ix is not None else s for ix, s in zip((rows, cols), src_shape)) + src_shape[2:]
+        if sliced != shape:  # the plan and the student config disagree: a bug, not bad input
+            raise RuntimeError(f"{name}: slicing {source_key}{src_shape} gives {sliced}, the student needs {shape}")
+        out.append(StudentTensor(name, source_key, block, rows, cols,
+                                 output_dtype(name, ndim, source.src.dtype(source_key), dtype), shape))
+    return out
+
+
+def metadata_for(plan: ShrinkPlan) -> dict:
+    return {
+        "format": "pt",
+        registry.META_FAMILY: qwen_image.FAMILY,
+        registry.META_CONFIG: json.dumps(plan.config, sort_keys=True),
+        registry.META_PROVENANCE: json.dumps(plan.provenance(), sort_keys=True, default=str),
+    }
+
+
+def check_free_space(out: Path, nbytes: int) -> None:
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < nbytes:
+        raise DistilleryError("out", str(out), f"the student needs {nbytes / 2**30:.2f} GiB but only "
+                              f"{free / 2**30:.2f} GiB is free there; nothing was written.",
+                              "free some space or choose another output folder.")
+
+
+def write_student(source: SourceModel, plan: ShrinkPlan, out: Path, dtype: torch.dtype | None,
+                  progress=None, stop=None) -> int:
+    """Stream the student into `out` (atomically); returns the bytes written."""
+    tensors = student_tensors(source, plan, dtype)
+    metadata = metadata_for(plan)
+    check_free_space(out, sum(t.nbytes for t in tensors) + len(json.dumps(metadata)) + (1 << 20))
+    layout = [(t.name, t.dtype, t.shape) for t in tensors]
+    try:
+        writer = StreamingSafetensorsWriter(out, layout, metadata)
+    except OSError as exc:
+        raise _write_error(out, exc) from exc
+    try:
+        for i, t in enumerate(tensors):
+            if stop is not None and stop():
+                raise StopRequested("shrink stopped before the student was complete; nothing was written")
+            data = convert(slice_tensor(source.reader.read(t.source_key), t.rows, t.cols), t.dtype)
+            writer.write(t.name, data)
+            del data
+            if progress is not None:
+                progress(i + 1, len(tensors), stage="write", tensor=t.name)
+        writer.close()
+    except OSError as exc:
+        writer.abort()
+        raise _write_error(out, exc) from exc
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.total_bytes
+
+
+def _write_error(out: Path, exc: OSError) -> DistilleryError:
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return DistilleryError("out", str(out), "the disk filled up while writing; the partial file was removed.",
+                               "free some space or choose another output folder.")
+    return DistilleryError("out", str(out), f"cannot write the student ({exc.strerror or exc}); nothing was kept.",
+                           "check that the folder exists and is writable.")
+
+
+def write_diffusers_folder(out: Path, folder: Path, config: dict) -> Path:
+    """A folder `QwenImageTransformer2DModel.from_pretrained` loads: config.json + the same weights file
+    (hard-linked when the filesystem allows, so it costs no space; copied otherwise)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "config.json", empty_model(config).to_json_string())
+        with atomic_output(folder / "diffusion_pytorch_model.safetensors") as tmp:
+            tmp.unlink()
+            try:
+                os.link(out, tmp)
+            except OSError:
+                shutil.copyfile(out, tmp)
+    except OSError as exc:
+        raise _write_error(folder, exc) from exc
+    return folder
