@@ -19,7 +19,8 @@ import torch
 from tests.comfyui_support import interop
 from tests.comfyui_support import object_info as oi
 from tests.comfyui_support.server import ComfyUIServer, PromptRejected, custom_node_loaded, import_problems
-from tests.comfyui_support.workflow_api import VIRTUAL_TYPES, check_workflow
+from tests.comfyui_support.ui_builder import node, workflow
+from tests.comfyui_support.workflow_api import VIRTUAL_TYPES, check_workflow, ui_to_api, validate_prompt
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -36,15 +37,58 @@ pytestmark = [
 # validated by the live server's /object_info only. Add the quickstart here once its models can be made locally.
 QUEUE_WORKFLOWS: dict[str, float] = {}
 
+# A small pack with one of everything the pack checks look at (a V1 node, a JS file, a workflow), so that the
+# checks are seen to work while our own pack still has none of them.
+PROBE_PACK = "probe-pack"
+PROBE_INIT = '''
+class ProbeScaleLatent:
+    DESCRIPTION = "Scales a latent."
+    CATEGORY = "probe"
+    FUNCTION = "run"
+    RETURN_TYPES = ("LATENT", "FLOAT")
+    RETURN_NAMES = ("latent", "factor")
+    OUTPUT_TOOLTIPS = ("scaled latent", "the factor used")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "factor": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 4.0}),
+                             "mode": (["mul", "add"],), "seed": ("INT", {"default": 0, "min": 0, "max": 2**32})}}
+
+    def run(self, samples, factor, mode, seed):
+        out = dict(samples)
+        out["samples"] = samples["samples"] * factor if mode == "mul" else samples["samples"] + factor
+        return (out, factor)
+
+NODE_CLASS_MAPPINGS = {"ProbeScaleLatent": ProbeScaleLatent}
+NODE_DISPLAY_NAME_MAPPINGS = {"ProbeScaleLatent": "Probe: Scale Latent"}
+WEB_DIRECTORY = "./js"
+'''
+PROBE_WORKFLOW = workflow([
+    node(1, "EmptyLatentImage", [64, 64, 1], outputs=[("LATENT", "LATENT", [1])]),
+    node(2, "ProbeScaleLatent", [2.0, "mul", 5, "randomize"], inputs=[("samples", "LATENT", 1)],
+         outputs=[("latent", "LATENT", [2]), ("factor", "FLOAT", None)]),
+    node(3, "PreviewAny", inputs=[("source", "*", 2)]),
+], [[1, 1, 0, 2, 0, "LATENT"], [2, 2, 0, 3, 0, "LATENT"]])
+
+
+def _make_probe_pack(folder: Path) -> None:
+    (folder / "js" / "sub").mkdir(parents=True)
+    (folder / "workflows").mkdir()
+    (folder / "__init__.py").write_text(PROBE_INIT)
+    (folder / "js" / "probe.js").write_text("// probe extension\n")
+    (folder / "js" / "sub" / "more.js").write_text("// nested\n")
+    (folder / "workflows" / "probe_scale.json").write_text(json.dumps(PROBE_WORKFLOW))
+
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui_base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
-    broken = base / "custom_nodes" / BROKEN_PACK
-    broken.mkdir()
-    (broken / "__init__.py").write_text('raise ImportError("broken on purpose")\n')
+    custom_nodes = base / "custom_nodes"
+    custom_nodes.mkdir()
+    (custom_nodes / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
+    (custom_nodes / BROKEN_PACK).mkdir()
+    (custom_nodes / BROKEN_PACK / "__init__.py").write_text('raise ImportError("broken on purpose")\n')
+    _make_probe_pack(custom_nodes / PROBE_PACK)
     server = ComfyUIServer(COMFYUI_DIR, base, python=COMFYUI_PYTHON)
     server.start(timeout=180)
     try:
@@ -62,8 +106,11 @@ def live_info(comfy):
 
 
 @pytest.fixture(scope="module")
-def pack():
-    return oi.load_pack(REPO)
+def packs(comfy):
+    """folder name -> (root, imported pack module) for our pack and the probe."""
+    probe_root = comfy.base_dir / "custom_nodes" / PROBE_PACK
+    return {PACK_FOLDER: (REPO, oi.load_pack(REPO)),
+            PROBE_PACK: (probe_root, oi.load_pack(probe_root, "dd_test_probe_pack"))}
 
 
 def _without_unknown_files(reference: dict, live: dict) -> dict:
@@ -76,8 +123,19 @@ def _without_unknown_files(reference: dict, live: dict) -> dict:
     return live
 
 
+def _check_workflow(comfy, live_info, path: Path, queue_timeout: float | None) -> dict:
+    workflow_json = json.loads(path.read_text())
+    unknown = sorted({n["type"] for n in workflow_json["nodes"]} - set(live_info) - VIRTUAL_TYPES)
+    assert not unknown, f"{path.name}: node types this ComfyUI does not have: {unknown}"
+    prompt = check_workflow(workflow_json, live_info, path.name)
+    if queue_timeout is not None:
+        entry = comfy.run_prompt(prompt, timeout=queue_timeout)
+        assert entry["status"]["status_str"] == "success"
+    return prompt
+
+
 # ----------------------------------------------------------------------------------------------------------
-# The server and the pack
+# The server and the packs
 
 def test_server_is_the_expected_comfyui_on_cpu(comfy):
     stats = comfy.get_json("/system_stats")
@@ -86,10 +144,11 @@ def test_server_is_the_expected_comfyui_on_cpu(comfy):
     assert comfy.startup_seconds < 120
 
 
-def test_pack_imports_without_errors(comfy):
+@pytest.mark.parametrize("folder", [PACK_FOLDER, PROBE_PACK])
+def test_pack_imports_without_errors(comfy, folder):
     log = comfy.log()
-    assert custom_node_loaded(log, PACK_FOLDER), f"pack not in the import-times list:\n{comfy.log_tail()}"
-    assert import_problems(log, PACK_FOLDER, also=(str(REPO) + "/",)) == []
+    assert custom_node_loaded(log, folder), f"{folder} not in the import-times list:\n{comfy.log_tail()}"
+    assert import_problems(log, folder, also=(str(REPO) + "/",) if folder == PACK_FOLDER else ()) == []
 
 
 def test_a_broken_pack_is_detected(comfy):
@@ -100,11 +159,15 @@ def test_a_broken_pack_is_detected(comfy):
     assert any("IMPORT FAILED" in p for p in problems) and any("broken on purpose" in p for p in problems), problems
 
 
-def test_every_pack_node_is_served_as_built_offline(comfy, live_info, pack):
-    offline = oi.pack_object_info(pack, PACK_FOLDER)
-    assert set(pack.NODE_CLASS_MAPPINGS) <= set(live_info), sorted(set(pack.NODE_CLASS_MAPPINGS) - set(live_info))
+@pytest.mark.parametrize("folder", [PACK_FOLDER, PROBE_PACK])
+def test_every_pack_node_is_served_as_built_offline(live_info, packs, folder):
+    _, pack = packs[folder]
+    offline = oi.pack_object_info(pack, folder)
+    assert set(offline) <= set(live_info), sorted(set(offline) - set(live_info))
     for name, entry in offline.items():
         assert _without_unknown_files(entry, live_info[name]) == entry, name
+    if folder == PROBE_PACK:
+        assert live_info["ProbeScaleLatent"]["python_module"] == f"custom_nodes.{PROBE_PACK}"
 
 
 def test_core_fixture_matches_the_live_server(live_info):
@@ -119,24 +182,31 @@ def test_offline_object_info_of_every_core_class_matches_live(comfy, live_info):
     assert not differing, differing
 
 
-def test_js_files_are_served(comfy, pack):
-    web_dir = REPO / getattr(pack, "WEB_DIRECTORY", "./js")
-    ours = sorted(p.relative_to(web_dir).as_posix() for p in web_dir.rglob("*.js")) if web_dir.is_dir() else []
-    listed = sorted(url.split(f"/extensions/{PACK_FOLDER}/", 1)[1] for url in comfy.get_json("/extensions")
-                    if url.startswith(f"/extensions/{PACK_FOLDER}/"))
-    assert listed == ours
-    for rel in ours:
-        status, body = comfy.request("GET", f"/extensions/{PACK_FOLDER}/{rel}")
+@pytest.mark.parametrize("folder", [PACK_FOLDER, PROBE_PACK])
+def test_js_files_are_served(comfy, packs, folder):
+    root, pack = packs[folder]
+    web_dir = root / getattr(pack, "WEB_DIRECTORY", "./js")
+    files = sorted(p.relative_to(web_dir).as_posix() for p in web_dir.rglob("*.js")) if web_dir.is_dir() else []
+    listed = sorted(url.split(f"/extensions/{folder}/", 1)[1] for url in comfy.get_json("/extensions")
+                    if url.startswith(f"/extensions/{folder}/"))
+    assert listed == files
+    for rel in files:
+        status, body = comfy.request("GET", f"/extensions/{folder}/{rel}")
         assert status == 200 and body == (web_dir / rel).read_bytes(), rel
+    if folder == PROBE_PACK:
+        assert files == ["probe.js", "sub/more.js"]
 
 
-def test_bundled_workflows_are_listed_as_templates(comfy):
-    ours = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
-    templates = comfy.get_json("/api/workflow_templates")
-    assert sorted(templates.get(PACK_FOLDER, [])) == ours
-    for stem in ours:
-        status, body = comfy.request("GET", f"/api/workflow_templates/{PACK_FOLDER}/{stem}.json")
-        assert status == 200 and json.loads(body) == json.loads((REPO / "workflows" / f"{stem}.json").read_text())
+@pytest.mark.parametrize("folder", [PACK_FOLDER, PROBE_PACK])
+def test_bundled_workflows_are_listed_as_templates(comfy, packs, folder):
+    root, _ = packs[folder]
+    files = sorted(p.stem for p in (root / "workflows").glob("*.json"))
+    assert sorted(comfy.get_json("/api/workflow_templates").get(folder, [])) == files
+    for stem in files:
+        status, body = comfy.request("GET", f"/api/workflow_templates/{folder}/{stem}.json")
+        assert status == 200 and json.loads(body) == json.loads((root / "workflows" / f"{stem}.json").read_text())
+    if folder == PROBE_PACK:
+        assert files == ["probe_scale"]
 
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
@@ -144,13 +214,13 @@ WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
 def test_bundled_workflow_against_the_live_server(comfy, live_info, path):
-    workflow = json.loads(path.read_text())
-    unknown = sorted({n["type"] for n in workflow["nodes"]} - set(live_info) - VIRTUAL_TYPES)
-    assert not unknown, f"{path.name}: node types this ComfyUI does not have: {unknown}"
-    prompt = check_workflow(workflow, live_info, path.name)
-    if path.name in QUEUE_WORKFLOWS:
-        entry = comfy.run_prompt(prompt, timeout=QUEUE_WORKFLOWS[path.name])
-        assert entry["status"]["status_str"] == "success"
+    _check_workflow(comfy, live_info, path, QUEUE_WORKFLOWS.get(path.name))
+
+
+def test_probe_workflow_converts_and_runs(comfy, live_info):
+    path = comfy.base_dir / "custom_nodes" / PROBE_PACK / "workflows" / "probe_scale.json"
+    prompt = _check_workflow(comfy, live_info, path, queue_timeout=60)
+    assert prompt["2"]["inputs"] == {"factor": 2.0, "mode": "mul", "seed": 5, "samples": ["1", 0]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,11 +245,64 @@ def test_run_prompt_records_events(comfy):
     assert entry["outputs"]["3"]["text"], entry["outputs"]
 
 
-def test_server_rejections_are_raised(comfy):
+def _small_prompt():
+    return {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "2": {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["1", 0], "upscale_method": "bilinear",
+                                                              "scale_by": 0.5}},
+            "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
+            "4": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}}
+
+
+# ComfyUI's error types (execution.py) -> our validator's kinds.
+SERVER_KINDS = {"value_bigger_than_max": "bad_value", "value_smaller_than_min": "bad_value",
+                "value_not_in_list": "bad_value", "invalid_input_type": "bad_value",
+                "return_type_mismatch": "type_mismatch", "required_input_missing": "missing_input",
+                "prompt_no_outputs": "no_output", "invalid_prompt": "unknown_node"}
+
+
+@pytest.mark.parametrize("change", [
+    lambda p: p["2"]["inputs"].update(scale_by=100.0),
+    lambda p: p["1"]["inputs"].update(width=8),
+    lambda p: p["2"]["inputs"].update(upscale_method="sinc"),
+    lambda p: p["1"]["inputs"].update(batch_size="many"),
+    lambda p: p["2"]["inputs"].update(samples=["4", 0]),
+    lambda p: p["2"]["inputs"].pop("scale_by"),
+    lambda p: p.pop("3"),
+    lambda p: p["4"].update(class_type="EmptyImageXL"),
+], ids=["above_max", "below_min", "not_in_list", "not_an_int", "type_mismatch", "missing", "no_output", "unknown"])
+def test_validator_agrees_with_the_server(comfy, live_info, change):
+    prompt = _small_prompt()
+    assert validate_prompt(prompt, live_info) == []
+    change(prompt)
+    ours = {p.kind for p in validate_prompt(prompt, live_info)}
     with pytest.raises(PromptRejected) as err:
-        comfy.queue_prompt({"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 1, "height": 64,
-                                                                               "batch_size": 1}}})
-    assert "prompt_no_outputs" in str(err.value)
+        comfy.queue_prompt(prompt)
+    reply = err.value.reply
+    theirs = {SERVER_KINDS.get(e["type"], e["type"]) for n in reply["node_errors"].values() for e in n["errors"]}
+    assert (theirs or {SERVER_KINDS.get(reply["error"]["type"], reply["error"]["type"])}) == ours, reply
+
+
+def test_converted_ui_workflow_runs_on_the_server(comfy, live_info):
+    # Primitive -> widget socket, a Reroute, a bypassed node, a muted node and a Note, converted with the live specs.
+    wf = workflow([
+        node(1, "EmptyLatentImage", [64, 64, 1], inputs=[("width", "INT", 1, True)], outputs=[("LATENT", "LATENT", [2])]),
+        node(2, "PrimitiveNode", [96, "fixed"], outputs=[("INT", "INT", [1])]),
+        node(3, "Reroute", inputs=[("", "*", 2)], outputs=[("", "LATENT", [3])]),
+        node(4, "LatentUpscaleBy", ["bilinear", 0.5], inputs=[("samples", "LATENT", 3)],
+             outputs=[("LATENT", "LATENT", [4])], mode=4),
+        node(5, "PreviewAny", inputs=[("source", "*", 4)], title="Shape"),
+        node(6, "SaveImage", ["muted"], inputs=[("images", "IMAGE", None)], mode=2),
+        node(7, "Note", ["a note"]),
+    ], [[1, 2, 0, 1, 0, "INT"], [2, 1, 0, 3, 0, "*"], [3, 3, 0, 4, 0, "LATENT"], [4, 4, 0, 5, 0, "LATENT"]])
+    prompt = ui_to_api(wf, live_info)
+    assert prompt == {
+        "1": {"inputs": {"width": 96, "height": 64, "batch_size": 1}, "class_type": "EmptyLatentImage",
+              "_meta": {"title": "Empty Latent Image"}},
+        "5": {"inputs": {"source": ["1", 0]}, "class_type": "PreviewAny", "_meta": {"title": "Shape"}}}
+    assert validate_prompt(prompt, live_info) == []
+    prompt["1"]["inputs"]["height"] = 64 + 8 * (int(time.time()) % 50)  # never served from the cache
+    entry = comfy.run_prompt(prompt, timeout=60)
+    assert entry["outputs"]["5"]["text"]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.comfyui_support import object_info as oi
+from tests.comfyui_support.ui_builder import node as _node, workflow as _workflow
 from tests.comfyui_support.workflow_api import WorkflowError, check_workflow, ui_to_api, validate_prompt, widget_layout
 
 CORE = oi.core_object_info()
@@ -42,27 +43,7 @@ INFO = {**CORE, **EXTRA}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# UI-format builders (the shapes the frontend saves)
-
-def _node(id, type, widgets=None, inputs=(), outputs=(), mode=0, title=None):
-    node = {"id": id, "type": type, "pos": [0, 0], "size": [200, 100], "flags": {}, "order": id, "mode": mode,
-            "inputs": [dict(name=n, type=t, link=l, **({"widget": {"name": n}} if w else {}))
-                       for n, t, l, *w in inputs],
-            "outputs": [{"name": n, "type": t, "links": links, "slot_index": i}
-                        for i, (n, t, links) in enumerate(outputs)],
-            "properties": {"Node name for S&R": type}}
-    if widgets is not None:
-        node["widgets_values"] = widgets
-    if title:
-        node["title"] = title
-    return node
-
-
-def _workflow(nodes, links):
-    return {"id": "00000000-0000-0000-0000-000000000000", "revision": 0, "last_node_id": max(n["id"] for n in nodes),
-            "last_link_id": max([l[0] for l in links], default=0), "nodes": nodes, "links": links, "groups": [],
-            "config": {}, "extra": {"ds": {"scale": 1, "offset": [0, 0]}}, "version": 0.4}
-
+# UI-format workflows (the shapes the frontend saves)
 
 def txt2img():
     """The default SD1.5 graph, as the frontend saves it."""
