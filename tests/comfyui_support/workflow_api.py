@@ -29,7 +29,9 @@ class Problem:
     """One thing wrong with a workflow or prompt. `kind` is stable, for tests; `message` is for people."""
 
     node: str
-    kind: str  # unknown_node, widget_count, bad_link, unknown_input, missing_input, bad_value, type_mismatch, no_output, unsupported
+    # unknown_node, widget_count, bad_link, unknown_input, missing_input, bad_value, type_mismatch, no_output,
+    # unsupported
+    kind: str
     input: str | None
     message: str
 
