@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     except (StopRequested, KeyboardInterrupt):
         print("stopped: progress so far was saved; run the same command again to resume.", file=sys.stderr)
         return 130
+    if report is None:  # e.g. a non-main process of a multi-process run
+        return 0
     if args.json:
         print(json.dumps(report, default=str))
     else:

@@ -99,6 +99,10 @@ class ValidationSpec:
     teacher: bool = True  # distillation: also sample the teacher (many steps, CFG) for side-by-side images
     teacher_steps: int = 50
     teacher_cfg: float = 4.0
+    # A stable held-out measure (SimpleTuner's "evaluation loss"): the loss on the first N samples with fixed
+    # noise and sigmas, at the start, at every validation and at the end. The training loss itself is too noisy
+    # (it depends on the sigma drawn) to compare two checkpoints.
+    eval_samples: int = 0
 
 
 @dataclass
@@ -152,11 +156,11 @@ class TrainJob:
         return cls.from_dict(data)
 
     def fingerprint(self) -> str:
-        """A hash of everything that changes the result (not where it is written or how often it is saved)."""
+        """A hash of what a resumed run must share with the one that wrote the checkpoint: not where it is
+        written, how often it is saved or validated, nor the total step count (extending a run is allowed)."""
         data = self.to_dict()
-        data.pop("output")
-        data.pop("resume")
-        data["validation"] = None
+        for key in ("output", "resume", "validation", "steps"):
+            data.pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def validate(self) -> None:
