@@ -145,6 +145,25 @@ def test_targets_equal_a_fresh_teacher_sample(pipe, tmp_path):
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_direct_distill_loss_of_the_teacher_itself_is_zero(pipe, tmp_path):
+    """Rows made with student settings == teacher settings: the teacher, trained as its own student, is already
+    perfect. This holds only if the trainer draws the same noise (seed, rand_device) and schedule as the teacher."""
+    from dit_distillery.data import EncodingDataset, collate
+    from dit_distillery.losses import DirectDistillLoss, SampleRNG
+
+    out = tmp_path / "ds"
+    generate_distill_dataset(pipe, PROMPTS[:2], out, seeds_per_prompt=2, batch_size=4, teacher_steps=3,
+                             teacher_cfg=1.0, student_steps=3, student_cfg=1.0, height=32, width=32)
+    rows = read_metadata(out).rows
+    data = EncodingDataset(rows, pipe.codec, pipe.prompt_encoder, Resolution(32, 32, factor=pipe.size_multiple))
+    batch = collate([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        loss, _ = DirectDistillLoss()(pipe.dit, batch, SampleRNG(0, 0, list(range(len(rows)))))
+        shifted = dict(batch, seed=[s + 100 for s in batch["seed"]])   # other noise: far from the targets
+        other, _ = DirectDistillLoss()(pipe.dit, shifted, SampleRNG(0, 0, list(range(len(rows)))))
+    assert loss.item() < 1e-9 and other.item() > 0.1
+
+
 def test_resume_skips_extends_and_repairs(pipe, tmp_path):
     out = tmp_path / "ds"
     generate_distill_dataset(pipe, PROMPTS[:2], out, seeds_per_prompt=2, **FAST)
