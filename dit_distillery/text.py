@@ -51,6 +51,10 @@ class PromptEncoder:
     """Base class: `identity`, `encode(prompts) -> TextEmbeds` (on the encoder's device, in its dtype)."""
 
     kind = "prompt_encoder"
+    # Whether the padding positions of an encoding may be dropped (and re-padded with zeros by `data.collate`)
+    # without changing what the DiT computes: true only when the DiT masks padding out. The AAADiT tutorial's
+    # DiT attends to the hidden states of Qwen3's padding tokens, so its encoder keeps them.
+    trims_padding = False
 
     def __init__(self, text_encoder, tokenizer, identity: str | None = None):
         self.text_encoder = text_encoder.eval().requires_grad_(False)
@@ -96,6 +100,7 @@ class QwenImagePromptEncoder(PromptEncoder):
     """Qwen-Image's prompt encoding, by diffusers' QwenImagePipeline itself (template, drop_idx 34)."""
 
     kind = "qwen25vl"
+    trims_padding = True  # Qwen-Image passes the mask to the DiT (encoder_hidden_states_mask)
 
     def __init__(self, text_encoder, tokenizer, max_length: int = 1024, identity: str | None = None):
         super().__init__(text_encoder, tokenizer, identity)

@@ -39,6 +39,7 @@ class SpaceToDepthCodec:
 
 class HashingPromptEncoder:
     identity, dim = "hash-words:8", 8
+    trims_padding = True  # its "DiT" masks padding, so the cache may drop it (as for Qwen-Image)
 
     def __init__(self):
         self.calls = self.prompts = 0
@@ -230,3 +231,14 @@ def test_prune_removes_only_stale_shards(dataset, tmp_path):
     assert len(list(Path(cache_dir).glob("shard-*"))) == 2
     _, report, codec, _ = build(dataset, cache_dir, prune=True)
     assert report.pruned == 1 and codec.items == 0 and len(list(Path(cache_dir).glob("shard-*"))) == 1
+
+
+def test_padding_is_kept_for_encoders_whose_dit_reads_it(dataset, tmp_path):
+    """AAADiT attends to Qwen3's padding states: the cache must hand back exactly what the encoder produced."""
+    codec, encoder = models()
+    encoder.trims_padding = False
+    rows = read_metadata(dataset)
+    cache, _ = build_cache(list(rows), tmp_path / "cache", codec, encoder, Resolution(32, 32))
+    item = CachedDataset(list(rows), cache)[0]
+    full = encoder.encode([rows[0].prompt])
+    assert item["text"][0].shape == full.embeds[0].shape and torch.equal(item["text"][0], full.embeds[0])

@@ -211,7 +211,7 @@ class LatentCache:
                 done += 1
                 try:
                     item = {"latents": latents[i].to(torch.float32, copy=True)}  # owns its memory
-                    item["embeds"], item["mask"] = unpad_text(text, i)
+                    item["embeds"], item["mask"] = unpad_text(text, i, getattr(prompt_encoder, "trims_padding", False))
                     if row.latents is not None:
                         item["target_latents"] = load_teacher_latents(row, tuple(latents[i].shape))
                 except DistilleryError as exc:
@@ -311,10 +311,13 @@ def encode_batch(pixels: list[torch.Tensor], prompts: list[str], codec, prompt_e
     return latents, TextEmbeds(text.embeds.cpu(), mask)
 
 
-def unpad_text(text: TextEmbeds, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row i's embeddings [L,D] and mask [L], cut after its last real token (padding is rebuilt by collate)."""
+def unpad_text(text: TextEmbeds, i: int, trim: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row i's embeddings [L,D] and mask [L], cut after its last real token when `trim` (padding is rebuilt by
+    collate). Encoders whose DiT reads the padding positions (`trims_padding = False`) keep them all."""
     embeds = text.embeds[i]
-    if text.mask is None:
+    if text.mask is None or not trim:
+        if text.mask is not None:
+            return embeds.clone(), text.mask[i].bool().clone()
         return embeds.clone(), torch.ones(embeds.shape[0], dtype=torch.bool)
     mask = text.mask[i].bool()
     used = mask.nonzero()

@@ -91,7 +91,7 @@ class EncodingDataset(torch.utils.data.Dataset):
         row = self.rows[index % len(self.rows)]
         pixels, _ = prepare_image(row.image, self.resolution, row.where)
         latents, text = encode_batch([pixels], [row.prompt], self.codec, self.prompt_encoder, self.device)
-        embeds, mask = unpad_text(text, 0)
+        embeds, mask = unpad_text(text, 0, getattr(self.prompt_encoder, "trims_padding", False))
         target = None if row.latents is None else load_teacher_latents(row, tuple(latents[0].shape))
         return _item(row, latents[0].float(), embeds, mask, target, pixels.shape[-2:])
 

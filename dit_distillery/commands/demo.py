@@ -1,0 +1,28 @@
+"""`demo`: the main job on the embedded default — teacher from scratch, teacher dataset, two distilled students."""
+
+from __future__ import annotations
+
+import sys
+
+HELP = "run the embedded end-to-end demo on CPU (no download): teacher, teacher dataset, distilled students, metrics"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", default="demo_out", help="output folder (rerunning resumes finished stages)")
+    p.add_argument("--preset", default="full", choices=["full", "quick"],
+                   help="full: the real demo (minutes on CPU); quick: a seconds-long smoke run")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> dict:
+    from dataclasses import replace
+
+    from ..demo import PRESETS, run_demo
+
+    config = replace(PRESETS[args.preset], seed=args.seed)
+    log = (lambda text: print(text, file=sys.stderr, flush=True))
+    metrics = run_demo(args.out, config, log=log)
+    summary = {name: {"latent_mse": m["latent_mse"], "accuracy": m["accuracy"]["all"]}
+               for name, m in metrics.items() if isinstance(m, dict) and "latent_mse" in m}
+    return {"out": args.out, "metrics": f"{args.out}/metrics.json", "grid": metrics["files"]["grid"],
+            "teacher_accuracy": metrics["teacher"]["accuracy"], "results": summary, "seconds": metrics["seconds"]}
