@@ -225,6 +225,7 @@ def _convert_vae_state(state: dict, family: str, config: dict) -> dict:
     """Original-layout VAE files -> diffusers keys with diffusers' single-file converters."""
     from diffusers.loaders import single_file_utils as sfu
 
+    # Both converters expect the real models' block layout (the class defaults), not arbitrary sizes.
     if family == "qwen_image":  # ComfyUI's qwen_image_vae.safetensors keeps Wan 2.1's layout (same modules)
         return sfu.convert_wan_vae_to_diffusers(state)
     converted = sfu.convert_ldm_vae_checkpoint(state, config)  # FLUX.2's VAE is an LDM VAE + BatchNorm stats
@@ -263,13 +264,13 @@ def load_pipeline(source: str | os.PathLike | None = None, *, dit=None, text_enc
     for AAADiT, which attends to the padding: use the length the DiT was trained with.
     """
     if source is not None and str(source) in BUILTIN:
+        if any(x is not None for x in (text_encoder, tokenizer, vae)):
+            raise DistilleryError("source", str(source), "built-in pipelines only take a replacement DiT.",
+                                  "save the built-in pipeline with save_pipeline, then replace components of the folder.")
         pipe = _builtin(str(source), seed)
         if dit is not None:
             pipe = TextToImagePipeline(load_dit(dit, dtype=dtype), pipe.prompt_encoder, pipe.codec,
                                        defaults=pipe.defaults)
-        if any(x is not None for x in (text_encoder, tokenizer, vae)):
-            raise DistilleryError("source", str(source), "built-in pipelines only take a replacement DiT.",
-                                  "save the built-in pipeline with save_pipeline, then replace components of the folder.")
         return pipe.to(device=device, dtype=dtype)
 
     root = None if source is None else _exists(source, "pipeline")
@@ -278,7 +279,11 @@ def load_pipeline(source: str | os.PathLike | None = None, *, dit=None, text_enc
         if not (root / MODEL_INDEX).is_file():
             raise DistilleryError("pipeline", str(root), f"is not a diffusers pipeline folder (no {MODEL_INDEX}).",
                                   "give a folder like a local Qwen/Qwen-Image download, or one written by save_pipeline.")
-        index = json.loads((root / MODEL_INDEX).read_text())
+        try:
+            index = json.loads((root / MODEL_INDEX).read_text())
+        except ValueError as exc:
+            raise DistilleryError("pipeline", str(root / MODEL_INDEX), f"is not valid JSON ({exc}).",
+                                  "restore the file from the model's download.") from exc
     meta = index.get(META_KEY, {})
     encoder_meta = dict(meta.get("prompt_encoder", {}))
     if text_max_length is not None:
