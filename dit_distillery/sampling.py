@@ -54,8 +54,8 @@ def euler_denoise(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: Sequence
     """
     sigmas = [float(s) for s in sigmas]
     if not sigmas or any(not 0.0 < s <= 1.0 for s in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
-        raise DistilleryError("sigmas", sigmas[:8], "must be a non-empty, strictly decreasing list within (0, 1] (the final 0 is implied).",
-                              "use dit_distillery.schedule.sigmas(...).")
+        raise DistilleryError("sigmas", sigmas[:8], "must be a non-empty, strictly decreasing list within (0, 1] "
+                              "(the final 0 is implied).", "use dit_distillery.schedule.sigmas(...).")
     batch = noise.shape[0]
     text = _batched(text, batch, "text")
     if cfg_scale != 1.0:
