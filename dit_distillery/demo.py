@@ -48,7 +48,7 @@ class DemoConfig:
     lora_rank: int = 16
     lora_steps: int = 300
     lora_lr: float = 2e-3
-    shrunk_layers: int = 3  # of the teacher's 5 blocks
+    shrunk_layers: int = 2  # of the teacher's 4 blocks (tiny.DEFAULT_DIT)
     shrunk_steps: int = 300
     shrunk_lr: float = 5e-4
     distill_batch: int = 8
