@@ -17,21 +17,9 @@ from dit_distillery.losses import FlowMatchingLoss
 from dit_distillery.lora import read_lora
 from dit_distillery.trainer import Callbacks, TrainingDiverged, TrainJob, train
 from dit_distillery.trainer.state import latest_checkpoint, list_checkpoints
+from tests.trainer_helpers import make_job
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_job(out, **overrides) -> TrainJob:
-    spec = {"model": {"pipeline": "tiny"},
-            "data": {"synthetic": {"count": 8, "size": 32}, "height": 32, "width": 32},
-            "loss": {"kind": "flow_matching"}, "mode": "full", "steps": 6, "batch_size": 2,
-            "optim": {"lr": 1e-3}, "output": {"dir": str(out), "save_every": 0}, "resume": None}
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(spec.get(key), dict):
-            spec[key] = {**spec[key], **value}
-        else:
-            spec[key] = value
-    return TrainJob.from_dict(spec)
 
 
 @pytest.mark.parametrize("mode,lr,factor", [("full", 2e-3, 0.8), ("lora", 1e-2, 0.92)])
