@@ -377,9 +377,12 @@ class Trainer:
         v = self.job.validation
         d = self.pipe.defaults
         distill = isinstance(self.loss, DirectDistillLoss)
-        steps = v.steps or ((self.loss.steps or self.loss.default_steps) if distill else d["steps"])
-        cfg = v.cfg if v.cfg is not None else ((self.loss.cfg if self.loss.cfg is not None else self.loss.default_cfg)
-                                               if distill else d["cfg_scale"])
+        if distill:  # the student's own settings: the loss's, else the dataset's rows', else the loss defaults
+            row = self.dataset.rows[0] if getattr(self, "dataset", None) is not None else None
+            steps = v.steps or self.loss.steps or (row and row.num_inference_steps) or self.loss.default_steps
+            cfg = next(c for c in (v.cfg, self.loss.cfg, row and row.cfg_scale, self.loss.default_cfg) if c is not None)
+        else:
+            steps, cfg = v.steps or d["steps"], v.cfg if v.cfg is not None else d["cfg_scale"]
         height = v.height or self.job.data.height or d["height"]
         width = v.width or self.job.data.width or d["width"]
         return dict(steps=steps, cfg_scale=cfg, height=height, width=width, negative_prompt=v.negative_prompt)
