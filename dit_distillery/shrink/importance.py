@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..conditioning import TextEmbeds
 from ..errors import DistilleryError, StopRequested
 from .plan import LAST_BLOCK_UNTRAINED, WidthScores, spaces_of, split_key
-from .stream import SourceModel, empty_model
+from .stream import SourceModel, empty_model, read_ahead
 
 
 @dataclass
@@ -221,19 +221,25 @@ def run_calibration(source: SourceModel, calibration: Calibration, device=None, 
 # ----------------------------------------------------------------------------------------------------------
 # Weight magnitudes
 
-_ROWS_PER_CHUNK = 256  # squares are taken in fp32 row chunks: bounded memory even for 18432-row matrices
+_ROWS_PER_CHUNK = 1024  # squares are taken in fp32 row chunks (12 MB at width 3072): bounded memory
 
 
 def _row_col_mass(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sum of squares of every row (and of every column for a matrix), accumulated in float64."""
+    """Sum of squares of every row (and of every column for a matrix): fp32 within a chunk, float64 across.
+
+    The sums are matrix-vector products with a ones vector: on CPU, BLAS does them several times faster than
+    torch's sum reductions, and this pass reads every kept weight of the model.
+    """
     if t.ndim == 1:
         return t.double().square(), None
     rows = torch.empty(t.shape[0], dtype=torch.float64)
     cols = torch.zeros(t.shape[1], dtype=torch.float64)
+    ones_in = torch.ones(t.shape[1], dtype=torch.float32)
     for start in range(0, t.shape[0], _ROWS_PER_CHUNK):
-        sq = t[start:start + _ROWS_PER_CHUNK].float().square()
-        rows[start:start + sq.shape[0]] = sq.sum(1, dtype=torch.float64)
-        cols += sq.sum(0, dtype=torch.float64)
+        chunk = t[start:start + _ROWS_PER_CHUNK].float()
+        sq = chunk.mul_(chunk)
+        rows[start:start + sq.shape[0]] = sq @ ones_in
+        cols += torch.ones(sq.shape[0], dtype=torch.float32) @ sq
     return rows, cols
 
 
@@ -264,18 +270,20 @@ def magnitude_scores(source: SourceModel, kept_blocks: list[int], progress=None,
     for i, s in enumerate(kept_blocks):
         per_block.append({"heads": zeros(heads), "img_ffn": zeros(4 * dim), "txt_ffn": zeros(4 * dim)})
         keys += [(i, k) for k in source.keys_of_block(s)]
+    keys = [(i, k) for i, k in keys if spaces_of(k, len(source.shapes[k])) != (None, None)]  # norms: no vote
     last = source.num_blocks - 1
-    for done, (i, key) in enumerate(keys):
+    tensors = read_ahead(source.reader, [k for _, k in keys])
+    for done, ((i, key), (_, tensor)) in enumerate(zip(keys, tensors)):
         if stop is not None and stop():
             raise StopRequested("scoring stopped")
         block, module, _ = split_key(key)
-        row_space, col_space = spaces_of(key, len(source.shapes[key]))
-        if row_space is not None or col_space is not None:
-            rows, cols = _row_col_mass(source.reader.read(key))
-            untrained = block == last and module in LAST_BLOCK_UNTRAINED
-            local = per_block[i] if i is not None else None
-            add(row_space, rows, local, untrained)
-            add(col_space, cols, local, untrained)
+        row_space, col_space = spaces_of(key, tensor.ndim)
+        rows, cols = _row_col_mass(tensor)
+        del tensor
+        untrained = block == last and module in LAST_BLOCK_UNTRAINED
+        local = per_block[i] if i is not None else None
+        add(row_space, rows, local, untrained)
+        add(col_space, cols, local, untrained)
         if progress is not None:
             progress(done + 1, len(keys), stage="score", tensor=key)
     return WidthScores(

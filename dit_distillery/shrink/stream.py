@@ -12,7 +12,9 @@ import json
 import os
 import shutil
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -26,12 +28,12 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn; larger values would become NaN 
 
 
 class RawReader:
-    """Tensors of a `TensorSource`, read with plain positional reads into fresh torch buffers.
+    """Tensors of a `TensorSource`, read with plain file reads into torch buffers we own.
 
     Why not safetensors' `get_tensor`: `safe_open` memory-maps each file, and every page a read touches stays in
     the process's resident set until the handle is closed, so streaming a 41 GB source through it shows (and, under
-    pressure, competes for) tens of GB of RSS. Reading into a buffer we own holds exactly one tensor. The offsets
-    come from the safetensors header (8-byte little-endian length, JSON with `data_offsets`).
+    pressure, competes for) tens of GB of RSS. Reading into our own buffer holds one tensor, freed or reused when
+    done. The offsets come from the safetensors header (8-byte little-endian length, JSON with `data_offsets`).
     """
 
     def __init__(self, src: TensorSource):
@@ -52,9 +54,17 @@ class RawReader:
                     start, stop = info["data_offsets"]
                     self._where[key] = (i, 8 + length + start, stop - start)
 
-    def read(self, key: str) -> torch.Tensor:
+    def span(self, key: str) -> tuple[int, int, int]:
+        """(file index, byte offset, byte count) of a tensor's data."""
+        return self._where[key]
+
+    def nbytes(self, key: str) -> int:
+        return self._where[key][2]
+
+    def read(self, key: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor `key`, in a new buffer or in `into` (a uint8 tensor of at least its size, reused)."""
         i, offset, nbytes = self._where[key]
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8) if into is None else into[:nbytes]
         view = memoryview(buf.numpy())
         f = self._files[i]
         f.seek(offset)
@@ -71,6 +81,29 @@ class RawReader:
         for f in self._files:
             f.close()
         self._files.clear()
+
+
+def read_ahead(reader: RawReader, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) in order while ONE background thread already reads the next tensor.
+
+    File reads, file writes and torch kernels release the GIL, so the disk read of tensor i+1 overlaps the
+    slicing/scoring/writing of tensor i. Tensors are read into two buffers (sized for the largest tensor) used in
+    turn: fresh memory for every tensor costs a page fault per 4 KB, which measured slower than the disk here.
+    So a yielded tensor is valid only until the next one is requested: use it or copy it.
+    """
+    keys = list(keys)
+    if not keys:
+        return
+    size = max(reader.nbytes(k) for k in keys)
+    buffers = [torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shrink-read") as pool:
+        future = pool.submit(reader.read, keys[0], buffers[0])
+        for i, key in enumerate(keys):
+            tensor = future.result()
+            if i + 1 < len(keys):  # the other buffer: the caller finished with it when it asked for this one
+                future = pool.submit(reader.read, keys[i + 1], buffers[(i + 1) % 2])
+            yield key, tensor
+            del tensor
 
 
 def _advise_sequential(f) -> None:
@@ -303,10 +336,11 @@ def write_student(source: SourceModel, plan: ShrinkPlan, out: Path, dtype: torch
     except OSError as exc:
         raise _write_error(out, exc) from exc
     try:
-        for i, t in enumerate(tensors):
+        for i, (t, (_, raw)) in enumerate(zip(tensors, read_ahead(source.reader, [t.source_key for t in tensors]))):
             if stop is not None and stop():
                 raise StopRequested("shrink stopped before the student was complete; nothing was written")
-            data = convert(slice_tensor(source.reader.read(t.source_key), t.rows, t.cols), t.dtype)
+            data = convert(slice_tensor(raw, t.rows, t.cols), t.dtype)
+            del raw
             writer.write(t.name, data)
             del data
             if progress is not None:
