@@ -344,11 +344,11 @@ def test_cli_json_report_and_dry_run(source, tmp_path, capsys):
     assert registry.load_dit(out).config.num_layers == 4
 
     dry = tmp_path / "dry.safetensors"
-    assert main(["shrink", str(path), "--out", str(dry), "--layers", "4", "--strategy", "interval", "--json",
-                 "--dry-run"]) == 0
+    assert main(["shrink", str(path), "--layers", "4", "--strategy", "interval", "--json", "--dry-run"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["kept_blocks"] == [0, 3, 4, 5] and not dry.exists()
 
     assert main(["shrink", str(path), "--out", str(dry), "--layers", "9", "--json"]) == 2
     error = json.loads(capsys.readouterr().out.splitlines()[0])["error"]
     assert error["field"] == "layers" and not dry.exists()
+    assert main(["shrink", str(path), "--layers", "2"]) == 2 and "--out" in capsys.readouterr().err

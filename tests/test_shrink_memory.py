@@ -91,3 +91,8 @@ def test_multi_gb_full_width_source_streams(tmp_path):
     path_d.unlink()
     width = measure(path, tmp_path / "w.safetensors", layers=3, heads=12)
     assert width["growth"] < 6 * largest, width
+    (tmp_path / "w.safetensors").unlink()
+    # importance: one full-width diffusers block at a time in fp32 (1.4 GB) + activations, never the model
+    scored = measure(path, tmp_path / "i.safetensors", layers=3, strategy="importance", heads=12,
+                     width_method="importance")
+    assert scored["peak"] < 3 * 2**30 and scored["growth"] < 2.2 * 2**30, scored

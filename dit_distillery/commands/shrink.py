@@ -11,19 +11,19 @@ def add_arguments(p) -> None:
     from ..shrink import STRATEGIES, WIDTH_METHODS
 
     p.add_argument("source", help="Qwen-Image DiT: .safetensors (bare or ComfyUI-prefixed) or a diffusers folder")
-    p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--layers", type=int, default=None, help="blocks to keep (default: all, or the --keep-blocks count)")
+    p.add_argument("--out", default=None, help="output .safetensors file (not needed with --dry-run)")
+    p.add_argument("--layers", type=int, default=None, help="blocks to keep; none = all, or the --keep-blocks count")
     p.add_argument("--strategy", choices=STRATEGIES, default=None,
-                   help="which blocks to keep (default: list with --keep-blocks, else uniform)")
+                   help="which blocks to keep; none = list with --keep-blocks, else uniform")
     p.add_argument("--keep-blocks", default=None, help="explicit source blocks for --strategy list, e.g. '0-9,50-59'")
     p.add_argument("--keep-first", type=int, default=None,
-                   help="interval strategy: keep this many first blocks (default about a third of --layers)")
+                   help="interval strategy: keep this many first blocks; none = about a third of --layers")
     p.add_argument("--heads", type=int, default=None, help="attention heads per block to keep (width shrink)")
     p.add_argument("--width-method", choices=WIDTH_METHODS, default="magnitude",
                    help="how kept heads/FFN units/channels are chosen")
     p.add_argument("--dtype", default="keep", help="keep | bf16 | fp16 | fp32 | fp8 (e4m3fn weight matrices)")
     p.add_argument("--diffusers-folder", default=None, help="also write a diffusers folder (config.json + weights)")
-    p.add_argument("--device", default=None, help="device for importance calibration (default cpu)")
+    p.add_argument("--device", default=None, help="device for importance calibration; none = cpu")
     p.add_argument("--dry-run", action="store_true", help="print the plan (kept blocks, heads) without writing")
     p.add_argument("--no-progress", action="store_true", help="do not print progress to stderr")
 
@@ -41,6 +41,7 @@ def _progress_printer():
 
 
 def run(args) -> dict:
+    from ..errors import DistilleryError
     from ..shrink import plan_shrink, shrink
 
     strategy = args.strategy or ("list" if args.keep_blocks else "uniform")
@@ -49,4 +50,6 @@ def run(args) -> dict:
                   progress=None if (args.no_progress or args.json) else _progress_printer())
     if args.dry_run:
         return {"dry_run": True, **plan_shrink(args.source, **common).summary()}
+    if not args.out:
+        raise DistilleryError("out", None, "no output file given.", "add --out STUDENT.safetensors (or --dry-run).")
     return shrink(args.source, args.out, dtype=args.dtype, diffusers_folder=args.diffusers_folder, **common)

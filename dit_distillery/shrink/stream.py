@@ -259,8 +259,8 @@ def output_dtype(key: str, ndim: int, source: torch.dtype, target: torch.dtype |
 def convert(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if t.dtype == dtype:
         return t
-    if dtype == FP8 and t.dtype != torch.float8_e5m2:
-        t = t.clamp(-FP8_MAX, FP8_MAX)
+    if dtype == FP8:  # saturate instead of overflowing to NaN (clamped in fp32 when the input is fp8 e5m2)
+        t = (t.float() if t.element_size() == 1 else t).clamp(-FP8_MAX, FP8_MAX)
     return t.to(dtype)
 
 
@@ -355,13 +355,13 @@ def write_student(source: SourceModel, plan: ShrinkPlan, out: Path, dtype: torch
     return writer.total_bytes
 
 
-def _write_error(out: Path, exc: OSError) -> DistilleryError:
+def _write_error(out: Path, exc: OSError, field: str = "out") -> DistilleryError:
     import errno
 
     if exc.errno == errno.ENOSPC:
-        return DistilleryError("out", str(out), "the disk filled up while writing; the partial file was removed.",
+        return DistilleryError(field, str(out), "the disk filled up while writing; the partial file was removed.",
                                "free some space or choose another output folder.")
-    return DistilleryError("out", str(out), f"cannot write the student ({exc.strerror or exc}); nothing was kept.",
+    return DistilleryError(field, str(out), f"cannot write the student ({exc.strerror or exc}); nothing was kept.",
                            "check that the folder exists and is writable.")
 
 
@@ -379,5 +379,5 @@ def write_diffusers_folder(out: Path, folder: Path, config: dict) -> Path:
             except OSError:
                 shutil.copyfile(out, tmp)
     except OSError as exc:
-        raise _write_error(folder, exc) from exc
+        raise _write_error(folder, exc, "diffusers_folder") from exc
     return folder
