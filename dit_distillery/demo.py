@@ -95,11 +95,11 @@ def _colour_shape_accuracy(images, prompts) -> dict:
     """Fraction of images whose shape / colour / background (and all three) match the prompt."""
     from .data.synthetic import classify_image, parse_caption
 
-    got = [classify_image(im) for im in images]
+    got = [classify_image(im) for im in images]  # (colour, shape, background), as parse_caption
     want = [parse_caption(p) for p in prompts]
     n = len(prompts)
-    return {"shape": sum(g[0] == w[0] for g, w in zip(got, want)) / n,
-            "colour": sum(g[1] == w[1] for g, w in zip(got, want)) / n,
+    return {"colour": sum(g[0] == w[0] for g, w in zip(got, want)) / n,
+            "shape": sum(g[1] == w[1] for g, w in zip(got, want)) / n,
             "background": sum(g[2] == w[2] for g, w in zip(got, want)) / n,
             "all": sum(tuple(g) == tuple(w) for g, w in zip(got, want)) / n}
 
