@@ -360,3 +360,149 @@ def test_unknown_lora_keys_are_reported(comfy, student, tmp_path):
     assert sorted(result.lora_keys_not_loaded) == sorted(wrong)
     assert torch.equal(result.weights["transformer_blocks.0.attn.to_q"].float(),
                        state["transformer_blocks.0.attn.to_q.weight"].float())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Our nodes running inside the server
+
+OUR_NODES = ("DD_BuildAAADiT", "DD_ShrinkDiT", "DD_LoadDiT", "DD_LoadPipeline", "DD_ModelSizeReport",
+             "DD_DatasetFolder", "DD_SyntheticShapesDataset", "DD_DatasetFromImages", "DD_GenerateDistillDataset",
+             "DD_DirectDistillLoss", "DD_FlowMatchingLoss", "DD_TrainLoRAFull", "DD_ExportTrainingJob",
+             "DD_LossChart", "DD_LoadStudent", "DD_Sample")
+
+
+def _node(live_info, class_type, **inputs):
+    """An API-format node with every widget at its default, then `inputs` (links as [id, slot])."""
+    values = {}
+    for section in ("required", "optional"):
+        for name, spec in live_info[class_type]["input"].get(section, {}).items():
+            kind, options = spec[0], spec[1] if len(spec) > 1 else {}
+            if "default" in options and (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN")):
+                values[name] = options["default"]
+            elif isinstance(kind, list) and kind and section == "required":
+                values[name] = kind[0]
+    values.update(inputs)
+    return {"class_type": class_type, "inputs": values}
+
+
+def test_all_our_nodes_are_served(live_info):
+    missing = [n for n in OUR_NODES if n not in live_info]
+    assert not missing, missing
+    for name in OUR_NODES:
+        assert live_info[name]["python_module"] == f"custom_nodes.{PACK_FOLDER}"
+        assert live_info[name]["category"].startswith("DiT Distillery/")
+
+
+def test_build_aaadit_and_size_report_run_in_the_server(comfy, live_info):
+    name = f"aaadit_tiny_{int(time.time())}"  # a new file and a new cache key on every run
+    prompt = {"1": _node(live_info, "DD_BuildAAADiT", preset="tiny", name=name),
+              "2": _node(live_info, "DD_ModelSizeReport", dit=["1", 0], height=64, width=64),
+              "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+    assert validate_prompt(prompt, live_info) == []
+    entry = comfy.run_prompt(prompt, timeout=120)
+    text = "".join(entry["outputs"]["3"]["text"])
+    assert "aaadit" in text and "params:" in text and "full training" in text
+    assert (comfy.base_dir / "models" / "diffusion_models" / f"{name}.safetensors").is_file()
+    again = comfy.run_prompt(prompt, timeout=60)  # identical graph: ComfyUI's cache answers
+    assert again["outputs"]["3"]["text"] == entry["outputs"]["3"]["text"]
+
+
+def _training_prompt(live_info, run: str, steps: int, **train):
+    return {
+        "1": _node(live_info, "DD_SyntheticShapesDataset", count=8, size=32),
+        "2": _node(live_info, "DD_LoadPipeline", source="default"),
+        "3": _node(live_info, "DD_FlowMatchingLoss"),
+        "4": _node(live_info, "DD_TrainLoRAFull", pipeline=["2", 0], dataset=["1", 0], loss=["3", 0],
+                   output_name=run, steps=steps, batch_size=2, learning_rate=5e-3, lora_rank=4, **train),
+        "5": _node(live_info, "DD_LossChart", loss_history=["4", 2]),
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": f"dd_test/{run}_chart"}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["4", 3], "filename_prefix": f"dd_test/{run}_val"}},
+        "8": {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}},
+    }
+
+
+def test_training_graph_runs_with_progress_events(comfy, live_info):
+    pytest.importorskip("websocket", reason="pip install websocket-client to record ComfyUI's websocket events")
+    run = f"train_{int(time.time())}"
+    prompt = _training_prompt(live_info, run, steps=4, save_every=2, validation_every=2,
+                              validation_prompts="a red circle on a blue background", validation_steps=2)
+    assert validate_prompt(prompt, live_info) == []
+    with comfy.events() as events:
+        entry = comfy.run_prompt(prompt, timeout=300, client_id=events.client_id)
+        events.wait_for("execution_success", prompt_id=entry["prompt"][1])
+    weights = Path("".join(entry["outputs"]["8"]["text"]))
+    assert weights == comfy.base_dir / "models" / "loras" / f"{run}.safetensors" and weights.is_file()
+    from dit_distillery.lora import read_lora
+
+    assert read_lora(weights).modules  # a LoRA file in our ComfyUI/diffusers format
+    assert len(entry["outputs"]["6"]["images"]) == 1 and len(entry["outputs"]["7"]["images"]) == 1
+
+    train_events = [m["data"] for m in events.of_type("dit_distillery.train")]
+    assert train_events and {e["node"] for e in train_events} == {"4"}
+    assert train_events[-1]["phase"] == "done"
+    steps = [e for e in train_events if e["phase"] == "train"]
+    assert steps[-1]["step"] == 4 and [p[0] for p in steps[-1]["history"]] == [1, 2, 3, 4]
+    assert all(isinstance(e["loss"], float) for e in steps)
+    validation = [m["data"] for m in events.of_type("dit_distillery.validation")]
+    assert [v["step"] for v in validation] == [2, 4]
+    status, body = comfy.request("GET", validation[-1]["url"])
+    assert status == 200 and body[:4] == b"\x89PNG"  # the /view URL the JS extension shows
+    progress = [m["data"] for m in events.of_type("progress") if m["data"].get("node") == "4"]
+    assert progress and progress[-1]["value"] == progress[-1]["max"] == 4
+
+    with comfy.events() as events:  # the same graph again: nothing retrains
+        comfy.run_prompt(prompt, timeout=60, client_id=events.client_id)
+    assert events.of_type("dit_distillery.train") == []
+
+
+def test_cancel_stops_training_with_a_checkpoint(comfy, live_info):
+    pytest.importorskip("websocket", reason="pip install websocket-client to record ComfyUI's websocket events")
+    run = f"cancel_{int(time.time())}"
+    prompt = _training_prompt(live_info, run, steps=100000, save_every=0)
+    with comfy.events() as events:
+        prompt_id = comfy.queue_prompt(prompt, client_id=events.client_id)
+        deadline = time.monotonic() + 120
+        while not [m for m in events.of_type("dit_distillery.train") if (m["data"].get("step") or 0) >= 3]:
+            assert time.monotonic() < deadline, events.types()
+            time.sleep(0.1)
+        comfy.request("POST", "/interrupt", {})
+        entry = comfy.wait_for(prompt_id, timeout=120)
+        events.wait_for("execution_interrupted", prompt_id=prompt_id)
+    assert entry["status"]["status_str"] == "error"
+    checkpoints = sorted((comfy.base_dir / "output" / "dit_distillery" / run / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints, "Cancel must leave a resumable checkpoint"
+    assert [m["data"]["phase"] for m in events.of_type("dit_distillery.train")][-1] == "stopped"
+    assert comfy.get_json("/system_stats")  # the server keeps running
+
+
+def test_bad_input_reaches_the_user_with_the_fix(comfy, live_info):
+    prompt = {"1": _node(live_info, "DD_BuildAAADiT", preset="tiny", width=64, num_heads=5,
+                         name=f"bad_{int(time.time())}"),
+              "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
+    entry = comfy.run_prompt(prompt, timeout=60, check=False)
+    assert entry["status"]["status_str"] == "error"
+    error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    assert error["node_id"] == "1" and "Fix:" in error["exception_message"]
+    assert comfy.get_json("/system_stats")
+
+
+def test_load_student_makes_a_comfyui_model_of_a_width_shrunk_qwen(comfy, live_info):
+    from dit_distillery.models import qwen_image
+    from dit_distillery.shrink.synthetic import write_synthetic_source
+
+    tag = f"qwen_narrow_{int(time.time())}"
+    source = comfy.base_dir / "models" / "diffusion_models" / f"{tag}.safetensors"
+    write_synthetic_source(source, qwen_image.tiny_config(num_layers=2), dtype=torch.float32)
+    prompt = {"1": _node(live_info, "DD_LoadPipeline", source="tiny:qwen_image"),
+              "2": _node(live_info, "DD_LoadStudent", pipeline=["1", 0], weights=f"{tag}.safetensors"),
+              "3": {"class_type": "ModelSave", "inputs": {"model": ["2", 1], "filename_prefix": f"dd_check/{tag}"}}}
+    comfy.run_prompt(prompt, timeout=120)
+    saved = sorted((comfy.base_dir / "output" / "dd_check").glob(f"{tag}_*.safetensors"))
+    assert len(saved) == 1
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(str(source)), load_file(str(saved[0]))
+    prefix = next(k for k in theirs if k.endswith("img_in.weight"))[: -len("img_in.weight")]
+    assert {prefix + k for k in ours} <= set(theirs)
+    for key in ("img_in.weight", "transformer_blocks.1.attn.to_q.weight", "proj_out.weight"):
+        assert torch.allclose(theirs[prefix + key].float(), ours[key].float()), key

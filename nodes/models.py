@@ -1,0 +1,460 @@
+"""Model nodes: Build AAADiT, Shrink DiT, Load DiT, Load Pipeline, Model Size Report.
+
+Input names and their order are part of every saved workflow (ComfyUI stores widget values by position and links
+by name): never rename, remove or reorder them; add new inputs at the end of "optional".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dit_distillery.errors import DistilleryError
+
+from .common import (DIT, MODELS_CATEGORY, NONE, PIPELINE, Progress, find_model, list_diffusers_folders, list_models,
+                     lines, model_dirs, model_write_dir, path_inside, stat_key, user_errors)
+from .refs import BUILTIN_PIPELINES, DTYPES, DitRef, PipelineRef
+
+FROM_INPUT = "[dit input]"  # Shrink DiT's source when the DiT comes from the `dit` socket
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Build AAADiT
+
+def _aaadit_presets() -> dict:
+    from dit_distillery import tiny
+    from dit_distillery.models import aaadit
+
+    demo = aaadit.tiny_config(latent_channels=3 * tiny.DEFAULT_PIXEL_PATCH ** 2, text_width=tiny.DEFAULT_TEXT_WIDTH)
+    demo.update(tiny.DEFAULT_DIT)
+    return {
+        "tutorial": dict(aaadit.TUTORIAL_CONFIG),  # DiffSynth's 0.1B model (Flux2 VAE + Qwen3-0.6B)
+        "tiny": aaadit.tiny_config(latent_channels=128, text_width=32),  # fits the built-in "tiny:aaadit" pipeline
+        "demo": demo,  # fits the built-in "default" pipeline (pixel codec, tiny Qwen3): trains on a CPU in minutes
+    }
+
+
+AAADIT_PRESETS = ("tutorial", "tiny", "demo")
+_AAADIT_FIELDS = ("width", "num_blocks", "num_heads", "ffn_ratio", "latent_channels", "text_width")
+
+
+class BuildAAADiT:
+    DESCRIPTION = ("Builds a randomly initialised AAADiT, the 0.1B text-to-image DiT of DiffSynth-Studio's "
+                   "train-from-scratch tutorial (or a smaller one), and saves it to models/diffusion_models. "
+                   "Re-running with the same settings reuses the file.")
+    CATEGORY = MODELS_CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = (DIT, "STRING")
+    RETURN_NAMES = ("dit", "summary")
+    OUTPUT_TOOLTIPS = ("The saved DiT (connect to Load Pipeline's dit, Model Size Report or Train).",
+                       "Parameters, config and file.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        size = lambda what: ("INT", {"default": 0, "min": 0, "max": 65536,  # noqa: E731
+                                     "tooltip": f"{what}; 0 keeps the preset's."})
+        return {"required": {
+            "preset": (list(AAADIT_PRESETS), {"default": "tutorial", "tooltip":
+                       "tutorial: DiffSynth's 128.8M model (1024 wide, 10 blocks, Flux2 VAE, Qwen3-0.6B). tiny: fits "
+                       "the built-in 'tiny:aaadit' pipeline. demo: fits the built-in 'default' pipeline and learns the "
+                       "synthetic shapes on a CPU."}),
+            "width": size("Hidden width"),
+            "num_blocks": size("Number of transformer blocks"),
+            "num_heads": size("Attention heads (must divide the width)"),
+            "ffn_ratio": size("MLP width / width"),
+            "latent_channels": size("Latent channels of the VAE/codec"),
+            "text_width": size("Width of the text encoder's embeddings"),
+            "pos_grid": ("STRING", {"default": "", "tooltip": "Learned position grid HxW, e.g. 16x16 (resized to any "
+                                    "image size); empty keeps the preset's."}),
+            "use_text_mask": ("BOOLEAN", {"default": False, "tooltip": "Mask padded prompt tokens in attention (the "
+                                          "tutorial attends to them)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 32 - 1, "control_after_generate": False,
+                             "tooltip": "Seed of the random initialisation."}),
+            "dtype": (["fp32", "bf16"], {"default": "fp32", "tooltip": "dtype of the saved weights."}),
+            "name": ("STRING", {"default": "aaadit.safetensors", "tooltip": "File name in models/diffusion_models."}),
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file built with other settings."}),
+        }}
+
+    def build(self, preset, width, num_blocks, num_heads, ffn_ratio, latent_channels, text_width, pos_grid,
+              use_text_mask, seed, dtype, name, overwrite):
+        from dit_distillery.commands.build_aaadit import parse_grid
+        from dit_distillery.models import aaadit, registry
+        from dit_distillery.report import build_meta
+        from dit_distillery.tiny import seeded
+
+        if preset not in AAADIT_PRESETS:
+            raise DistilleryError("preset", preset, "unknown preset.", f"use one of {list(AAADIT_PRESETS)}.")
+        config = _aaadit_presets()[preset]
+        for key, value in zip(_AAADIT_FIELDS, (width, num_blocks, num_heads, ffn_ratio, latent_channels, text_width)):
+            if value:
+                config[key] = int(value)
+        if str(pos_grid).strip():
+            config["pos_grid"] = parse_grid(pos_grid)
+        config["use_text_mask"] = bool(use_text_mask) or config.get("use_text_mask", False)
+        build_meta(aaadit.FAMILY, config)  # checks the config (heads divide width...) before anything is written
+        out = path_inside(model_write_dir("diffusion_models"), name, "name", ".safetensors")
+        provenance = {"built_by": "DiT Distillery Build AAADiT", "preset": preset, "seed": int(seed), "dtype": dtype,
+                      "config": config}
+        reused = _same_provenance(out, provenance)
+        if out.exists() and not reused and not overwrite:
+            raise DistilleryError("name", name, f"{out} already exists and was made with other settings.",
+                                  "choose another name, or turn on overwrite.")
+        if not reused:
+            with torch.inference_mode(False), seeded(int(seed)):
+                model = aaadit.AAADiT(**config)
+            torch.nn.Module.to(model, DTYPES[dtype])  # diffusers' ModelMixin.to warns on every dtype cast
+            registry.save_dit(model, out, provenance=provenance)
+        ref = DitRef.from_path(out, "name")
+        summary = f"{ref.describe()}\n{'reused' if reused else 'wrote'} {out}\nconfig: {json.dumps(config)}"
+        return (ref, summary)
+
+
+def _same_provenance(path: Path, provenance: dict) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        existing = DitRef.from_path(path, "name").provenance
+    except DistilleryError:
+        return False
+    return json.loads(json.dumps(existing, sort_keys=True)) == json.loads(json.dumps(provenance, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shrink DiT
+
+class ShrinkDiT:
+    DESCRIPTION = ("Makes a smaller Qwen-Image DiT from exact slices of a source's weights: fewer blocks (depth) "
+                   "and/or fewer heads per block (width), streamed tensor by tensor so a 41 GB source needs about one "
+                   "tensor of memory. Saves the student to models/diffusion_models (a depth-only student loads in "
+                   "stock UNETLoader). Re-running with the same settings reuses the file.")
+    CATEGORY = MODELS_CATEGORY
+    FUNCTION = "shrink"
+    RETURN_TYPES = (DIT, "STRING")
+    RETURN_NAMES = ("dit", "report")
+    OUTPUT_TOOLTIPS = ("The student DiT file.", "What was kept (blocks, heads), parameters before/after, notes.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from dit_distillery.shrink import STRATEGIES, WIDTH_METHODS
+
+        return {
+            "required": {
+                "source": ([FROM_INPUT] + list_models("diffusion_models"), {"tooltip":
+                           "The Qwen-Image DiT to shrink (models/diffusion_models), or '[dit input]' to use the DiT "
+                           "connected below (which wins when both are given)."}),
+                "target_blocks": ("INT", {"default": 30, "min": 0, "max": 1000, "tooltip":
+                                  "Blocks the student keeps (Qwen-Image has 60); 0 keeps all (or the block list's count)."}),
+                "strategy": (list(STRATEGIES), {"default": "uniform", "tooltip":
+                             "Which blocks: uniform (evenly spaced), first, interval (first K + last N-K: drops one "
+                             "contiguous middle span), list (block_list), importance (ShortGPT block influence on "
+                             "calibration inputs). The source's last block is always kept last."}),
+                "block_list": ("STRING", {"default": "", "tooltip": "strategy 'list': source blocks to keep, e.g. "
+                               "'0-9,50-59' (must include the last block). Ignored by the other strategies."}),
+                "keep_first": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip":
+                               "strategy 'interval': how many first blocks to keep; 0 = about a third."}),
+                "heads": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip":
+                          "Attention heads per block to keep (width shrink; Qwen-Image has 24 of 128 channels); "
+                          "0 keeps all. A width-shrunk student needs Load Student to load in ComfyUI."}),
+                "width_method": (list(WIDTH_METHODS), {"default": "magnitude", "tooltip":
+                                 "How kept heads/FFN units/channels are chosen: magnitude (weights only) or importance "
+                                 "(activations on calibration inputs)."}),
+                "calibration_prompts": ("STRING", {"multiline": True, "default": "", "tooltip":
+                                        "For importance scoring: one prompt per line, encoded with the connected "
+                                        "pipeline's text encoder. Empty: seeded Gaussian proxy inputs (reported)."}),
+                "calibration_size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 16, "tooltip":
+                                     "Image side in pixels of the calibration inputs."}),
+                "calibration_seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 32 - 1,
+                                             "control_after_generate": False,
+                                             "tooltip": "Seed of the calibration noise."}),
+                "dtype": (["keep", "bf16", "fp16", "fp32", "fp8"], {"default": "keep", "tooltip":
+                          "dtype of the written student (fp8 = e4m3fn weight matrices)."}),
+                "name": ("STRING", {"default": "qwen_image_student.safetensors", "tooltip":
+                         "File name in models/diffusion_models."}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip":
+                              "Replace an existing file made with other settings."}),
+            },
+            "optional": {
+                "dit": (DIT, {"tooltip": "A DiT from another node (e.g. Load DiT); used when source is '[dit input]' "
+                              "or instead of the source file."}),
+                "pipeline": (PIPELINE, {"tooltip": "Encodes the calibration prompts (a Qwen-Image pipeline)."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def shrink(self, source, target_blocks, strategy, block_list, keep_first, heads, width_method,
+               calibration_prompts, calibration_size, calibration_seed, dtype, name, overwrite, dit=None,
+               pipeline=None, unique_id=None):
+        from dit_distillery.formats import TensorSource, dtype_from_name
+        from dit_distillery.models.registry import META_PROVENANCE
+        from dit_distillery.shrink import plan_shrink, shrink
+
+        if dit is not None:
+            src = Path(dit.path)
+        elif source == FROM_INPUT:
+            raise DistilleryError("source", source, "no DiT is connected to the dit input.",
+                                  "pick a file in source, or connect a DiT (e.g. Load DiT).")
+        else:
+            src = find_model("diffusion_models", source, "source")
+        out = path_inside(model_write_dir("diffusion_models"), name, "name", ".safetensors")
+        options = dict(layers=target_blocks or None, strategy=strategy,
+                       keep_blocks=block_list.strip() or None if strategy == "list" else None,
+                       keep_first=keep_first or None if strategy == "interval" else None,
+                       heads=heads or None, width_method=width_method)
+        needs_scores = strategy == "importance" or (heads and width_method == "importance")
+        calibration = None
+        prompts = lines(calibration_prompts)
+        if prompts and needs_scores:
+            if pipeline is None:
+                raise DistilleryError("calibration_prompts", prompts[0], "prompts need a pipeline to encode them.",
+                                      "connect a Qwen-Image pipeline (Load Pipeline), or clear the prompts to score "
+                                      "with the seeded proxy.")
+            calibration = _calibration(pipeline, prompts, int(calibration_size), int(calibration_seed))
+        progress = Progress(100, unique_id)
+        with user_errors(progress):
+            if out.exists():
+                plan = plan_shrink(src, calibration=calibration, progress=progress, stop=progress.stop, **options)
+                with TensorSource(out, "name") as existing:
+                    same = (existing.metadata_value(META_PROVENANCE) == json.loads(json.dumps(plan.provenance()))
+                            and (dtype == "keep" or existing.dtype("img_in.weight") == dtype_from_name(dtype)))
+                if same:
+                    report = {"out": str(out), "reused": True, **plan.summary()}
+                    return (DitRef.from_path(out, "name"), _shrink_text(report))
+                if not overwrite:
+                    raise DistilleryError("name", name, f"{out} already exists and was made with other settings.",
+                                          "choose another name, or turn on overwrite.")
+            report = shrink(src, out, dtype=dtype, calibration=calibration, progress=progress, stop=progress.stop,
+                            **options)
+        return (DitRef.from_path(out, "name"), _shrink_text(report))
+
+
+def _calibration(pipeline: PipelineRef, prompts: list[str], size: int, seed: int):
+    """Real prompt states from the pipeline's text encoder, over the sampler's starting noise (DiffSynth's draw)
+    at noise levels spread over (0, 1): no teacher images are needed, and the text, which a Gaussian proxy gets
+    most wrong, is real."""
+    from dit_distillery.shrink import Calibration
+
+    pipe = pipeline.load()
+    with torch.no_grad():
+        text = pipe.encode_prompts(prompts)
+        latents = pipe.initial_noise(list(range(seed, seed + len(prompts))), size, size)
+    mask = None if text.mask is None else text.mask.cpu()
+    from dit_distillery.conditioning import TextEmbeds
+
+    return Calibration(latents.float().cpu(), TextEmbeds(text.embeds.float().cpu(), mask), None, kind="provided")
+
+
+def _shrink_text(report: dict) -> str:
+    keep = ("out", "reused", "strategy", "layers_before", "layers_after", "kept_blocks", "heads_before", "heads_after",
+            "width_before", "width_after", "width_method", "calibration", "params_before", "params_after", "dtype",
+            "bytes_written", "seconds", "notes")
+    return "\n".join(f"{k}: {json.dumps(report[k]) if isinstance(report[k], (list, dict)) else report[k]}"
+                     for k in keep if k in report and report[k] is not None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loaders
+
+class LoadDiT:
+    DESCRIPTION = ("Picks a DiT file from models/diffusion_models (Qwen-Image, AAADiT, or a student saved by this "
+                   "pack). Only the header is read here; weights load when a node needs them.")
+    CATEGORY = MODELS_CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (DIT, "STRING")
+    RETURN_NAMES = ("dit", "summary")
+    OUTPUT_TOOLTIPS = ("The DiT file, with its family and config.", "Family, parameters, file.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"dit_name": (list_models("diffusion_models"), {"tooltip":
+                                          "A .safetensors DiT in models/diffusion_models."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, dit_name, **_):
+        try:
+            return stat_key(find_model("diffusion_models", dit_name, "dit_name"))
+        except DistilleryError:
+            return dit_name
+
+    def load(self, dit_name):
+        ref = DitRef.from_path(find_model("diffusion_models", dit_name, "dit_name"), "dit_name")
+        return (ref, ref.describe())
+
+
+BUILTIN_HELP = ("default: the embedded demo pipeline (a small AAADiT on a pixel codec, random weights, trains on "
+                "the synthetic shapes on a CPU); tiny:aaadit / tiny:qwen_image: tiny random pipelines of each family; "
+                "others: diffusers folders in models/diffusers (e.g. a local Qwen/Qwen-Image).")
+
+
+class LoadPipeline:
+    DESCRIPTION = ("A text-to-image pipeline (DiT + text encoder + VAE) for sampling, training, calibration and "
+                   "teacher datasets: a diffusers folder from models/diffusers or a built-in one, with any part "
+                   "replaced by a file from ComfyUI's model folders. Weights load when a node first needs them.")
+    CATEGORY = MODELS_CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (PIPELINE, "STRING")
+    RETURN_NAMES = ("pipeline", "summary")
+    OUTPUT_TOOLTIPS = ("The pipeline (a description; loaded once, on first use).", "What it is made of.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "source": (list(BUILTIN_PIPELINES) + list_diffusers_folders(), {"default": "default",
+                                                                                "tooltip": BUILTIN_HELP}),
+                "dit_name": ([NONE] + list_models("diffusion_models"), {"tooltip":
+                             "Replace the source's DiT by this file (models/diffusion_models), e.g. a shrunk student."}),
+                "text_encoder_name": ([NONE] + list_models("text_encoders"), {"tooltip":
+                                      "Replace the text encoder by this file (models/text_encoders; needs a diffusers "
+                                      "source whose text_encoder/config.json describes it)."}),
+                "vae_name": ([NONE] + list_models("vae"), {"tooltip": "Replace the VAE by this file (models/vae)."}),
+                "text_max_length": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip":
+                                    "Prompt tokens; 0 = the pipeline's own (AAADiT attends to padding: use the length "
+                                    "it was trained with)."}),
+                "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: bf16 on a GPU, fp32 on the CPU."}),
+                "device": (["auto", "cpu", "cuda"], {"default": "auto", "tooltip": "auto: ComfyUI's device."}),
+            },
+            "optional": {
+                "dit": (DIT, {"tooltip": "A DiT from another node (Build AAADiT, Shrink DiT, Load DiT); wins over "
+                              "dit_name."}),
+            },
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, source, dit_name=NONE, text_encoder_name=NONE, vae_name=NONE, **_):
+        paths = []
+        for kind, name in (("diffusion_models", dit_name), ("text_encoders", text_encoder_name), ("vae", vae_name)):
+            if name and name != NONE:
+                try:
+                    paths.append(find_model(kind, name, kind))
+                except DistilleryError:
+                    paths.append(name)
+        return f"{source}|{stat_key(*paths)}"
+
+    def load(self, source, dit_name, text_encoder_name, vae_name, text_max_length, dtype, device, dit=None):
+        if source in BUILTIN_PIPELINES:
+            src = source
+        else:
+            src = str(_diffusers_folder(source))
+        picked = {kind: (None if name in (None, "", NONE) else str(find_model(kind, name, field)))
+                  for kind, name, field in (("diffusion_models", dit_name, "dit_name"),
+                                            ("text_encoders", text_encoder_name, "text_encoder_name"),
+                                            ("vae", vae_name, "vae_name"))}
+        dit_path = dit.path if dit is not None else picked["diffusion_models"]
+        if source in BUILTIN_PIPELINES and (picked["text_encoders"] or picked["vae"]):
+            raise DistilleryError("source", source, "a built-in pipeline takes only a replacement DiT.",
+                                  "use a diffusers folder from models/diffusers as the source to replace its text "
+                                  "encoder or VAE.")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise DistilleryError("device", device, "no CUDA device is available.", "use auto or cpu.")
+        if dit_path is not None:
+            DitRef.from_path(dit_path, "dit")  # a file we cannot read fails here, not in a later node
+        ref = PipelineRef(source=src, dit=dit_path, text_encoder=picked["text_encoders"], vae=picked["vae"],
+                          text_max_length=text_max_length or None, device=device, dtype=dtype)
+        return (ref, ref.describe())
+
+
+def _diffusers_folder(name: str) -> Path:
+    for root in model_dirs("diffusers"):
+        path = root / name
+        if (path / "model_index.json").is_file():
+            return path
+    raise DistilleryError("source", name, "no diffusers folder of this name in models/diffusers.",
+                          "put the model folder (with model_index.json) in models/diffusers and refresh (press R).")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model Size Report
+
+class ModelSizeReport:
+    DESCRIPTION = ("Parameters, weight memory and the memory training needs (full and LoRA, with or without "
+                   "gradient checkpointing) of a DiT, computed on PyTorch's meta device: nothing is loaded. Use it "
+                   "to choose a shrink target or a resolution before spending GPU time.")
+    CATEGORY = MODELS_CATEGORY
+    FUNCTION = "report"
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("report", "report_json")
+    OUTPUT_TOOLTIPS = ("Readable lines (connect to a preview node).", "The whole report as JSON (sizes in bytes).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from dit_distillery.report import PRESETS
+
+        return {
+            "required": {
+                "preset": (list(PRESETS), {"default": "qwen-image", "tooltip":
+                           "The model to report on when no dit or pipeline is connected."}),
+                "layers": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip":
+                           "Report with this many blocks instead (what a depth shrink gives); 0 = as is."}),
+                "heads": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip":
+                          "Report with this many heads (Qwen-Image: width = heads x 128); 0 = as is."}),
+                "height": ("INT", {"default": 1024, "min": 16, "max": 8192, "step": 16,
+                                   "tooltip": "Training image height in pixels."}),
+                "width": ("INT", {"default": 1024, "min": 16, "max": 8192, "step": 16,
+                                  "tooltip": "Training image width in pixels."}),
+                "batch": ("INT", {"default": 1, "min": 1, "max": 1024, "tooltip": "Training batch size."}),
+                "text_tokens": ("INT", {"default": 0, "min": 0, "max": 8192, "tooltip":
+                                "Prompt length in tokens; 0 = 256 for Qwen-Image, 128 for AAADiT."}),
+                "lora_rank": ("INT", {"default": 32, "min": 1, "max": 1024, "tooltip": "Rank for the LoRA estimate."}),
+                "lora_targets": ("STRING", {"default": "", "tooltip":
+                                 "LoRA preset or comma-separated module names; empty = the family's preset."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip":
+                                           "Estimate with per-block gradient checkpointing."}),
+            },
+            "optional": {
+                "dit": (DIT, {"tooltip": "Report on this DiT (wins over pipeline and preset)."}),
+                "pipeline": (PIPELINE, {"tooltip": "Report on this pipeline's DiT (wins over preset)."}),
+            },
+        }
+
+    def report(self, preset, layers, heads, height, width, batch, text_tokens, lora_rank, lora_targets,
+               gradient_checkpointing, dit=None, pipeline=None):
+        from dit_distillery.report import resolve_spec, size_report, summary_lines, with_overrides
+
+        if dit is not None:
+            family, config, source = dit.family, dict(dit.config), Path(dit.path).name
+        elif pipeline is not None:
+            family, config, source = _pipeline_dit_spec(pipeline)
+        else:
+            family, config, source = resolve_spec(preset, "preset")
+        config = with_overrides(family, config, layers=layers or None, heads=heads or None)
+        report = size_report((family, config), height=height, width=width, batch=batch,
+                             gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
+                             lora_targets=lora_targets.strip() or None, text_tokens=text_tokens or None)
+        overrides = [f"{n} {v}" for n, v in (("layers", layers), ("heads", heads)) if v]
+        report["source"] = source + (f", with {' and '.join(overrides)}" if overrides else "")
+        text = "\n".join(f"{k}: {v}" for k, v in summary_lines(report).items())
+        return {"ui": {"text": [text]}, "result": (text, json.dumps(report, default=str))}
+
+
+def _pipeline_dit_spec(pipeline: PipelineRef) -> tuple[str, dict, str]:
+    from dit_distillery.models.registry import family_of, model_config
+    from dit_distillery.report import resolve_spec
+
+    if pipeline.dit and not pipeline.loaded():
+        family, config, _ = resolve_spec(pipeline.dit, "pipeline")
+        return family, config, Path(pipeline.dit).name
+    if pipeline.source not in BUILTIN_PIPELINES and not pipeline.loaded():
+        family, config, _ = resolve_spec(pipeline.source, "pipeline")
+        return family, config, Path(pipeline.source).name
+    from dit_distillery.velocity import base_model
+
+    dit = base_model(pipeline.load().dit)  # a built-in pipeline (tiny) or one already in memory
+    return family_of(dit), model_config(dit), pipeline.describe()
+
+
+NODE_CLASS_MAPPINGS = {
+    "DD_BuildAAADiT": BuildAAADiT,
+    "DD_ShrinkDiT": ShrinkDiT,
+    "DD_LoadDiT": LoadDiT,
+    "DD_LoadPipeline": LoadPipeline,
+    "DD_ModelSizeReport": ModelSizeReport,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DD_BuildAAADiT": "Build AAADiT",
+    "DD_ShrinkDiT": "Shrink DiT",
+    "DD_LoadDiT": "Load DiT",
+    "DD_LoadPipeline": "Load Pipeline",
+    "DD_ModelSizeReport": "Model Size Report",
+}

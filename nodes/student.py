@@ -1,0 +1,188 @@
+"""Student nodes: Load Student (base + full weights and/or LoRA -> our pipeline and a ComfyUI MODEL) and Sample.
+
+Sample draws with our pipeline, so it works for every family, AAADiT included (ComfyUI's KSampler has no AAADiT).
+Load Student's MODEL output is for Qwen-Image students in stock samplers: a depth-shrunk student is loaded exactly
+as UNETLoader loads a file; a width-shrunk one (fewer heads than Qwen-Image's 24, which ComfyUI's detector assumes)
+is built from an explicit config (comfyui-facts.md A5). It is built only when something reads it.
+
+Input names and their order are part of every saved workflow: never rename, remove or reorder them; add new inputs
+at the end of "optional".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dit_distillery.errors import DistilleryError
+
+from .common import (DIT, NONE, PIPELINE, STUDENT_CATEGORY, Progress, comfy_module, find_model, list_models,
+                     model_write_dir, output_connected, path_inside, pixels_to_image, stat_key, user_errors)
+
+MODEL_SLOT = 1  # index of Load Student's MODEL output
+
+
+class LoadStudent:
+    DESCRIPTION = ("Loads a trained or shrunk student: the base pipeline with its DiT replaced by full weights "
+                   "(Shrink DiT or full training) and/or a LoRA merged at a strength. Returns our pipeline (for "
+                   "Sample, more training) and, for Qwen-Image students, a ComfyUI MODEL for stock samplers. "
+                   "export_name also saves the merged DiT to models/diffusion_models (stock UNETLoader loads it "
+                   "when the student keeps Qwen-Image's width).")
+    CATEGORY = STUDENT_CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (PIPELINE, "MODEL", "STRING")
+    RETURN_NAMES = ("pipeline", "model", "summary")
+    OUTPUT_TOOLTIPS = ("The student as our pipeline (Sample, Train).",
+                       "The student's DiT as a ComfyUI MODEL (Qwen-Image family only), for KSampler & co.",
+                       "What was loaded, and whether stock ComfyUI can load the exported file.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "pipeline": (PIPELINE, {"tooltip": "The base: gives the text encoder and VAE, and the DiT unless "
+                                        "weights replace it."}),
+                "weights": ([NONE] + list_models("diffusion_models"), {"tooltip":
+                            "Student DiT file replacing the base's (a shrunk or fully trained student)."}),
+                "lora": ([NONE] + list_models("loras"), {"tooltip": "LoRA file merged on top (ours, DiffSynth's, "
+                         "diffusers' or kohya-named)."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip":
+                             "LoRA strength (1 = as trained, 0 = off)."}),
+                "export_name": ("STRING", {"default": "", "tooltip":
+                                "If set, save the student's DiT (LoRA merged, bf16) as models/diffusion_models/<name>."}),
+            },
+            "optional": {
+                "dit": (DIT, {"tooltip": "Student DiT from another node (Shrink DiT, Load DiT); wins over weights."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, weights=NONE, lora=NONE, export_name="", **_):
+        paths = []
+        for kind, name in (("diffusion_models", weights), ("loras", lora)):
+            if name and name != NONE:
+                try:
+                    paths.append(find_model(kind, name, kind))
+                except DistilleryError:
+                    paths.append(name)
+        return f"{stat_key(*paths)}|{export_name}"
+
+    def load(self, pipeline, weights, lora, strength, export_name, dit=None, unique_id=None, prompt=None):
+        from dit_distillery.models.registry import family_of, model_config
+        from dit_distillery.student import comfy_loadable, export_comfy
+        from dit_distillery.velocity import base_model
+
+        ref = pipeline
+        weights_path = dit.path if dit is not None else (None if weights in (None, "", NONE)
+                                                         else str(find_model("diffusion_models", weights, "weights")))
+        if weights_path is not None:
+            ref = ref.with_dit(weights_path)
+        if lora not in (None, "", NONE):
+            ref = ref.with_lora(str(find_model("loras", lora, "lora")), float(strength))
+        exported = None
+        if str(export_name).strip():
+            exported = path_inside(model_write_dir("diffusion_models"), export_name, "export_name", ".safetensors")
+        with user_errors():
+            pipe = ref.load()
+            dit_module = base_model(pipe.dit)
+            family, config = family_of(dit_module), model_config(dit_module)
+            loadable, note = comfy_loadable(family, config)
+            lines = [ref.describe(), f"{family}, {sum(p.numel() for p in dit_module.parameters()):,} parameters"]
+            if exported is not None:
+                info = export_comfy(pipe, exported, provenance={"exported_by": "DiT Distillery Load Student",
+                                                                "student": ref.describe()})
+                lines.append(f"saved {info['path']}: {info['note']}")
+            else:
+                lines.append(note)
+            model = None
+            if output_connected(prompt, unique_id, MODEL_SLOT):
+                if family != "qwen_image":
+                    raise DistilleryError("model", family, "ComfyUI has no model class for this family, so the MODEL "
+                                          "output cannot be made.",
+                                          "disconnect the MODEL output and draw images with the Sample node.")
+                model = comfy_model(dit_module, config, loadable)
+        return (ref, model, "\n".join(lines))
+
+
+def comfy_model(dit: torch.nn.Module, config: dict, loadable: bool):
+    """A ComfyUI ModelPatcher for a Qwen-Image DiT (module docstring); our module is only read, never shared."""
+    sd_module = comfy_module("comfy.sd")
+    if sd_module is None:
+        raise DistilleryError("model", "MODEL", "only ComfyUI can make a MODEL.", "run this node inside ComfyUI.")
+    state = {k: v.detach() for k, v in dit.state_dict().items()}  # ComfyUI copies these into its own model
+    if loadable:
+        model = sd_module.load_diffusion_model_state_dict(state)  # exactly what UNETLoader does with a file
+        if model is None:
+            raise DistilleryError("model", "qwen_image", "ComfyUI did not recognise the student.",
+                                  "update ComfyUI (Qwen-Image support arrived in 0.3.4x).")
+        return model
+    mm = comfy_module("comfy.model_management")
+    supported = comfy_module("comfy.supported_models")
+    patcher = comfy_module("comfy.model_patcher")
+    keys = ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+            "joint_attention_dim")
+    unet_config = {"image_model": "qwen_image", **{k: config[k] for k in keys},
+                   "axes_dims_rope": tuple(config["axes_dims_rope"])}
+    model_config = supported.QwenImage(unet_config)
+    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    params = sum(v.numel() for v in state.values())
+    weight_dtype = next(iter(state.values())).dtype
+    dtype = mm.unet_dtype(model_params=params, supported_dtypes=list(model_config.supported_inference_dtypes),
+                          weight_dtype=weight_dtype)
+    model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device,
+                                                                model_config.supported_inference_dtypes))
+    model = model_config.get_model(state, "").to(offload_device)
+    model.load_model_weights(state, "")
+    return patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+class Sample:
+    DESCRIPTION = ("Draws images with a pipeline (any family: AAADiT, Qwen-Image, students) using DiffSynth's noise "
+                   "and schedules, so a seed gives the image DiffSynth would. Shows progress; Cancel stops it.")
+    CATEGORY = STUDENT_CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("The images (one per seed).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "pipeline": (PIPELINE, {"tooltip": "The pipeline to sample (Load Pipeline, Load Student, Train)."}),
+                "prompt": ("STRING", {"multiline": True, "default": "a red circle on a blue background",
+                                      "tooltip": "The prompt."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "",
+                                               "tooltip": "Negative prompt (used when cfg is not 1)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 63 - 1, "tooltip":
+                         "Seed of the first image; image i uses seed + i."}),
+                "steps": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip":
+                          "Sampling steps; 0 = the pipeline's default (Qwen-Image 50, AAADiT 30, demo 20)."}),
+                "cfg": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 50.0, "step": 0.1, "tooltip":
+                        "Classifier-free guidance; -1 = the pipeline's default; 1 = off (half the compute)."}),
+                "width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 16,
+                                  "tooltip": "Image width; 0 = the pipeline's default."}),
+                "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 16,
+                                   "tooltip": "Image height; 0 = the pipeline's default."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Number of images."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def sample(self, pipeline, prompt, negative_prompt, seed, steps, cfg, width, height, batch_size, unique_id=None):
+        if not str(prompt).strip():
+            raise DistilleryError("prompt", prompt, "is empty.", "type what the image should show.")
+        seeds = [int(seed) + i for i in range(int(batch_size))]
+        with user_errors():
+            pipe = pipeline.load()
+        steps = steps or pipe.defaults["steps"]
+        progress = Progress(steps * len(seeds), unique_id)
+        with user_errors(progress):
+            result = pipe.sample(str(prompt), seeds=seeds, steps=steps, cfg_scale=None if cfg < 0 else float(cfg),
+                                 negative_prompt=str(negative_prompt), height=height or None, width=width or None,
+                                 callback=progress.sampler_callback, stop=progress.stop, batch_size=1)
+        return (pixels_to_image(result.pixels),)
+
+
+NODE_CLASS_MAPPINGS = {"DD_LoadStudent": LoadStudent, "DD_Sample": Sample}
+NODE_DISPLAY_NAME_MAPPINGS = {"DD_LoadStudent": "Load Student", "DD_Sample": "Sample"}
