@@ -159,8 +159,7 @@ class SyntheticShapesDataset:
         from dit_distillery.data import read_metadata, write_dataset
         from dit_distillery.data.images import load_image
 
-        folder = path_inside(output_dir() / "dit_distillery" / "datasets", f"shapes_{count}x{size}px_seed{seed}",
-                             "count")
+        folder = _shapes_folder(count, size, seed)
         if not (folder / "metadata.csv").is_file():  # written last: its presence means the folder is complete
             write_dataset(folder, int(count), seed=int(seed), size=int(size))
         rows = read_metadata(folder)
@@ -169,6 +168,10 @@ class SyntheticShapesDataset:
         preview = pil_to_image([load_image(r.image) for r in rows.rows[:16]])
         summary = _summary(rows, spec)
         return (DatasetRef(spec, len(rows), summary), preview, summary)
+
+
+def _shapes_folder(count, size, seed) -> Path:
+    return path_inside(output_dir() / "dit_distillery" / "datasets", f"shapes_{count}x{size}px_seed{seed}", "count")
 
 
 class DatasetFromImages:

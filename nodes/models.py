@@ -212,27 +212,29 @@ class ShrinkDiT:
                                       "with the seeded proxy.")
             calibration = _calibration(pipeline, prompts, int(calibration_size), int(calibration_seed))
         progress = Progress(100, unique_id)
+        report = None
         with user_errors(progress):
             if out.exists():
                 plan = plan_shrink(src, calibration=calibration, progress=progress, stop=progress.stop, **options)
                 with TensorSource(out, "name") as existing:
                     same = (existing.metadata_value(META_PROVENANCE) == json.loads(json.dumps(plan.provenance()))
                             and (dtype == "keep" or existing.dtype("img_in.weight") == dtype_from_name(dtype)))
-                if same:
-                    report = {"out": str(out), "reused": True, **plan.summary()}
-                    return (DitRef.from_path(out, "name"), _shrink_text(report))
-                if not overwrite:
+                if not same and not overwrite:
                     raise DistilleryError("name", name, f"{out} already exists and was made with other settings.",
                                           "choose another name, or turn on overwrite.")
-            report = shrink(src, out, dtype=dtype, calibration=calibration, progress=progress, stop=progress.stop,
-                            **options)
-        return (DitRef.from_path(out, "name"), _shrink_text(report))
+                report = {"out": str(out), "reused": True, **plan.summary()} if same else None
+            if report is None:
+                report = shrink(src, out, dtype=dtype, calibration=calibration, progress=progress,
+                                stop=progress.stop, **options)
+        ref = DitRef.from_path(out, "name")
+        return (ref, _shrink_text(report) + "\n" + _size_text(ref))
 
 
 def _calibration(pipeline: PipelineRef, prompts: list[str], size: int, seed: int):
     """Real prompt states from the pipeline's text encoder, over the sampler's starting noise (DiffSynth's draw)
     at noise levels spread over (0, 1): no teacher images are needed, and the text, which a Gaussian proxy gets
     most wrong, is real."""
+    from dit_distillery.conditioning import TextEmbeds
     from dit_distillery.shrink import Calibration
 
     pipe = pipeline.load()
@@ -240,9 +242,15 @@ def _calibration(pipeline: PipelineRef, prompts: list[str], size: int, seed: int
         text = pipe.encode_prompts(prompts)
         latents = pipe.initial_noise(list(range(seed, seed + len(prompts))), size, size)
     mask = None if text.mask is None else text.mask.cpu()
-    from dit_distillery.conditioning import TextEmbeds
-
     return Calibration(latents.float().cpu(), TextEmbeds(text.embeds.float().cpu(), mask), None, kind="provided")
+
+
+def _size_text(ref: DitRef) -> str:
+    """The student's size and training memory at 1024x1024 (the Model Size Report's main lines)."""
+    from dit_distillery.report import size_report, summary_lines
+
+    lines_ = summary_lines(size_report((ref.family, ref.config), height=1024, width=1024))
+    return "\n".join(f"student {k}: {lines_[k]}" for k in ("params", "weights", "full training", "lora training"))
 
 
 def _shrink_text(report: dict) -> str:

@@ -291,8 +291,10 @@ class TrainLoRAFull:
         free_comfy_memory()
         progress = Progress(job.steps, unique_id)
         callbacks = NodeCallbacks(progress, unique_id, job.steps, out)
+        with user_errors(progress):
+            base = pipeline.without_loras().load()  # before seeding: a first load draws from the global RNG
         with user_errors(progress), torch.inference_mode(False), torch.enable_grad(), _seeded(job.seed):
-            work = training_pipeline(pipeline.without_loras().load())
+            work = training_pipeline(base)
             try:
                 result = train(job, pipeline=work, callbacks=callbacks, stop=progress.stop)
             except StopRequested:

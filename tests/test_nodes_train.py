@@ -26,7 +26,8 @@ def _state_fingerprint(module: torch.nn.Module) -> dict:
 @pytest.fixture
 def setup(fake_comfy):
     dataset, _, _ = call("DD_SyntheticShapesDataset", count=8, size=32)
-    pipe, _ = call("DD_LoadPipeline", source="default")
+    small, _ = call("DD_BuildAAADiT", preset="demo", width=32, num_blocks=1, num_heads=2, name="small")
+    pipe, _ = call("DD_LoadPipeline", source="default", dit=small)  # the demo pipeline with a smaller DiT: fast
     loss, = call("DD_FlowMatchingLoss", weighting="none")
     return pipe, dataset, loss
 
