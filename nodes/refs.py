@@ -64,10 +64,10 @@ class DitRef:
         return cls(str(path), family, dict(config), provenance if isinstance(provenance, dict) else {})
 
     def describe(self) -> str:
-        from dit_distillery.report import _count, build_meta
+        from dit_distillery.report import build_meta
 
-        params = sum(p.numel() for p in build_meta(self.family, self.config).parameters())
-        return f"{self.family} DiT, {_count(params)} parameters: {Path(self.path).name}"
+        params = sum(p.numel() for p in build_meta(self.family, self.config).parameters())  # meta: no memory
+        return f"{self.family} DiT, {params:,} parameters: {Path(self.path).name}"
 
 
 @dataclass(eq=False)
@@ -112,10 +112,15 @@ class PipelineRef:
 
     # -- loading
     def load(self):
-        """The `TextToImagePipeline` (loaded once, then shared: do not modify it)."""
+        """The `TextToImagePipeline` (loaded once, then shared: do not modify it).
+
+        Loaded outside ComfyUI's inference mode, so its tensors are normal ones: LoRA training can then use the
+        frozen weights in place instead of copying them (inference tensors cannot be saved for backward).
+        """
         with _load_lock:
             if self._pipe is None:
-                self._pipe = self._load()
+                with torch.inference_mode(False):
+                    self._pipe = self._load()
             return self._pipe
 
     def _load(self):
@@ -169,13 +174,20 @@ class PipelineRef:
         return ", ".join(parts)
 
 
-def training_pipeline(pipe):
-    """A pipeline the trainer may change: a deep copy of the DiT (made outside inference mode, so its tensors are
-    normal ones autograd can use) with the shared, never-trained text encoder and codec."""
+def training_pipeline(pipe, share_weights: bool = False):
+    """A pipeline the trainer may change: a deep copy of the DiT's modules, with the shared, never-trained text
+    encoder and codec.
+
+    `share_weights` (plain LoRA training, which only adds adapter modules and freezes the rest): the copy reuses
+    the original's parameters and buffers instead of duplicating them, so a 20B DiT is not held twice. Otherwise,
+    or when they are inference tensors (autograd cannot save those for backward), every tensor is cloned.
+    """
     from dit_distillery.pipelines import TextToImagePipeline
 
     with torch.inference_mode(False):
-        dit = copy.deepcopy(pipe.dit)
+        tensors = [*pipe.dit.parameters(), *pipe.dit.buffers()]
+        share = share_weights and not any(t.is_inference() for t in tensors)
+        dit = copy.deepcopy(pipe.dit, {id(t): t for t in tensors} if share else {})
     return TextToImagePipeline(dit, pipe.prompt_encoder, pipe.codec, pipe.family, template=pipe.template,
                                defaults=dict(pipe.defaults))
 

@@ -294,7 +294,8 @@ class TrainLoRAFull:
         with user_errors(progress):
             base = pipeline.without_loras().load()  # before seeding: a first load draws from the global RNG
         with user_errors(progress), torch.inference_mode(False), torch.enable_grad(), _seeded(job.seed):
-            work = training_pipeline(base)
+            # plain LoRA training only adds adapters: the frozen weights are shared, not copied
+            work = training_pipeline(base, share_weights=job.mode == "lora" and not job.lora.preset)
             try:
                 result = train(job, pipeline=work, callbacks=callbacks, stop=progress.stop)
             except StopRequested:

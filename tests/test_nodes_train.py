@@ -170,3 +170,46 @@ def test_training_without_comfyui(no_comfy):
     _, weights, history, _ = call("DD_TrainLoRAFull", pipeline=pipe, dataset=dataset, loss=loss, steps=2,
                                   batch_size=2, lora_rank=2, save_every=0)
     assert Path(weights) == no_comfy / "models" / "loras" / "student.safetensors" and len(history["history"]) == 2
+
+
+def test_lora_training_shares_the_frozen_weights_full_training_copies(setup):
+    import sys
+
+    refs = sys.modules["dit_distillery_pack.nodes.refs"]
+    pipe = setup[0]
+    with torch.inference_mode():  # ComfyUI's worker: the ref still loads normal tensors
+        base = pipe.load()
+    assert not any(p.is_inference() for p in base.dit.parameters())
+    shared = refs.training_pipeline(base, share_weights=True)
+    copied = refs.training_pipeline(base, share_weights=False)
+    assert shared.dit is not base.dit and shared.prompt_encoder is base.prompt_encoder
+    pairs = list(zip(base.dit.parameters(), shared.dit.parameters(), copied.dit.parameters()))
+    assert all(a is b for a, b, _ in pairs) and all(a.data_ptr() != c.data_ptr() for a, _, c in pairs)
+
+
+def test_inference_tensors_are_cloned_for_training():
+    import copy as copy_module
+    import sys
+
+    refs = sys.modules["dit_distillery_pack.nodes.refs"]
+    from dit_distillery.tiny import tiny_pipeline
+
+    with torch.inference_mode():
+        pipe = tiny_pipeline("aaadit")
+        pipe.dit = copy_module.deepcopy(pipe.dit)  # make sure every tensor is an inference tensor
+    assert all(p.is_inference() for p in pipe.dit.parameters())
+    work = refs.training_pipeline(pipe, share_weights=True)
+    assert not any(p.is_inference() for p in work.dit.parameters())
+
+
+def test_a_lora_trained_on_a_lora(setup, fake_comfy):
+    pipe, dataset, loss = setup
+    first, weights, _, _ = _train(pipe, dataset, loss, validation_prompts="", save_every=0)
+    second, weights2, history, _ = _train(first, dataset, loss, validation_prompts="", save_every=0,
+                                          output_name="run_on_run")
+    assert len(history["history"]) == 4 and [Path(p).name for p, _ in second.loras] == ["run.safetensors",
+                                                                                        "run_on_run.safetensors"]
+    job = json.loads((fake_comfy.base / "output" / "dit_distillery" / "run_on_run" / "job.json").read_text())
+    assert job["lora"]["preset"] == weights  # the first LoRA is merged, the second trained on top
+    images, = call("DD_Sample", pipeline=second, prompt="a red circle on a blue background", steps=2)
+    assert images.shape == (1, 32, 32, 3)
