@@ -282,11 +282,12 @@ class GenerateDistillDataset:
         from dit_distillery.data.images import load_image
         from dit_distillery.gen_dataset import generate_distill_dataset, read_prompts
 
-        from .common import Progress, user_errors
+        from .common import Progress, free_comfy_memory, user_errors
 
         folder = path_inside(output_dir() / "dit_distillery" / "datasets", output_name, "output_name")
         prompt_list = _prompt_source(prompts, int(synthetic_prompts))
         progress = Progress(1, unique_id)
+        free_comfy_memory()  # a long many-step teacher run: ComfyUI's own loaded models make room
         with user_errors(progress):
             pipe = teacher.load()
             report = generate_distill_dataset(

@@ -86,6 +86,9 @@ def _train_inputs() -> dict:
                            "empty = all."}),
         "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip":
                                    "Recompute each block in backward: far less activation memory, ~30% slower."}),
+        "checkpoint_offload": ("BOOLEAN", {"default": False, "tooltip":
+                               "Keep the saved activations in CPU memory instead of the GPU (DiffSynth's "
+                               "--use_gradient_checkpointing_offload): less GPU memory, slower steps."}),
         "mixed_precision": (["auto", "no", "bf16", "fp16"], {"default": "auto", "tooltip":
                             "auto: bf16 autocast on a GPU, none on the CPU."}),
         "ema_decay": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99999, "step": 0.0001, "round": False,
@@ -142,6 +145,7 @@ def build_job(pipeline, dataset, loss, out_dir: str, **w):
         "grad_accum": int(w["grad_accum"]),
         "mixed_precision": w["mixed_precision"],
         "gradient_checkpointing": bool(w["gradient_checkpointing"]),
+        "checkpoint_offload": bool(w["checkpoint_offload"]),
         "ema_decay": float(w["ema_decay"]),
         "seed": int(w["seed"]),
         "output": {"dir": str(out_dir), "name": safe_name(w["output_name"], "output_name"),
