@@ -356,11 +356,30 @@ class LoadPipeline:
                                   "encoder or VAE.")
         if device == "cuda" and not torch.cuda.is_available():
             raise DistilleryError("device", device, "no CUDA device is available.", "use auto or cpu.")
-        if dit_path is not None:
-            DitRef.from_path(dit_path, "dit")  # a file we cannot read fails here, not in a later node
+        if dit_path is not None:  # a file we cannot read, or of another family, fails here, not in a later node
+            family = DitRef.from_path(dit_path, "dit").family
+            expected = _source_family(src)
+            if expected is not None and family != expected:
+                raise DistilleryError("dit" if dit is not None else "dit_name", Path(dit_path).name,
+                                      f"is a {family} DiT, but the {source} pipeline is {expected}: its text encoder "
+                                      "and VAE do not fit.", f"pick a {family} pipeline as the source, or a "
+                                      f"{expected} DiT.")
         ref = PipelineRef(source=src, dit=dit_path, text_encoder=picked["text_encoders"], vae=picked["vae"],
                           text_max_length=text_max_length or None, device=device, dtype=dtype)
         return (ref, ref.describe())
+
+
+def _source_family(source: str) -> str | None:
+    """The DiT family a pipeline source is made for (None when its model_index does not say)."""
+    from dit_distillery.pipelines.loading import FAMILY_OF_PIPELINE, META_KEY, MODEL_INDEX
+
+    if source in BUILTIN_PIPELINES:
+        return "qwen_image" if source == "tiny:qwen_image" else "aaadit"
+    try:
+        index = json.loads((Path(source) / MODEL_INDEX).read_text())
+    except (OSError, ValueError):
+        return None
+    return index.get(META_KEY, {}).get("family") or FAMILY_OF_PIPELINE.get(index.get("_class_name"))
 
 
 def _diffusers_folder(name: str) -> Path:

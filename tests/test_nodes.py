@@ -273,6 +273,10 @@ def test_load_pipeline_errors_name_the_field(fake_comfy):
     with pytest.raises(DistilleryError) as err:
         call("DD_LoadPipeline", source="default", dit_name="missing.safetensors")
     assert err.value.field == "dit_name"
+    aaadit, _ = call("DD_BuildAAADiT", preset="tiny", name="tiny_aaa")
+    with pytest.raises(DistilleryError, match="aaadit DiT, but the tiny:qwen_image pipeline is qwen_image") as err:
+        call("DD_LoadPipeline", source="tiny:qwen_image", dit=aaadit)
+    assert err.value.field == "dit"
 
 
 def test_diffusers_folders_are_listed_and_loaded(fake_comfy):
