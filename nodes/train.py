@@ -176,7 +176,7 @@ class NodeCallbacks:
         self._last_sent = 0.0
         self.last: dict = {}
 
-    def _event(self, phase: str, force: bool = False, **data) -> bool:
+    def send(self, phase: str, force: bool = False, **data) -> bool:
         """Send a `dit_distillery.train` event (throttled unless forced); True when it went out."""
         now = time.monotonic()
         if not force and now - self._last_sent < self.min_interval:
@@ -191,11 +191,11 @@ class NodeCallbacks:
 
     def on_message(self, text: str) -> None:
         send_text(self.node_id, text)
-        self._event("train" if self.last else "data", force=True, message=text)
+        self.send("train" if self.last else "data", force=True, message=text)
 
     def on_data_progress(self, done: int, total: int) -> None:
         self.progress(done, total)
-        self._event("data", force=done == total, message=f"encoding data {done}/{total}")
+        self.send("data", force=done == total, message=f"encoding data {done}/{total}")
 
     def on_step(self, info) -> None:
         self.history.append([info.step, info.loss])
@@ -203,7 +203,7 @@ class NodeCallbacks:
         self.last = {"step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr,
                      "images_per_s": info.images_per_s, "eta_s": info.eta_s, "epoch": info.epoch}
         self.progress(info.step, info.total)
-        if self._event("train", force=first or info.step == info.total):
+        if self.send("train", force=first or info.step == info.total):
             send_text(self.node_id, f"step {info.step}/{info.total} · loss {info.loss:.4f} · lr {info.lr:.2e} · "
                                     f"{info.images_per_s:.1f} img/s · ETA {format_seconds(info.eta_s)}")
 
@@ -215,7 +215,7 @@ class NodeCallbacks:
                                       "url": None if ref is None else ref["url"]})
 
     def on_checkpoint(self, step: int, path, weights) -> None:
-        self._event("checkpoint", force=True, message=f"checkpoint at step {step}: {path}")
+        self.send("checkpoint", force=True, message=f"checkpoint at step {step}: {path}")
 
 
 @contextlib.contextmanager
@@ -244,10 +244,10 @@ def _archive(out: Path) -> Path | None:
     return target
 
 
-def _publish(weights: Path, mode: str, name: str) -> Path:
-    """Copy the trained file into ComfyUI's model folder (loras or diffusion_models) so stock loaders list it.
-    A file of that name that this pack did not train is never replaced."""
-    from dit_distillery.formats import TensorSource, atomic_output
+def _publish_target(mode: str, name: str) -> Path:
+    """Where the trained file is copied so stock loaders list it (models/loras or models/diffusion_models),
+    checked before training: a file of that name that this pack did not train is never replaced."""
+    from dit_distillery.formats import TensorSource
 
     kind = "loras" if mode == "lora" else "diffusion_models"
     target = path_inside(model_write_dir(kind), name, "output_name", ".safetensors")
@@ -257,8 +257,15 @@ def _publish(weights: Path, mode: str, name: str) -> Path:
         if not ours:
             raise DistilleryError("output_name", name, f"{target} exists and was not trained by this pack.",
                                   "choose another output_name.")
-        if target.stat().st_size == weights.stat().st_size and target.read_bytes() == weights.read_bytes():
-            return target
+    return target
+
+
+def _publish(weights: Path, target: Path) -> Path:
+    from dit_distillery.formats import atomic_output
+
+    if target.exists() and target.stat().st_size == weights.stat().st_size \
+            and target.read_bytes() == weights.read_bytes():
+        return target
     with atomic_output(target) as tmp:
         shutil.copyfile(weights, tmp)
     return target
@@ -290,6 +297,7 @@ class TrainLoRAFull:
 
         out = run_dir(widgets["output_name"])
         job = build_job(pipeline, dataset, loss, str(out), **widgets)  # every check before anything is written
+        target = _publish_target(job.mode, job.output.name)
         if widgets["resume"] == "restart":
             _archive(out)
         free_comfy_memory()
@@ -303,13 +311,13 @@ class TrainLoRAFull:
             try:
                 result = train(job, pipeline=work, callbacks=callbacks, stop=progress.stop)
             except StopRequested:
-                callbacks._event("stopped", force=True, message="stopped; queue again to continue from the checkpoint")
+                callbacks.send("stopped", force=True, message="stopped; queue again to continue from the checkpoint")
                 raise
             except Exception as exc:
-                callbacks._event("error", force=True, message=str(exc))
+                callbacks.send("error", force=True, message=str(exc))
                 raise
-        callbacks._event("done", force=True, message=f"done: {result.weights}")
-        weights = _publish(Path(result.weights), job.mode, job.output.name)
+        callbacks.send("done", force=True, message=f"done: {result.weights}")
+        weights = _publish(Path(result.weights), target)
         model = pipeline.with_lora(str(weights)) if job.mode == "lora" else pipeline.with_dit(str(weights))
         history = {"title": f"{job.output.name}: {job.loss['kind']} loss", "history": list(result.history),
                    "eval": list(result.eval_history)}

@@ -150,6 +150,7 @@ def test_training_never_replaces_a_file_it_did_not_write(setup, fake_comfy):
     with pytest.raises(DistilleryError, match="not trained by this pack"):
         _train(pipe, dataset, loss, validation_prompts="", save_every=0)
     assert foreign.stat().st_size < 200
+    assert not (fake_comfy.base / "output" / "dit_distillery" / "run").exists()  # refused before training
 
 
 def test_bad_settings_fail_before_anything_is_written(setup, fake_comfy):
