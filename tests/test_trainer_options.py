@@ -79,3 +79,15 @@ def test_distillation_validation_shows_teacher_and_student(tmp_path):
     assert grid.width > 2 * 128  # two image columns: teacher | student
     assert (tmp_path / "run" / "validation" / "teacher" / "teacher.json").is_file()
     assert [e["step"] for e in result.eval_history] == [0, 2]
+
+
+def test_lora_init_follows_the_job_seed_not_the_global_rng(tmp_path):
+    """The same job gives the same adapters whatever state torch's global RNG is in (ComfyUI's process)."""
+    torch.manual_seed(123)
+    a = train(make_job(tmp_path / "a", mode="lora", steps=1, lora={"rank": 2}, output={"save_dtype": "fp32"}))
+    torch.manual_seed(456)
+    state = torch.get_rng_state()
+    b = train(make_job(tmp_path / "b", mode="lora", steps=1, lora={"rank": 2}, output={"save_dtype": "fp32"}))
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is given back untouched
+    wa, wb = read_lora(a.weights), read_lora(b.weights)
+    assert all(torch.equal(wa.modules[n].down, wb.modules[n].down) for n in wa.modules)

@@ -90,9 +90,11 @@ def render(shape: str, colour: str, background: str, size: int = 32,
     return image
 
 
-def generate_samples(n: int, *, seed: int = 0, size: int = 32, jitter: bool = True) -> list[ShapeSample]:
+def generate_samples(n: int, *, seed: int = 0, size: int = 32, jitter: bool = False) -> list[ShapeSample]:
     """`n` samples, the same for the same arguments. Every (shape, colour, background) combination appears
-    once before any repeats; jitter varies the shape's size (40-75% of the side) and position."""
+    once before any repeats. By default the shape is centred at 60% of the side: the embedded default task,
+    which a 0.85M-parameter AAADiT learns on CPU in minutes (>90% colour, shape and background accuracy);
+    `jitter=True` varies its size (40-75% of the side) and position, a much harder task."""
     if not isinstance(n, int) or n < 1:
         raise DistilleryError("n", n, "must be an integer >= 1.", "ask for at least one image.")
     if not isinstance(size, int) or size < MIN_SIZE:
@@ -119,7 +121,7 @@ def generate_samples(n: int, *, seed: int = 0, size: int = 32, jitter: bool = Tr
     return samples
 
 
-def write_dataset(folder: str | os.PathLike, n: int = 256, *, seed: int = 0, size: int = 32, jitter: bool = True,
+def write_dataset(folder: str | os.PathLike, n: int = 256, *, seed: int = 0, size: int = 32, jitter: bool = False,
                   overwrite: bool = False) -> Path:
     """Write `n` PNGs and a DiffSynth-format `metadata.csv` (image,prompt + shape,colour,background columns,
     which DiffSynth passes through and our benchmark uses as ground truth). Returns the metadata path."""

@@ -438,7 +438,12 @@ class Trainer:
         if self.main and job.validation.prompts and job.validation.teacher and isinstance(self.loss, DirectDistillLoss):
             self.teacher_images = self._teacher_images()  # the base model, before any change
         self.dit.train()
-        names = _set_trainable(job, self.dit)
+        # New adapters are initialised from torch's global RNG: seed it from the job (and give the caller's state
+        # back afterwards, e.g. ComfyUI's), so the same job starts from the same weights in every process.
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(job.seed)
+            names = _set_trainable(job, self.dit)
         if job.gradient_checkpointing and hasattr(self.dit, "enable_gradient_checkpointing"):
             self.dit.enable_gradient_checkpointing()
         self.dit.to(self.device)
