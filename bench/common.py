@@ -330,7 +330,9 @@ def md_header(title: str, rec: dict) -> list[str]:
     m, v, g = rec["machine"], rec["versions"], rec["git"]
     lines = [f"# {title}", ""]
     if rec["label"] != "GPU, real sizes":
-        lines += [f"**{rec['label']}.**", ""]
+        lines += [f"**{rec['label']}.** These timings come from a shared CPU, with each side in its own CPU dtype "
+                  "(ours: the trainer's fp32 CPU default; DiffSynth and ComfyUI: bf16, which they hard-code): they show "
+                  "that every side runs end to end and what it records, not which side is faster.", ""]
     lines += [f"`{rec['command']}`", "",
               f"Device: {m['device']} ({m['cpu_cores']} CPU cores, {m['ram_gib']} GiB RAM"
               + (f", {m['gpu_memory_gib']} GiB GPU" if "gpu_memory_gib" in m else "") + f"), {m['os']}.  ",

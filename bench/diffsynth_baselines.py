@@ -304,7 +304,8 @@ def _cached_item(settings: dict, *, distill: bool) -> tuple:
     h = w = settings["image_size"]
     emb = workloads.qwen_text_embeds(1, settings["text_tokens"], "cpu", torch.bfloat16)
     shared = {"height": h, "width": w, "input_latents": workloads.qwen_latents(1, h, w, "cpu", torch.bfloat16),
-              "cfg_scale": 1, "use_gradient_checkpointing": True, "use_gradient_checkpointing_offload": False,
+              "cfg_scale": 1, "use_gradient_checkpointing": settings["gradient_checkpointing"],
+              "use_gradient_checkpointing_offload": False,
               "edit_image_auto_resize": True, "zero_cond_t": False}
     if distill:
         # the seeded initial noise DiffSynth's NoiseInitializer draws (bf16 on the CPU generator)

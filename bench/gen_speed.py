@@ -37,7 +37,7 @@ SIDES = ("ours", "diffsynth")
 def defaults(tiny: bool) -> dict:
     if tiny:
         return {"num_layers": 1, "image_size": 64, "teacher_steps": 4, "teacher_cfg": 4.0, "batch_sizes": [1, 2],
-                "warmup": 1, "steps": 2}
+                "warmup": 2, "steps": 3}
     return {"num_layers": 60, "image_size": 1024, "teacher_steps": 40, "teacher_cfg": 4.0, "batch_sizes": [1, 2],
             "warmup": 1, "steps": 2}
 

@@ -76,8 +76,9 @@ def ours(settings: dict) -> dict:
     work, size = Path(settings["work"]), settings["image_size"]
     runs = []
     for cached in settings["modes"]:
+        warmup, steps = (settings["warmup"], settings["steps"]) if cached else settings["uncached_timing"]
         for batch in settings["batch_sizes"]:
-            total = settings["warmup"] + settings["steps"]
+            total = warmup + steps
             repeat = max(1, math.ceil((total + 1) * batch / settings["images"]))
             job = TrainJob(
                 data=DataSpec(path=settings["dataset"], height=size, width=size, cache=cached,
@@ -86,7 +87,7 @@ def ours(settings: dict) -> dict:
                 gradient_checkpointing=settings["gradient_checkpointing"], optim=OptimSpec(lr=2e-4),
                 output=OutputSpec(dir=str(work / f"run-{batch}-{cached}"), save_every=0, keep_last=1),
                 validation=ValidationSpec(), resume=None, seed=settings["seed"])
-            clock = StepClock(device, settings["warmup"])
+            clock = StepClock(device, warmup)
             losses = []
 
             class Timing(Callbacks):
@@ -180,7 +181,9 @@ def report(rec: dict) -> str:
     lines = common.md_header("AAADiT from scratch (SFT): training speed and memory", rec)
     s = rec["settings"]
     lines += [f"Model: AAADiT {s['model']}; {s['image_size']}² images (latents {s['latent_shape']}), "
-              f"{s['text_tokens']} text tokens; {s['warmup']} warm-up steps dropped, median of {s['steps']} steps.",
+              f"{s['text_tokens']} text tokens; {s['warmup']} warm-up steps dropped, median of {s['steps']} steps "
+              f"(uncached: {s['uncached_timing'][0]} and {s['uncached_timing'][1]}). MFU counts the DiT's FLOPs only "
+              "(uncached steps also run the text encoder and VAE).",
               f"FLOPs per sample (analytic, matmuls only): forward {flops['forward'] / 1e9:.2f} GFLOP, training step "
               f"(3x) {flops['train'] / 1e9:.2f} GFLOP; cross-check on a small AAADiT with torch's FlopCounterMode: "
               f"forward {'equal' if flops['crosscheck']['forward_match'] else 'DIFFERENT'} "
@@ -255,6 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     common.add_common_args(ap, sides=SIDES)
     ap.add_argument("--batch-sizes", default=None, help="comma list (default: 1..256 on GPU, 1,2,4 tiny)")
     ap.add_argument("--no-uncached", action="store_true", help="skip the runs without the cache")
+    ap.add_argument("--uncached-steps", type=int, default=None,
+                    help="timed steps without the cache (default: --steps, at most 5; encoding dominates them)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each AAABlock (our side)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--num-workers", type=int, default=None, help="DiffSynth's DataLoader workers (tutorial: 4)")
@@ -284,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "batch_sizes": batch_sizes, "modes": [True] if args.no_uncached else [True, False],
                 "warmup": args.warmup if args.warmup is not None else d["warmup"],
                 "steps": args.steps if args.steps is not None else d["steps"], "seed": args.seed,
+                "uncached_timing": [args.warmup if args.warmup is not None else min(2, d["warmup"]),
+                                    args.uncached_steps or (args.steps if args.steps is not None else min(5, d["steps"]))],
                 "compile": args.compile, "gradient_checkpointing": args.gradient_checkpointing,
                 "num_workers": args.num_workers if args.num_workers is not None else (0 if tiny else 4),
                 "dataset": str(dataset), "images": n_images, "work": str(work),
