@@ -423,6 +423,14 @@ class Trainer:
 
     # -- main loop
     def run(self) -> TrainResult:
+        """Train. torch's global RNG (adapter init, data loader seeds) is seeded from the job inside a fork, so the
+        same job gives the same result in any process, and the caller's RNG state (e.g. ComfyUI's) is given back."""
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.job.seed)
+            return self._run()
+
+    def _run(self) -> TrainResult:
         started = time.time()
         job, acc = self.job, self.accelerator
         if self.main:
@@ -440,10 +448,7 @@ class Trainer:
         self.dit.train()
         # New adapters are initialised from torch's global RNG: seed it from the job (and give the caller's state
         # back afterwards, e.g. ComfyUI's), so the same job starts from the same weights in every process.
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(job.seed)
-            names = _set_trainable(job, self.dit)
+        names = _set_trainable(job, self.dit)
         if job.gradient_checkpointing and hasattr(self.dit, "enable_gradient_checkpointing"):
             self.dit.enable_gradient_checkpointing()
         self.dit.to(self.device)
