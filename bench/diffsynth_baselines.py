@@ -26,7 +26,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -214,7 +213,7 @@ def aaadit_sft(settings: dict) -> dict:
     from bench import workloads
 
     tut = tutorial(root)
-    tiny, dtype = settings["tiny"], torch.bfloat16
+    tiny = settings["tiny"]
     tok = workloads.tokenizer()
     # DiffSynth's wrapper class around the same Qwen3Model (ZImageTextEncoder only knows named sizes).
     encoder = ZImageTextEncoder.__new__(ZImageTextEncoder)

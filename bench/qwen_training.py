@@ -35,7 +35,7 @@ def ours(settings: dict) -> dict:
                            workloads.qwen_text_embeds(batch_size, settings["text_tokens"], device, dtype),
                            distill=distill, student_steps=settings.get("student_steps", 4))
         try:
-            run = run_steps(dit, job, lambda step: batch, device, warmup=settings["warmup"], steps=settings["steps"])
+            run = run_steps(dit, job, lambda step, b=batch: b, device, warmup=settings["warmup"], steps=settings["steps"])
         except Exception as exc:  # an out-of-memory batch size is a result, not a crash
             if "out of memory" not in str(exc).lower():
                 raise
@@ -56,7 +56,7 @@ def per_image(run: dict) -> float | None:
 
 
 def report(rec: dict, title: str, intro: list[str]) -> str:
-    sides, s = rec["sides"], rec["settings"]
+    sides = rec["sides"]
     lines = common.md_header(title, rec) + intro + [""]
     ours_side = sides.get("ours", {"skipped": "not run in this invocation"})
     if common.side_status(ours_side):
