@@ -41,9 +41,11 @@ class SampleRNG:
     def __init__(self, seed: int, step: int, sample_ids: list):
         self.seed, self.step, self.sample_ids = int(seed), int(step), list(sample_ids)
 
-    def generator(self, i: int, purpose: str) -> torch.Generator:
+    def generator(self, i: int, purpose: str, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator for sample i; on `device` so large draws (noise) happen where the data is (a CPU draw per
+        sample would keep a GPU waiting at large batch sizes). Draws differ between device types."""
         key = f"{self.seed}/{self.step}/{self.sample_ids[i]}/{purpose}".encode()
-        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+        return torch.Generator(device).manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
 
 
 def image_seq_len(family: str, latents: torch.Tensor) -> int:
@@ -115,9 +117,9 @@ class FlowMatchingLoss:
                 s = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn((), generator=g))
                 s = s.clamp(self.min_sigma, self.max_sigma)
             sig.append(float(s))
-            noise.append(torch.randn(x0.shape[1:], generator=rng.generator(i, "noise")))
+            noise.append(torch.randn(x0.shape[1:], generator=rng.generator(i, "noise", x0.device), device=x0.device))
         sigma = torch.tensor(sig, dtype=torch.float32, device=x0.device)
-        noise = torch.stack(noise).to(x0.device)
+        noise = torch.stack(noise)
         s4 = sigma.view(-1, 1, 1, 1)
         x_t = (1 - s4) * x0 + s4 * noise
         text = drop_captions(batch["text"], empty_text, rng, caption_dropout)

@@ -101,6 +101,10 @@ def sigmas(template: str, num_steps: int, *, image_seq_len: int | None = None, m
     _check_template(template)
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
         raise DistilleryError("steps", num_steps, "must be a whole number of steps, at least 1.", "use e.g. 4, 8 or 30.")
+    if num_steps == 1:
+        # every template starts at sigma 1; with one step the terminal stretch is 0/0 (NaN in both DiffSynth and
+        # diffusers), and the only sensible schedule is the single jump from pure noise to 0
+        return [1.0]
     if mu is None:
         mu = TRAINING_MU if training or image_seq_len is None else mu_for(template, image_seq_len, num_steps)
     sched = scheduler(template)

@@ -98,3 +98,10 @@ def test_training_sampling_and_mu_policy():
 def test_bad_input(template, steps):
     with pytest.raises(DistilleryError):
         schedule.sigmas(template, steps)
+
+
+def test_one_step_is_a_single_jump_for_every_template():
+    from dit_distillery.schedule import TEMPLATES, sigmas
+    for template in TEMPLATES:
+        assert sigmas(template, 1) == [1.0]
+        assert sigmas(template, 1, image_seq_len=4096) == [1.0]

@@ -91,3 +91,12 @@ def test_lora_init_follows_the_job_seed_not_the_global_rng(tmp_path):
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is given back untouched
     wa, wb = read_lora(a.weights), read_lora(b.weights)
     assert all(torch.equal(wa.modules[n].down, wb.modules[n].down) for n in wa.modules)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(tmp_path):
+    eager = train(make_job(tmp_path / "eager", steps=2, output={"save_dtype": "fp32"}))
+    compiled = train(make_job(tmp_path / "compiled", steps=2, compile=True, output={"save_dtype": "fp32"}))
+    assert compiled.history[0]["loss"] == pytest.approx(eager.history[0]["loss"], rel=1e-4)
+    a, b = load_file(str(eager.weights)), load_file(str(compiled.weights))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)

@@ -23,7 +23,8 @@ from .plan import select_blocks
 _BLOCKS = {"aaadit": ("blocks", "num_blocks"), "qwen_image": ("transformer_blocks", "num_layers")}
 
 
-def _block_list(model) -> tuple[torch.nn.ModuleList, str, str]:
+def block_list(model) -> tuple[torch.nn.ModuleList, str, str]:
+    """(the transformer blocks, their attribute name, the config key of their count) of any family's DiT."""
     family = family_of(model)
     attr, config_key = _BLOCKS[family]
     return getattr(base_model(model), attr), attr, config_key
@@ -39,7 +40,7 @@ def _image_part(family: str, output, image_tokens: int) -> torch.Tensor:
 def block_influence(model, latents: torch.Tensor, sigma: torch.Tensor, text: TextEmbeds) -> list[float]:
     """1 - cos(input, output) of every block over image tokens, averaged over tokens and samples."""
     family = family_of(model)
-    blocks, _, _ = _block_list(model)
+    blocks, _, _ = block_list(model)
     h, w = latents.shape[-2:]
     image_tokens = h * w // 4 if family == "qwen_image" else h * w
     scores = [0.0] * len(blocks)
@@ -69,7 +70,7 @@ def drop_blocks(model, *, layers: int | None = None, strategy: str = "interval",
     unchanged. `scores` (one per block, higher = keep) is needed for strategy 'importance'."""
     family = family_of(model)
     source = base_model(model)
-    blocks, attr, config_key = _block_list(model)
+    blocks, attr, config_key = block_list(model)
     if strategy == "importance" and scores is None:
         raise DistilleryError("strategy", strategy, "needs block scores.",
                               "compute them with block_influence(model, latents, sigma, text).")

@@ -121,6 +121,7 @@ class TrainJob:
     gradient_checkpointing: bool = True  # DiffSynth: --use_gradient_checkpointing
     checkpoint_offload: bool = False  # DiffSynth: --use_gradient_checkpointing_offload
     ema_decay: float = 0.0  # 0 = off
+    compile: bool = False  # torch.compile each DiT block (regional): faster GPU steps after a one-off warm-up
     seed: int = 0
     output: OutputSpec = field(default_factory=OutputSpec)
     validation: ValidationSpec = field(default_factory=ValidationSpec)
@@ -159,7 +160,7 @@ class TrainJob:
         """A hash of what a resumed run must share with the one that wrote the checkpoint: not where it is
         written, how often it is saved or validated, nor the total step count (extending a run is allowed)."""
         data = self.to_dict()
-        for key in ("output", "resume", "validation", "steps"):
+        for key in ("output", "resume", "validation", "steps", "compile"):
             data.pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -451,6 +451,11 @@ class Trainer:
         names = _set_trainable(job, self.dit)
         if job.gradient_checkpointing and hasattr(self.dit, "enable_gradient_checkpointing"):
             self.dit.enable_gradient_checkpointing()
+        if job.compile:  # block by block: one compiled graph reused by every block, names and hooks unchanged
+            from ..shrink.blocks import block_list
+
+            for block in block_list(self.dit)[0]:
+                block.compile()
         self.dit.to(self.device)
         params = [p for _, p in sorted(self._trainable().items())]
         self.callbacks.on_message(f"training {sum(p.numel() for p in params):,} parameters in {len(names)} tensors/modules")
