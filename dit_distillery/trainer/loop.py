@@ -243,6 +243,14 @@ class Trainer:
         self.out = Path(job.output.dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.accelerator = _accelerator(job)
+        kind = str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
+        if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            # their parameters and optimiser states are sharded across processes; our checkpoints (one process
+            # writes every tensor) would be incomplete, so refuse rather than write checkpoints that cannot resume
+            raise DistilleryError("accelerate config", kind, "sharded training is not supported yet: checkpoints "
+                                  "would hold only one process's shard.",
+                                  "use plain DDP (accelerate launch --multi_gpu), LoRA to fit memory, or gradient "
+                                  "checkpointing with CPU offload.")
         self.device = self.accelerator.device
         dtype = _base_dtype(job, self.device)
         self.pipe = pipeline if pipeline is not None else load_job_pipeline(job, self.device, dtype)
