@@ -1,12 +1,10 @@
 """Offline workflow tools: `/object_info` from V1 classes, UI -> API conversion (frontend 1.27 rules), validation.
 
 The core-node specs come from a real ComfyUI 0.3.64 (`tests/comfyui_support/core_object_info.json`); the
-bundled workflows in `workflows/` are converted and validated against them plus our pack's own nodes.
+bundled workflows in `workflows/` are converted and validated with these tools in `tests/test_workflows.py`.
 """
 
 import copy
-import json
-from pathlib import Path
 
 import pytest
 
@@ -355,25 +353,4 @@ def test_check_workflow_reports_every_problem_at_once():
     assert sorted((p.node, p.input) for p in err.value.problems) == [("3", "steps"), ("5", "width")]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Our bundled workflows
-
-WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
-
-
-def _pack_and_core_info():
-    pack_info = oi.pack_object_info(oi.load_pack())
-    return {**CORE, **pack_info}
-
-
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
-def test_bundled_workflow_converts_and_validates(path):
-    workflow = json.loads(path.read_text())
-    info = _pack_and_core_info()
-    missing = sorted({n["type"] for n in workflow.get("nodes", [])} - set(info) - {"Note", "MarkdownNote", "Reroute",
-                                                                                  "PrimitiveNode"})
-    assert not missing, (f"{path.name} uses nodes with no offline spec: {missing}. Add core ones to "
-                         "tests/comfyui_support/core_object_info.json (python -m tests.comfyui_support.object_info URL NAME...).")
-    prompt = check_workflow(workflow, info, path.name)
-    assert prompt, f"{path.name} converts to an empty prompt"
-
+# Our bundled workflows are checked in tests/test_workflows.py (with their model files present and absent).

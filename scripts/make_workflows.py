@@ -1,0 +1,580 @@
+"""Write the bundled workflows (`workflows/*.json`, ComfyUI's UI format) from the node definitions.
+
+Why a script: the UI format stores widget values by position, so a hand-edited file silently shifts when a
+value is forgotten. Here every node is described by name (`widgets={"steps": 300}`); the rest take the node's
+defaults, in the order the frontend uses (`tests/comfyui_support/workflow_api.widget_layout`, which also adds
+the control word after seeds), and links are checked for matching types as they are made. The node specs are
+our pack's `NODE_CLASS_MAPPINGS` plus the recorded core specs (`tests/comfyui_support/core_object_info.json`),
+the same ones `tests/test_workflows.py` validates the files against.
+
+    python scripts/make_workflows.py            # rewrite every workflow
+    python scripts/make_workflows.py --check    # exit 1 if a file differs from what the script makes
+
+Thumbnails are drawn from the written files by `scripts/make_workflow_thumbnails.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.comfyui_support import object_info as oi  # noqa: E402
+from tests.comfyui_support.workflow_api import _spec, _widget_type, widget_layout  # noqa: E402
+
+OUT = REPO / "workflows"
+PACK_ID = "dit-distillery"  # registry id (pyproject name): the frontend offers to install missing nodes by it
+
+# LiteGraph's layout constants (frontend 1.27), used to size nodes as the frontend would.
+TITLE_H, SLOT_H, WIDGET_H, MULTILINE_H = 30, 20, 24, 84
+MONITOR_H = 380  # js/dit_distillery.js: the training monitor under Train's widgets
+NOTE_COLOR, NOTE_BG = "#432", "#653"
+
+QWEN_MODELS = {
+    "qwen_image_bf16.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/"
+                                    "resolve/main/split_files/diffusion_models/qwen_image_bf16.safetensors"),
+    "qwen_2.5_vl_7b.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/"
+                                   "resolve/main/split_files/text_encoders/qwen_2.5_vl_7b.safetensors"),
+    "qwen_image_vae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/"
+                                   "resolve/main/split_files/vae/qwen_image_vae.safetensors"),
+}
+QWEN_FOLDER = "Qwen-Image"  # models/diffusers/Qwen-Image: tokenizer + configs (or the whole download)
+QWEN_PIPELINE = dict(source=QWEN_FOLDER, dit_name="qwen_image_bf16.safetensors",
+                     text_encoder_name="qwen_2.5_vl_7b.safetensors", vae_name="qwen_image_vae.safetensors")
+QWEN_SETUP = f"""### Models (Qwen-Image)
+* `models/diffusion_models/qwen_image_bf16.safetensors`, `models/text_encoders/qwen_2.5_vl_7b.safetensors` (bf16:
+  the fp8-scaled encoder cannot be read by transformers), `models/vae/qwen_image_vae.safetensors`: the files of
+  ComfyUI's own Qwen-Image workflow (Comfy-Org/Qwen-Image_ComfyUI); ComfyUI offers to download them.
+* `models/diffusers/{QWEN_FOLDER}/`: from the Qwen/Qwen-Image repository, `model_index.json`, `tokenizer/` and
+  `text_encoder/config.json` (the three files above replace its weights). With the whole diffusers download
+  there, set the three file widgets of **Load Pipeline** to `[none]`.
+"""
+
+
+class Workflow:
+    """A UI-format graph under construction (see the module docstring)."""
+
+    def __init__(self, info: dict):
+        self.info = info
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+        self.groups: list[dict] = []
+
+    # -- nodes -----------------------------------------------------------------------------------------------
+    def node(self, type: str, title: str | None = None, box_width: int = 320, node_mode: int = 0,
+             models: list[str] = (), **widgets) -> dict:
+        """Add a node; `widgets` by name (the rest keep their defaults), `node_mode` 2 = muted."""
+        spec = self.info[type]
+        values = []
+        for widget in widget_layout(spec):
+            input_type, options, _ = _spec(spec, widget.name)
+            if widget.name in widgets:
+                value = widgets.pop(widget.name)
+            elif "default" in options:
+                value = options["default"]
+            elif isinstance(input_type, list) and input_type:
+                value = input_type[0]
+            else:
+                raise ValueError(f"{type}.{widget.name} has no default: give a value")
+            values.append(value)
+            if widget.control:
+                values += ["fixed"] if _widget_type(input_type, options, "required") == "INT" else ["fixed", ""]
+        if widgets:
+            raise ValueError(f"{type} has no widgets {sorted(widgets)}")
+        sockets = []
+        multiline = 0
+        for section in ("required", "optional"):
+            for name in spec["input_order"].get(section, []):
+                input_type, options, _ = _spec(spec, name)
+                if _widget_type(input_type, options, section) is None:
+                    sockets.append({"name": name, "type": input_type, "link": None})
+                elif options.get("multiline"):
+                    multiline += 1
+        outputs = [{"name": name, "type": kind, "links": [], "slot_index": i}
+                   for i, (name, kind) in enumerate(zip(spec["output_name"], spec["output"]))]
+        rows = max(len(sockets), len(outputs))
+        widget_rows = sum(w.width if w.control else 1 for w in widget_layout(spec)) - multiline
+        height = rows * SLOT_H + widget_rows * WIDGET_H + multiline * MULTILINE_H + 12
+        if type == "DD_TrainLoRAFull":
+            height += MONITOR_H
+        if type in ("PreviewImage", "SaveImage"):
+            height = max(height, 280)
+        ours = type.startswith("DD_")
+        properties = {"Node name for S&R": type, "cnr_id": PACK_ID if ours else "comfy-core"}
+        if models:
+            properties["models"] = [{"name": name, "url": QWEN_MODELS[name][1], "directory": QWEN_MODELS[name][0]}
+                                    for name in models]
+        entry = {"id": len(self.nodes) + 1, "type": type, "pos": [0, 0], "size": [box_width, height], "flags": {},
+                 "order": 0, "mode": node_mode, "inputs": sockets, "outputs": outputs, "properties": properties,
+                 "widgets_values": values}
+        entry["title"] = title or spec.get("display_name") or type  # readable without the node specs too
+        self.nodes.append(entry)
+        return entry
+
+    def note(self, text: str, size, title: str = "Read me") -> dict:
+        entry = {"id": len(self.nodes) + 1, "type": "MarkdownNote", "pos": [0, 0], "size": list(size),
+                 "flags": {}, "order": 0, "mode": 0, "inputs": [], "outputs": [], "title": title,
+                 "properties": {}, "widgets_values": [text.strip()], "color": NOTE_COLOR, "bgcolor": NOTE_BG}
+        self.nodes.append(entry)
+        return entry
+
+    def columns(self, columns: list[list[dict]], left: int = 0, top: int = 0, gap_x: int = 60,
+                gap_y: int = 30) -> None:
+        """Place nodes in columns, top to bottom, each below the previous one's body and the next one's title."""
+        x = left
+        for column in columns:
+            y = top
+            for node in column:
+                node["pos"] = [x, y]
+                y += node["size"][1] + TITLE_H + gap_y
+            x += max(n["size"][0] for n in column) + gap_x
+
+    def connect(self, source: dict, output: str, target: dict, input: str) -> None:
+        slot = self.info[source["type"]]["output_name"].index(output)
+        kind = source["outputs"][slot]["type"]
+        index = next(i for i, s in enumerate(target["inputs"]) if s["name"] == input)
+        wanted = target["inputs"][index]["type"]
+        if wanted not in ("*", kind):
+            raise TypeError(f"{source['type']}.{output} ({kind}) cannot feed {target['type']}.{input} ({wanted})")
+        if target["inputs"][index]["link"] is not None:
+            raise ValueError(f"{target['type']}.{input} is already linked")
+        link_id = len(self.links) + 1
+        self.links.append([link_id, source["id"], slot, target["id"], index, kind])
+        target["inputs"][index]["link"] = link_id
+        source["outputs"][slot]["links"].append(link_id)
+
+    def group(self, title: str, members: list[dict], color: str, pad: int = 20) -> None:
+        left = min(n["pos"][0] for n in members) - pad
+        top = min(n["pos"][1] for n in members) - pad - TITLE_H - 34
+        right = max(n["pos"][0] + n["size"][0] for n in members) + pad
+        bottom = max(n["pos"][1] + n["size"][1] for n in members) + pad
+        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [left, top, right - left,
+                                                                                     bottom - top],
+                            "color": color, "font_size": 24, "flags": {}})
+
+    # -- output ----------------------------------------------------------------------------------------------
+    def _orders(self) -> None:
+        """The frontend's execution order: a topological order of the links (sources first)."""
+        incoming = {n["id"]: {l[1] for l in self.links if l[3] == n["id"]} for n in self.nodes}
+        done: list[int] = []
+        while len(done) < len(self.nodes):
+            ready = [n["id"] for n in self.nodes if n["id"] not in done and incoming[n["id"]] <= set(done)]
+            done += ready
+        for node in self.nodes:
+            node["order"] = done.index(node["id"])
+
+    def to_json(self) -> dict:
+        self._orders()
+        for node in self.nodes:
+            for output in node["outputs"]:
+                output["links"] = output["links"] or None
+        left = min(n["pos"][0] for n in self.nodes + [{"pos": g["bounding"]} for g in self.groups])
+        top = min(n["pos"][1] for n in self.nodes + [{"pos": g["bounding"][:2]} for g in self.groups])
+        return {"id": "00000000-0000-4000-8000-000000000000", "revision": 0,
+                "last_node_id": len(self.nodes), "last_link_id": len(self.links),
+                "nodes": self.nodes, "links": self.links, "groups": self.groups, "config": {},
+                "extra": {"ds": {"scale": 0.55, "offset": [40 - left, 40 - top]}}, "version": 0.4}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The workflows
+
+SHAPES_PROMPT = "a red circle on a blue background"
+
+
+def quickstart(info) -> dict:
+    """The embedded demo as a graph: CPU, no download, a few minutes."""
+    w = Workflow(info)
+    note = w.note("""
+## DiT Distillery quickstart (CPU, no download, a few minutes)
+The whole story on the embedded default model:
+1. **Synthetic Shapes Dataset**: coloured shapes with captions.
+2. **Build AAADiT** (`demo` preset) → **Load Pipeline** (`default`: a pixel codec and a tiny text encoder) →
+   **Train** a teacher *from scratch* with flow-matching SFT (full weights).
+3. **Generate Distill Dataset**: the teacher samples each prompt with **50 steps, CFG 4** and stores its final
+   latents; the rows ask the student for **4 steps, CFG 1**.
+4. **Direct Distill Loss** → **Train** a LoRA student through its own 4-step sampler (DiffSynth's Direct Distill).
+5. **Load Student** → **Sample**: teacher 50 steps CFG 4 | teacher 4 steps CFG 1 | student 4 steps CFG 1, side
+   by side (one row per seed) in `output/dit_distillery/quickstart_compare_*.png`.
+
+The Train nodes show the loss curve, speed, ETA and validation images while they run. Cancel keeps a
+checkpoint; queue again and training continues. The step counts are small so this ends in minutes on two CPU
+cores: the teacher learns colours and blobs, not yet shapes. For a teacher that draws the prompt, set its
+steps to 1500 and batch_size to 32 (about 25 minutes on 2 cores, or run `python -m dit_distillery demo`).
+""", (420, 560))
+    shapes = w.node("DD_SyntheticShapesDataset", count=256, size=32, seed=0)
+    preview_shapes = w.node("PreviewImage", title="Training images")
+    build = w.node("DD_BuildAAADiT", title="Build AAADiT (teacher init)", preset="demo", seed=0,
+                   name="quickstart_teacher_init.safetensors")
+    pipeline = w.node("DD_LoadPipeline", source="default")
+    fm_loss = w.node("DD_FlowMatchingLoss")
+    teacher = w.node("DD_TrainLoRAFull", title="Train teacher (from scratch)", box_width=400,
+                     mode="full", output_name="quickstart_teacher", steps=300, batch_size=16,
+                     learning_rate=1e-3, lr_schedule="cosine", warmup_steps=30, weight_decay=0.0,
+                     gradient_checkpointing=False, save_every=100, save_dtype="fp32",
+                     validation_prompts=f"{SHAPES_PROMPT}\na green square on a yellow background",
+                     validation_seeds="0, 1", validation_every=100, eval_samples=16, seed=0)
+    distill_data = w.node("DD_GenerateDistillDataset", title="Generate Distill Dataset (teacher)", box_width=360,
+                          synthetic_prompts=16, seeds_per_prompt=1, start_seed=0, teacher_steps=50,
+                          teacher_cfg=4.0, width=32, height=32, student_steps=4, student_cfg=1.0, batch_size=16,
+                          output_name="quickstart_distill")
+    preview_teacher = w.node("PreviewImage", title="Teacher dataset (50 steps, CFG 4)", box_width=360)
+    dd_loss = w.node("DD_DirectDistillLoss", box_width=360)
+    student = w.node("DD_TrainLoRAFull", title="Train student LoRA (Direct Distill)", box_width=400,
+                     mode="lora", output_name="quickstart_student_lora", steps=20, batch_size=4,
+                     learning_rate=2e-3, weight_decay=0.0, lora_rank=16, save_every=0, save_dtype="fp32",
+                     validation_prompts=SHAPES_PROMPT, validation_seeds="0, 1", seed=0)
+    load_student = w.node("DD_LoadStudent")
+    samples = [
+        w.node("DD_Sample", title="Teacher: 50 steps, CFG 4", prompt=SHAPES_PROMPT, seed=0, steps=50, cfg=4.0,
+               width=32, height=32, batch_size=4),
+        w.node("DD_Sample", title="Teacher: 4 steps, CFG 1 (no distillation)", prompt=SHAPES_PROMPT, seed=0,
+               steps=4, cfg=1.0, width=32, height=32, batch_size=4),
+        w.node("DD_Sample", title="Student: 4 steps, CFG 1", prompt=SHAPES_PROMPT, seed=0, steps=4, cfg=1.0,
+               width=32, height=32, batch_size=4),
+    ]
+    stitch_a = w.node("ImageStitch", spacing_width=2)
+    stitch_b = w.node("ImageStitch", spacing_width=2)
+    upscale = w.node("ImageScaleBy", upscale_method="nearest-exact", scale_by=4.0)
+    save = w.node("SaveImage", title="Teacher 50 | teacher 4 | student 4", box_width=360,
+                  filename_prefix="dit_distillery/quickstart_compare")
+    w.columns([[note], [shapes, preview_shapes], [build, pipeline, fm_loss], [teacher],
+               [distill_data, preview_teacher, dd_loss], [student], [load_student, *samples],
+               [stitch_a, stitch_b, upscale, save]])
+
+    w.connect(shapes, "dataset", teacher, "dataset")
+    w.connect(shapes, "preview", preview_shapes, "images")
+    w.connect(build, "dit", pipeline, "dit")
+    w.connect(pipeline, "pipeline", teacher, "pipeline")
+    w.connect(fm_loss, "loss", teacher, "loss")
+    w.connect(teacher, "model", distill_data, "teacher")
+    w.connect(distill_data, "preview", preview_teacher, "images")
+    w.connect(teacher, "model", student, "pipeline")
+    w.connect(distill_data, "dataset", student, "dataset")
+    w.connect(dd_loss, "loss", student, "loss")
+    w.connect(student, "model", load_student, "pipeline")
+    w.connect(teacher, "model", samples[0], "pipeline")
+    w.connect(teacher, "model", samples[1], "pipeline")
+    w.connect(load_student, "pipeline", samples[2], "pipeline")
+    w.connect(samples[0], "images", stitch_a, "image1")
+    w.connect(samples[1], "images", stitch_a, "image2")
+    w.connect(stitch_a, "IMAGE", stitch_b, "image1")
+    w.connect(samples[2], "images", stitch_b, "image2")
+    w.connect(stitch_b, "IMAGE", upscale, "image")
+    w.connect(upscale, "IMAGE", save, "images")
+
+    w.group("1 · data and teacher from scratch", [shapes, preview_shapes, build, pipeline, fm_loss, teacher],
+            "#3f789e")
+    w.group("2 · teacher dataset", [distill_data, preview_teacher, dd_loss], "#8A8")
+    w.group("3 · Direct Distill student", [student], "#b58b2a")
+    w.group("4 · teacher vs student", [load_student, *samples, stitch_a, stitch_b, upscale, save], "#a1309b")
+    return w.to_json()
+
+
+QWEN_PROMPTS = """精致肖像，水下少女，蓝裙飘逸，发丝轻扬，光影透澈，气泡环绕，面容恬静，细节精致，梦幻唯美。
+A cozy cafe interior in the morning, sunlight through large windows, wooden tables, a latte with heart art.
+A red fox sitting in a snowy forest at dusk, soft light, highly detailed fur.
+A neon sign that reads "DiT Distillery" above a rainy street at night, reflections on the pavement.
+An astronaut riding a horse on the moon, cinematic lighting, ultra detailed.
+A bowl of ramen with a soft-boiled egg, steam rising, top-down food photography.
+A watercolor painting of a lighthouse on a cliff, crashing waves, seagulls.
+A minimalist poster with the text "4 steps" in bold sans-serif letters, pastel background."""
+QWEN_VALIDATION = ("A red fox sitting in a snowy forest at dusk, soft light, highly detailed fur.\n"
+                   "A neon sign that reads \"DiT Distillery\" above a rainy street at night.")
+QWEN_SAMPLE = QWEN_VALIDATION.split("\n")[0]
+
+
+def distill_qwen_image_lora(info) -> dict:
+    """DiffSynth's Qwen-Image-Distill-LoRA recipe (seed 002, examples/qwen_image/.../Qwen-Image-Distill-LoRA.sh)."""
+    w = Workflow(info)
+    note = w.note(f"""
+## Direct Distill a Qwen-Image LoRA to 4 steps, CFG 1
+DiffSynth-Studio's recipe (Qwen-Image-Distill-LoRA): the teacher draws every prompt with **40 steps, CFG 4** at
+**1328×1328**; the student (Qwen-Image + a **rank-32 LoRA** on DiffSynth's layers: attention q/k/v/out of both
+streams, `img_mlp.net.2`, `txt_mlp.net.2`, `img_mod.1`, `txt_mod.1`) runs its own **4-step, CFG-1** sampler from
+the same seeded noise, with gradients through all 4 steps, and its result is pulled onto the teacher's
+(**lr 1e-4**). Teacher rows are stored with their exact final latents; queue again to add rows or to continue
+training from the last checkpoint.
+
+Put your own prompts in **Generate Distill Dataset** (one per line, or a .txt file in ComfyUI's input folder):
+more prompts generalise better. The LoRA is saved to `models/loras/qwen_image_distill_lora.safetensors` and also
+loads in stock **LoraLoaderModelOnly** (sample with 4 steps, CFG 1).
+
+{QWEN_SETUP}
+Memory: teacher sampling needs the 20B DiT in bf16 (~41 GB); training backpropagates through 4 DiT calls with
+gradient checkpointing (see **Model Size Report**).
+""", (460, 820))
+    pipeline = w.node("DD_LoadPipeline", title="Load Pipeline (Qwen-Image teacher)", box_width=360,
+                      models=list(QWEN_MODELS), **QWEN_PIPELINE)
+    size = w.node("DD_ModelSizeReport", box_width=360, height=1328, width=1328, lora_rank=32)
+    size_text = w.node("PreviewAny", title="Memory needed", box_width=360)
+    distill_data = w.node("DD_GenerateDistillDataset", title="Generate Distill Dataset (40 steps, CFG 4)",
+                          box_width=380, prompts=QWEN_PROMPTS, seeds_per_prompt=1, start_seed=0, teacher_steps=40,
+                          teacher_cfg=4.0, width=1328, height=1328, student_steps=4, student_cfg=1.0,
+                          rand_device="cpu", batch_size=1, output_name="qwen_image_distill_1328", repeat=50)
+    preview = w.node("PreviewImage", title="Teacher images", box_width=380)
+    loss = w.node("DD_DirectDistillLoss", box_width=380)
+    train = w.node("DD_TrainLoRAFull", title="Train LoRA (Direct Distill)", box_width=420, mode="lora",
+                   output_name="qwen_image_distill_lora", steps=2000, batch_size=1, learning_rate=1e-4,
+                   lora_rank=32, lora_targets="preset", gradient_checkpointing=True, save_every=250,
+                   validation_prompts=QWEN_VALIDATION, validation_seeds="0", validation_every=250, seed=0)
+    chart = w.node("DD_LossChart")
+    chart_view = w.node("PreviewImage", title="Loss")
+    student = w.node("DD_LoadStudent")
+    sample = w.node("DD_Sample", title="Student: 4 steps, CFG 1", prompt=QWEN_SAMPLE, seed=0, steps=4, cfg=1.0,
+                    width=1328, height=1328)
+    save = w.node("SaveImage", filename_prefix="dit_distillery/qwen_distill_lora_4step")
+    w.columns([[note], [pipeline, size, size_text], [distill_data, preview, loss], [train],
+               [chart, chart_view], [student, sample, save]])
+
+    w.connect(pipeline, "pipeline", size, "pipeline")
+    w.connect(size, "report", size_text, "source")
+    w.connect(pipeline, "pipeline", distill_data, "teacher")
+    w.connect(distill_data, "preview", preview, "images")
+    w.connect(pipeline, "pipeline", train, "pipeline")
+    w.connect(distill_data, "dataset", train, "dataset")
+    w.connect(loss, "loss", train, "loss")
+    w.connect(train, "loss_history", chart, "loss_history")
+    w.connect(chart, "chart", chart_view, "images")
+    w.connect(train, "model", student, "pipeline")
+    w.connect(student, "pipeline", sample, "pipeline")
+    w.connect(sample, "images", save, "images")
+    w.group("teacher dataset: 40 steps, CFG 4, 1328²", [distill_data, preview, loss], "#8A8")
+    w.group("student: LoRA rank 32, 4 steps, CFG 1", [train, chart, chart_view, student, sample, save], "#b58b2a")
+    return w.to_json()
+
+
+def shrink_qwen_image(info) -> dict:
+    """Shrink Qwen-Image 60 -> 20 blocks (importance on calibration prompts), then recover it by Direct Distill."""
+    w = Workflow(info)
+    note = w.note(f"""
+## Shrink Qwen-Image (60 → 20 blocks) and recover it by distillation
+1. **Shrink DiT** keeps 20 of Qwen-Image's 60 blocks, chosen by **importance** (how much each block changes its
+   input on the calibration prompts, encoded by the teacher's text encoder), and writes exact slices of the
+   source, streamed: the 41 GB source needs about one tensor of memory. The student (about 7B parameters) is
+   saved to `models/diffusion_models/qwen_image_20blocks.safetensors` and loads in stock UNETLoader.
+2. **Generate Distill Dataset**: the full 60-block teacher draws the prompts (40 steps, CFG 4, 1024²).
+3. **Train** the student's full weights with **Direct Distill Loss**: it learns to reach the teacher's images in
+   **4 steps, CFG 1** (fewer blocks *and* fewer steps). More prompts and steps give better quality. Full training
+   of the student needs a large GPU (see the size report); **Export Training Job** (muted: select it, Ctrl+M)
+   writes the same training as a job for `accelerate launch` on a cluster.
+
+{QWEN_SETUP}
+""", (460, 760))
+    pipeline = w.node("DD_LoadPipeline", title="Load Pipeline (Qwen-Image teacher)", box_width=380,
+                      models=list(QWEN_MODELS), **QWEN_PIPELINE)
+    shrink = w.node("DD_ShrinkDiT", box_width=380, models=["qwen_image_bf16.safetensors"],
+                    source="qwen_image_bf16.safetensors", target_blocks=20, strategy="importance",
+                    calibration_prompts=QWEN_PROMPTS, calibration_size=512, calibration_seed=0, dtype="bf16",
+                    name="qwen_image_20blocks.safetensors")
+    report = w.node("PreviewAny", title="What was kept", box_width=380)
+    size = w.node("DD_ModelSizeReport", box_width=380, height=1024, width=1024)
+    size_text = w.node("PreviewAny", title="Student size and training memory", box_width=380)
+    student_in = w.node("DD_LoadStudent", title="Load Student (20-block student)", box_width=380)
+    distill_data = w.node("DD_GenerateDistillDataset", title="Generate Distill Dataset (full teacher)",
+                          box_width=380, prompts=QWEN_PROMPTS, seeds_per_prompt=2, start_seed=0, teacher_steps=40,
+                          teacher_cfg=4.0, width=1024, height=1024, student_steps=4, student_cfg=1.0,
+                          batch_size=1, output_name="qwen_image_distill_1024")
+    loss = w.node("DD_DirectDistillLoss", box_width=380)
+    train_widgets = dict(mode="full", output_name="qwen_image_20blocks_recovered", steps=3000, batch_size=1,
+                         learning_rate=1e-5, lr_schedule="cosine", warmup_steps=100, optimizer="adafactor",
+                         gradient_checkpointing=True, save_every=250, save_dtype="bf16",
+                         validation_prompts=QWEN_VALIDATION, validation_every=250, seed=0)
+    train = w.node("DD_TrainLoRAFull", title="Train student (full, Direct Distill)", box_width=420, **train_widgets)
+    export = w.node("DD_ExportTrainingJob", title="Export Training Job (cluster)", box_width=420, node_mode=2,
+                    num_processes=8, **train_widgets)
+    sample = w.node("DD_Sample", title="Recovered student: 4 steps, CFG 1", prompt=QWEN_SAMPLE, seed=0, steps=4,
+                    cfg=1.0, width=1024, height=1024)
+    save = w.node("SaveImage", filename_prefix="dit_distillery/qwen_20blocks_4step")
+    w.columns([[note], [pipeline, shrink, report], [size, size_text], [student_in, distill_data, loss], [train],
+               [export], [sample, save]])
+
+    w.connect(pipeline, "pipeline", shrink, "pipeline")
+    w.connect(shrink, "report", report, "source")
+    w.connect(shrink, "dit", size, "dit")
+    w.connect(size, "report", size_text, "source")
+    w.connect(pipeline, "pipeline", student_in, "pipeline")
+    w.connect(shrink, "dit", student_in, "dit")
+    w.connect(pipeline, "pipeline", distill_data, "teacher")
+    for trainer in (train, export):
+        w.connect(student_in, "pipeline", trainer, "pipeline")
+        w.connect(distill_data, "dataset", trainer, "dataset")
+        w.connect(loss, "loss", trainer, "loss")
+    w.connect(train, "model", sample, "pipeline")
+    w.connect(sample, "images", save, "images")
+    w.group("1 · shrink 60 → 20 blocks", [pipeline, shrink, report, size, size_text], "#3f789e")
+    w.group("2 · recover by Direct Distill from the full teacher", [student_in, distill_data, loss, train, export],
+            "#b58b2a")
+    return w.to_json()
+
+
+AAADIT_PROMPTS = [
+    "green, lizard, plant, Grass, Poison, seed on back, red eyes, smiling expression, short stout limbs, sharp claws",
+    "orange, cream, lizard, Fire, flame on tail tip, large eyes, smiling expression, cream-colored belly patch, "
+    "sharp claws",
+    "蓝色，米色，棕色，乌龟，水系，龟壳，大眼睛，短四肢，卷曲尾巴",
+]
+
+
+def aaadit_from_scratch(info) -> dict:
+    """DiffSynth's train-from-scratch tutorial (seed 004): the 0.1B AAADiT at 256x256, lr 2e-4."""
+    w = Workflow(info)
+    note = w.note("""
+## Train AAADiT (0.1B) from scratch
+DiffSynth-Studio's tutorial model: 1024 wide, 10 blocks, 32 heads, on FLUX.2-klein's VAE (128 channels, 1/16)
+and Qwen3-0.6B's last hidden states (128 tokens), trained with flow-matching SFT at **256×256, lr 2e-4**,
+batch 1. The tutorial's model converges after about 60k steps (10–20 GPU hours).
+
+### Data
+The tutorial's Pokémon set: `modelscope download --dataset DiffSynth-Studio/pokemon-gen1 --local_dir
+ComfyUI/input/pokemon-gen1` (images in `images/`, captions in `metadata_merged.csv`). Any DiffSynth-format
+folder (images + metadata.csv with image,prompt) or images with .txt captions works.
+
+### Models: `models/diffusers/AAADiT/`
+* `model_index.json`: `{"_class_name": "AAAImagePipeline"}`
+* `text_encoder/` and `tokenizer/`: the files of Qwen/Qwen3-0.6B
+* `vae/`: the `vae/` folder of black-forest-labs/FLUX.2-klein-4B
+
+**Build AAADiT** writes the random initial weights (`models/diffusion_models/aaadit_0.1b.safetensors`);
+**Train** (full) saves `models/diffusion_models/aaadit_pokemon.safetensors`, with checkpoints every 5000 steps.
+Validation uses the tutorial's 30 steps, CFG 10.
+""", (460, 700))
+    build = w.node("DD_BuildAAADiT", title="Build AAADiT (tutorial, 0.1B)", preset="tutorial", seed=0,
+                   dtype="fp32", name="aaadit_0.1b.safetensors")
+    size = w.node("DD_ModelSizeReport", preset="aaadit", height=256, width=256, text_tokens=128)
+    size_text = w.node("PreviewAny", title="Parameters and training memory")
+    pipeline = w.node("DD_LoadPipeline", title="Load Pipeline (Qwen3-0.6B + FLUX.2 VAE)", source="AAADiT")
+    data = w.node("DD_DatasetFolder", folder="pokemon-gen1/images", metadata="../metadata_merged.csv",
+                  sizing="fixed", width=256, height=256, repeat=1, cache=True)
+    loss = w.node("DD_FlowMatchingLoss")
+    train = w.node("DD_TrainLoRAFull", title="Train AAADiT (full, flow matching)", box_width=420, mode="full",
+                   output_name="aaadit_pokemon", steps=60000, batch_size=1, learning_rate=2e-4,
+                   gradient_checkpointing=False, save_every=5000, save_dtype="bf16",
+                   validation_prompts="\n".join(AAADIT_PROMPTS), validation_seeds="0", validation_every=2000,
+                   validation_steps=30, validation_cfg=10.0, seed=0)
+    chart = w.node("DD_LossChart", log_scale=True)
+    chart_view = w.node("PreviewImage", title="Loss")
+    sample = w.node("DD_Sample", prompt=AAADIT_PROMPTS[0], negative_prompt=" ", seed=0, steps=30, cfg=10.0,
+                    width=256, height=256, batch_size=3)
+    save = w.node("SaveImage", filename_prefix="dit_distillery/aaadit_pokemon")
+    w.columns([[note], [build, size, size_text], [pipeline, data, loss], [train], [chart, chart_view],
+               [sample, save]])
+
+    w.connect(build, "dit", size, "dit")
+    w.connect(size, "report", size_text, "source")
+    w.connect(build, "dit", pipeline, "dit")
+    w.connect(pipeline, "pipeline", train, "pipeline")
+    w.connect(data, "dataset", train, "dataset")
+    w.connect(loss, "loss", train, "loss")
+    w.connect(train, "loss_history", chart, "loss_history")
+    w.connect(chart, "chart", chart_view, "images")
+    w.connect(train, "model", sample, "pipeline")
+    w.connect(sample, "images", save, "images")
+    w.group("model", [build, size, size_text], "#3f789e")
+    w.group("data and training: 256², lr 2e-4", [pipeline, data, loss, train], "#b58b2a")
+    return w.to_json()
+
+
+def qwen_image_finetune(info) -> dict:
+    """DiffSynth's Qwen-Image LoRA and full fine-tuning (seed 003): LoRA lr 1e-4 rank 32, full lr 1e-5."""
+    w = Workflow(info)
+    note = w.note(f"""
+## Fine-tune Qwen-Image: LoRA and full
+DiffSynth-Studio's recipes (examples/qwen_image/model_training): flow-matching SFT on a DiffSynth-format
+dataset (`metadata.csv` with `image,prompt`), dynamic resolution up to **1024×1024 pixels**
+(`--max_pixels 1048576`), dataset repeat 50.
+* **LoRA**: rank 32 on DiffSynth's layers, **lr 1e-4**. Saved to `models/loras/qwen_image_lora.safetensors`
+  (loads in stock LoraLoaderModelOnly).
+* **Full** (muted: select the three purple nodes, Ctrl+M): all DiT weights, **lr 1e-5**, Adafactor; needs far
+  more memory (see **Model Size Report**). Saved to `models/diffusion_models/qwen_image_full.safetensors`.
+
+### Data
+`ComfyUI/input/example_image_dataset/` (`modelscope download --dataset DiffSynth-Studio/example_image_dataset
+--local_dir ComfyUI/input/example_image_dataset`), or any folder of images + metadata.csv / .txt captions.
+
+{QWEN_SETUP}
+""", (460, 700))
+    pipeline = w.node("DD_LoadPipeline", title="Load Pipeline (Qwen-Image)", box_width=360, models=list(QWEN_MODELS),
+                      **QWEN_PIPELINE)
+    data = w.node("DD_DatasetFolder", box_width=360, folder="example_image_dataset", metadata="metadata.csv",
+                  sizing="buckets", max_pixels=1048576, repeat=50)
+    loss = w.node("DD_FlowMatchingLoss", box_width=360)
+    size = w.node("DD_ModelSizeReport", box_width=360, lora_rank=32)
+    size_text = w.node("PreviewAny", title="Memory: LoRA vs full", box_width=360)
+    lora = w.node("DD_TrainLoRAFull", title="Train LoRA (lr 1e-4, rank 32)", box_width=420, mode="lora",
+                  output_name="qwen_image_lora", steps=2000, batch_size=1, learning_rate=1e-4, lora_rank=32,
+                  lora_targets="preset", gradient_checkpointing=True, save_every=500,
+                  validation_prompts="a dog\na cat", validation_every=500, seed=0)
+    lora_sample = w.node("DD_Sample", title="Sample the LoRA", prompt="a dog", seed=0, width=1024, height=1024)
+    lora_save = w.node("SaveImage", filename_prefix="dit_distillery/qwen_image_lora")
+    full = w.node("DD_TrainLoRAFull", title="Train full (lr 1e-5)", box_width=420, node_mode=2, mode="full",
+                  output_name="qwen_image_full", steps=2000, batch_size=1, learning_rate=1e-5, optimizer="adafactor",
+                  gradient_checkpointing=True, save_every=500, validation_prompts="a dog\na cat",
+                  validation_every=500, seed=0)
+    full_sample = w.node("DD_Sample", title="Sample the full fine-tune", node_mode=2, prompt="a dog", seed=0,
+                         width=1024, height=1024)
+    full_save = w.node("SaveImage", node_mode=2, filename_prefix="dit_distillery/qwen_image_full")
+    for node in (full, full_sample, full_save):
+        node["color"], node["bgcolor"] = "#323", "#535"
+    w.columns([[note], [pipeline, data, loss, size, size_text], [lora], [lora_sample, lora_save], [full],
+               [full_sample, full_save]])
+
+    w.connect(pipeline, "pipeline", size, "pipeline")
+    w.connect(size, "report", size_text, "source")
+    for train, sample, save in ((lora, lora_sample, lora_save), (full, full_sample, full_save)):
+        w.connect(pipeline, "pipeline", train, "pipeline")
+        w.connect(data, "dataset", train, "dataset")
+        w.connect(loss, "loss", train, "loss")
+        w.connect(train, "model", sample, "pipeline")
+        w.connect(sample, "images", save, "images")
+    w.group("LoRA: lr 1e-4, rank 32", [lora, lora_sample, lora_save], "#b58b2a")
+    w.group("full: lr 1e-5 (muted)", [full, full_sample, full_save], "#a1309b")
+    return w.to_json()
+
+
+WORKFLOWS = {
+    "quickstart": quickstart,
+    "shrink_qwen_image": shrink_qwen_image,
+    "distill_qwen_image_lora": distill_qwen_image_lora,
+    "aaadit_from_scratch": aaadit_from_scratch,
+    "qwen_image_finetune": qwen_image_finetune,
+}
+
+
+def node_specs() -> dict:
+    """Our nodes (as ComfyUI serves them) and the recorded core nodes."""
+    return {**oi.core_object_info(), **oi.pack_object_info(oi.load_pack())}
+
+
+def render(name: str, info: dict | None = None) -> str:
+    return json.dumps(WORKFLOWS[name](info or node_specs()), indent=1, ensure_ascii=False) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only compare the files with what would be written")
+    args = parser.parse_args(argv)
+    info = node_specs()
+    stale = []
+    for name in WORKFLOWS:
+        text = render(name, info)
+        path = OUT / f"{name}.json"
+        if args.check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(path.name)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path.relative_to(REPO)}")
+    if stale:
+        print(f"out of date (run python scripts/make_workflows.py): {', '.join(stale)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
