@@ -208,9 +208,10 @@ function drawChart(canvas, history) {
   ctx.textAlign = "right";
   ctx.fillText(`step ${points[points.length - 1][0]}`, width - pad.right, height - 3);
 
-  ctx.fillStyle = "rgba(110, 160, 255, 0.45)"; // raw losses: faint points
+  ctx.fillStyle = "rgba(110, 160, 255, 0.7)"; // raw losses: points (larger when there are few)
+  const size = points.length > 120 ? 2 : 3;
   for (const [step, loss] of points) {
-    ctx.fillRect(x(step) - 1, y(loss) - 1, 2, 2);
+    ctx.fillRect(x(step) - size / 2, y(loss) - size / 2, size, size);
   }
   ctx.strokeStyle = "rgb(255, 170, 60)"; // smoothed: the line to read
   ctx.lineWidth = 2;

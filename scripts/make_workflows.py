@@ -214,7 +214,7 @@ steps to 1500 and batch_size to 32 (about 25 minutes on 2 cores, or run `python 
     fm_loss = w.node("DD_FlowMatchingLoss")
     teacher = w.node("DD_TrainLoRAFull", title="Train teacher (from scratch)", box_width=400,
                      mode="full", output_name="quickstart_teacher", steps=300, batch_size=16,
-                     learning_rate=1e-3, lr_schedule="cosine", warmup_steps=30, weight_decay=0.0,
+                     learning_rate=3e-3, lr_schedule="cosine", warmup_steps=30, weight_decay=0.0,
                      gradient_checkpointing=False, save_every=100, save_dtype="fp32",
                      validation_prompts=f"{SHAPES_PROMPT}\na green square on a yellow background",
                      validation_seeds="0, 1", validation_every=100, eval_samples=16, seed=0)

@@ -240,6 +240,8 @@ class EventRecorder:
         while True:
             try:
                 opcode, data = self._ws.recv_data()
+            except websocket.WebSocketTimeoutException:
+                continue  # a quiet stretch (a long validation or checkpoint) is not the end of the stream
             except (websocket.WebSocketException, OSError):
                 return
             if opcode == websocket.ABNF.OPCODE_TEXT:
