@@ -22,10 +22,10 @@ from PIL import Image, ImageDraw, ImageFont
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
 
-SIZE = (960, 540)  # the template card shows it with object-fit: contain, at most 256 px high
+SIZE = (768, 768)  # the template card is about square and shows the image whole (object-fit: contain)
 SUPERSAMPLE = 2
-BANNER = 64  # heading band, in output pixels
-MARGIN = 18
+HEADING = 50  # heading font size, in output pixels: still readable on a ~220 px card
+MARGIN = 24
 TITLE_H = 30  # LiteGraph's title bar height, in graph units
 SLOT_H = 20
 MAX_BYTES = 100_000
@@ -86,6 +86,17 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> str:
     return text + "…" if text else ""
 
 
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> list[str]:
+    """Greedy word wrap to `width` pixels."""
+    lines: list[str] = []
+    for word in _text(font, text).split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(_fit(draw, word, font, width))
+    return lines
+
+
 def heading(workflow: dict, name: str) -> tuple[str, str]:
     """(title, subtitle): the first Markdown heading of the workflow's note, else the file name."""
     for node in workflow.get("nodes", []):
@@ -127,14 +138,17 @@ def draw(workflow: dict, name: str) -> Image.Image:
     overlay = ImageDraw.Draw(layer)
 
     title, subtitle = heading(workflow, name)
-    canvas.rectangle([0, 0, width, BANNER * s], fill=BANNER_BG)
-    canvas.text((MARGIN * s, 12 * s), _fit(canvas, title, _font(24 * s), width - 2 * MARGIN * s), fill=TEXT,
-                font=_font(24 * s))
-    canvas.text((MARGIN * s, 42 * s), _fit(canvas, f"DiT Distillery · workflows/{subtitle}.json", _font(13 * s), width),
-                fill=SUBTEXT, font=_font(13 * s))
+    font, small = _font(HEADING * s), _font(HEADING * s * 0.5)
+    lines = _wrap(canvas, title, font, width - 2 * MARGIN * s)[:4]
+    banner = (MARGIN + len(lines) * HEADING * 1.18 + HEADING * 0.5 + MARGIN) * s
+    canvas.rectangle([0, 0, width, banner], fill=BANNER_BG)
+    for i, line in enumerate(lines):
+        canvas.text((MARGIN * s, (MARGIN + i * HEADING * 1.18) * s), line, fill=TEXT, font=font)
+    canvas.text((MARGIN * s, (MARGIN + len(lines) * HEADING * 1.18) * s),
+                _fit(canvas, f"DiT Distillery · {subtitle}", small, width - 2 * MARGIN * s), fill=SUBTEXT, font=small)
 
     left, top, right, bottom = _bounds(workflow)
-    area = (MARGIN * s, (BANNER + MARGIN) * s, width - MARGIN * s, height - MARGIN * s)
+    area = (MARGIN * s, banner + MARGIN * s, width - MARGIN * s, height - MARGIN * s)
     scale = min((area[2] - area[0]) / (right - left), (area[3] - area[1]) / (bottom - top))
     ox = area[0] + ((area[2] - area[0]) - (right - left) * scale) / 2 - left * scale
     oy = area[1] + ((area[3] - area[1]) - (bottom - top) * scale) / 2 - top * scale

@@ -190,7 +190,7 @@ def quickstart(info) -> dict:
     """The embedded demo as a graph: CPU, no download, a few minutes."""
     w = Workflow(info)
     note = w.note("""
-## DiT Distillery quickstart (CPU, no download, a few minutes)
+## DiT Distillery quickstart (CPU, no download, about 5 minutes)
 The whole story on the embedded default model:
 1. **Synthetic Shapes Dataset**: coloured shapes with captions.
 2. **Build AAADiT** (`demo` preset) → **Load Pipeline** (`default`: a pixel codec and a tiny text encoder) →
@@ -202,9 +202,10 @@ The whole story on the embedded default model:
    by side (one row per seed) in `output/dit_distillery/quickstart_compare_*.png`.
 
 The Train nodes show the loss curve, speed, ETA and validation images while they run. Cancel keeps a
-checkpoint; queue again and training continues. The step counts are small so this ends in minutes on two CPU
-cores: the teacher learns colours and blobs, not yet shapes. For a teacher that draws the prompt, set its
-steps to 1500 and batch_size to 32 (about 25 minutes on 2 cores, or run `python -m dit_distillery demo`).
+checkpoint; queue again and training continues. The step counts are small so this ends in about 5 minutes on
+two CPU cores: the teacher learns the colours and rough shapes, and the student gets closer to the teacher's
+50-step images than the teacher itself at 4 steps. For a teacher that draws the prompt reliably, set its steps
+to 1500 and batch_size to 32 (about 25 minutes on 2 cores, or run `python -m dit_distillery demo`).
 """, (420, 560))
     shapes = w.node("DD_SyntheticShapesDataset", count=256, size=32, seed=0)
     preview_shapes = w.node("PreviewImage", title="Training images")

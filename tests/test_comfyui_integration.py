@@ -606,16 +606,19 @@ def test_quickstart_trains_teacher_and_student_and_compares_them(comfy, quicksta
     assert status == 200 and body[:4] == b"\x89PNG"
 
     # the comparison: teacher 50 steps CFG 4 | teacher 4 steps CFG 1 | student 4 steps CFG 1, one row per seed
+    # distillation must pay: over the 4 seeds, the 4-step student is nearer the 50-step CFG-4 teacher than the
+    # undistilled teacher at 4 steps CFG 1 is (measured: 0.014 vs 0.023 mean squared error, in [0, 1] pixels)
     saved = entry["outputs"][ids["Teacher 50 | teacher 4 | student 4"]]["images"]
     assert len(saved) == 4
+    errors = []
     for image in saved:
         path = base / "output" / image["subfolder"] / image["filename"]
         pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
         assert pixels.shape == (128, 400, 3)  # 3 images of 32 px, 2 px apart, x4
-        cols = [pixels[:, i * 136: i * 136 + 128] for i in range(3)]
-        student_error = ((cols[2] - cols[0]) ** 2).mean()
-        baseline_error = ((cols[1] - cols[0]) ** 2).mean()
-        assert student_error < baseline_error, (image["filename"], student_error, baseline_error)
+        teacher_50, teacher_4, student_4 = (pixels[:, i * 136: i * 136 + 128] for i in range(3))
+        errors.append((((student_4 - teacher_50) ** 2).mean(), ((teacher_4 - teacher_50) ** 2).mean()))
+    student_error, baseline_error = np.mean(errors, axis=0)
+    assert student_error < 0.8 * baseline_error, errors
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -105,8 +105,8 @@ def test_the_five_workflows_and_their_thumbnails_are_there():
         path = WORKFLOW_DIR / f"{name}.jpg"
         assert path.stat().st_size < 100_000, path
         with Image.open(path) as image:
-            assert image.format == "JPEG" and image.size == (960, 540)
-            assert len(set(image.convert("L").resize((48, 27)).getdata())) > 8  # a drawing, not a blank
+            assert image.format == "JPEG" and image.size == (768, 768)
+            assert len(set(image.convert("L").resize((32, 32)).getdata())) > 8  # a drawing, not a blank
 
 
 def test_workflows_are_what_the_script_writes():
