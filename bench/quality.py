@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from bench import common  # noqa: E402
 from dit_distillery.demo import QUICK, DemoConfig, _colour_shape_accuracy, _eval_pairs, _job, _Log  # noqa: E402
 from dit_distillery.errors import DistilleryError  # noqa: E402
+from dit_distillery.tiny import DEFAULT_DIT  # noqa: E402
 from dit_distillery.formats import atomic_output, atomic_write_json, atomic_write_text, save_safetensors  # noqa: E402
 
 STAGES = ("teacher", "curve", "data", "distill", "shrink", "report")
@@ -184,6 +185,26 @@ class Run:
         self.log(f"[eval] {name}: latent MSE {metrics['latent_mse']:.5f}, PSNR {_db(metrics['psnr_db'])}, "
                  f"accuracy {metrics['accuracy']['all']:.1%}")
         return metrics
+
+    def train_pairs_mse(self, name: str, make_pipe) -> float:
+        """Latent MSE on the teacher dataset's own (prompt, seed) rows against their stored targets, at the
+        student's settings (eval/<name>.train.json): next to the held-out MSE it shows how much a student has
+        fitted its training rows rather than learnt the teacher."""
+        path = self.out / "eval" / f"{name}.train.json"
+        if path.is_file():
+            return json.loads(path.read_text())["latent_mse"]
+        from safetensors.torch import load_file
+
+        from dit_distillery.data.metadata import read_metadata
+
+        rows = read_metadata(self.out / "distill_data").rows
+        target = torch.stack([load_file(str(r.latents))["latents"] for r in rows])
+        result = make_pipe().sample([r.prompt for r in rows], seeds=[r.seed for r in rows], steps=self.d.student_steps,
+                                    cfg_scale=self.d.student_cfg, height=self.d.size, width=self.d.size,
+                                    output="latent")
+        mse = float(((result.latents - target) ** 2).mean())
+        atomic_write_json(path, {"latent_mse": mse, "rows": len(rows)})
+        return mse
 
     def eval_images(self, name: str) -> list | None:
         path = self.out / "eval" / f"{name}.safetensors"
@@ -404,13 +425,15 @@ def stage_distill(run: Run) -> None:
                 "jpeg": run.need(run.out / "distill_jpeg" / "metadata.csv", "distill").parent}
     teacher = run.pipe(teacher_file)
     run.evaluate("teacher_4step", lambda: teacher, d.student_steps, d.student_cfg)
+    run.train_pairs_mse("teacher_4step", lambda: teacher)
     for name, (data, target, mu, _) in DISTILL_RUNS.items():
         folder = run.out / "distill" / name
         job = _distill_job(run, folder, datasets[data], {"mu": mu, "target": target}, "lora", teacher_file,
                            d.lora_steps, d.lora_lr, lora={"rank": d.lora_rank})
         info = _train_once(run, folder, job, f"distill {name}")
-        run.evaluate(f"distill_{name}", lambda: load_student(teacher, lora=info["weights"]), d.student_steps,
-                     d.student_cfg, train=info)
+        make = (lambda: load_student(teacher, lora=info["weights"]))
+        run.evaluate(f"distill_{name}", make, d.student_steps, d.student_cfg, train=info)
+        run.train_pairs_mse(f"distill_{name}", make)
     for name, (mode, times, _) in BUDGET_RUNS.items():
         folder = run.out / "distill" / name
         lora = {"lora": {"rank": d.lora_rank}} if mode == "lora" else {}
@@ -420,6 +443,7 @@ def stage_distill(run: Run) -> None:
         student = (lambda: load_student(teacher, lora=info["weights"])) if mode == "lora" else \
             (lambda: run.pipe(info["weights"]))
         run.evaluate(f"distill_{name}", student, d.student_steps, d.student_cfg, train=info)
+        run.train_pairs_mse(f"distill_{name}", student)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -515,7 +539,10 @@ def collect(run: Run) -> dict:
     for point in curve:  # the mean training loss over the steps since the previous checkpoint
         losses = [h["loss"] for h in history if point["step"] - every < h["step"] <= point["step"]]
         point["train_loss"] = sum(losses) / len(losses) if losses and point["step"] else None
-    evals = {p.stem: json.loads(p.read_text()) for p in sorted((out / "eval").glob("*.json"))}
+    evals = {p.stem: json.loads(p.read_text()) for p in sorted((out / "eval").glob("*.json"))
+             if not p.name.endswith(".train.json")}
+    train_mse = {p.name[:-len(".train.json")]: json.loads(p.read_text())["latent_mse"]
+                 for p in sorted((out / "eval").glob("*.train.json"))}
     reference = None
     if (out / "eval" / "reference.safetensors").is_file():
         ref = run.reference()
@@ -526,8 +553,8 @@ def collect(run: Run) -> dict:
     return {"config": asdict(run.cfg), "eval_pairs": {"prompts": run.prompts, "seeds": run.seeds},
             "classifier_check": _load(out / "classifier_check.json"), "curve": curve,
             "teacher_parameters": sum(p.numel() for p in run.base().dit.parameters()),
-            "teacher_dit": dict(__import__("dit_distillery.tiny", fromlist=["DEFAULT_DIT"]).DEFAULT_DIT),
-            "reference": reference, "evals": evals, "shrink": _load(out / "shrink" / "sets.json"),
+            "teacher_dit": dict(DEFAULT_DIT), "reference": reference, "evals": evals, "train_pairs_mse": train_mse,
+            "shrink": _load(out / "shrink" / "sets.json"),
             "seconds": _load(out / "stage_seconds.json") or {}}
 
 
@@ -550,7 +577,7 @@ def write_report(run: Run, results: Path, command: str) -> list[Path]:
     curve_lines, curve_charts = _section_curve(rec, d)
     distill_lines, distill_charts = _section_distill(rec, d)
     shrink_lines, shrink_charts = _section_shrink(rec, d)
-    lines += curve_lines + distill_lines + shrink_lines + _section_caveats(d)
+    lines += curve_lines + distill_lines + shrink_lines + _section_caveats(rec, d)
     charts += curve_charts + distill_charts + shrink_charts
     written = common.write_results(results, "quality", rec, "\n".join(lines) + "\n", charts)
     for suffix, grid in _grids(run, rec):
@@ -576,8 +603,13 @@ def _header(rec: dict) -> list[str]:
     if rec["config"]["name"] != "full":
         lines += [f"**Preset `{rec['config']['name']}`: a smoke run whose numbers mean nothing.**", ""]
     if secs:
-        lines += [f"Compute per stage (s, {secs.get('threads', '?')} torch thread(s)): "
-                  + ", ".join(f"{k} {secs[k]:.0f}" for k in STAGES if k in secs) + ".", ""]
+        total = sum(secs[k] for k in STAGES if k in secs)
+        lines += [f"Compute per stage (s, {secs.get('threads', '?')} torch thread(s), training on "
+                  f"{secs.get('training_device', '?')}): "
+                  + ", ".join(f"{k} {secs[k]:.0f}" for k in STAGES if k in secs)
+                  + f"; {total / 60:.0f} minutes in all. Step counts are the demo's (teacher "
+                  f"{rec['config']['demo']['teacher_steps']}, students {rec['config']['demo']['lora_steps']}), sized "
+                  "for a shared 2-core CPU, plus the budget runs of section 2.", ""]
     return lines
 
 
@@ -659,13 +691,17 @@ def _section_curve(rec: dict, d: DemoConfig) -> tuple[list[str], list]:
     return lines, charts
 
 
-def _metric_row(label: str, m: dict | None, base: float | None) -> list[str]:
+DISTILL_COLUMNS = ["model", "latent MSE", "÷ baseline", "PSNR", "colour", "shape", "background", "all",
+                   "MSE on training pairs", "train s"]
+
+
+def _metric_row(label: str, m: dict | None, base: float | None, train_mse: float | None) -> list[str]:
     if m is None:
-        return [label, "not run", "", "", "", "", "", "", ""]
+        return [label, "not run"] + [""] * (len(DISTILL_COLUMNS) - 2)
     ratio = common.ratio(m["latent_mse"], base)
     train = m.get("train") or {}
     return [label, f"{m['latent_mse']:.5f} ± {m['latent_mse_se']:.5f}", common.fmt(ratio, ".3f"), _db(m["psnr_db"]),
-            *_acc_cells(m["accuracy"]), common.fmt(train.get("train_seconds"), ".0f")]
+            *_acc_cells(m["accuracy"]), common.fmt(train_mse, ".5f"), common.fmt(train.get("train_seconds"), ".0f")]
 
 
 def _section_distill(rec: dict, d: DemoConfig) -> tuple[list[str], list]:
@@ -675,18 +711,21 @@ def _section_distill(rec: dict, d: DemoConfig) -> tuple[list[str], list]:
     if base is None:
         return lines + ["Not run yet (stage `distill`).", ""], []
     b = base["latent_mse"]
+    tm = rec["train_pairs_mse"]
     lines += [f"LoRA students (rank {d.lora_rank}, {d.lora_steps} steps, batch {d.distill_batch}, lr {d.lora_lr:g}, "
               "the demo's settings) on the same teacher dataset, with the same seeds and budget; only the target and "
               "the student's training schedule differ. *Stored latents*: the teacher's final latents (gen-dataset "
               "stores them). *JPEG image*: DiffSynth's example dataset: the teacher output truncated to 8 bits, saved "
               "by PIL as JPEG quality 75, re-encoded by the codec. *μ of the resolution*: the student trains on "
               f"the 4-step schedule it samples with (μ = {_mu(d)}); *μ 0.8*: DiffSynth's fixed training μ.", "",
-              *common.md_table(["model", "latent MSE", "÷ baseline", "PSNR", "colour", "shape", "background", "all",
-                                "train s"],
+              *common.md_table(DISTILL_COLUMNS,
                                [_metric_row(f"undistilled teacher, {d.student_steps} steps CFG {d.student_cfg:g} "
-                                            "(baseline)", base, b)]
-                               + [_metric_row(label, ev.get(f"distill_{name}"), b)
-                                  for name, (_, _, _, label) in DISTILL_RUNS.items()]), ""]
+                                            "(baseline)", base, b, tm.get("teacher_4step"))]
+                               + [_metric_row(label, ev.get(f"distill_{name}"), b, tm.get(f"distill_{name}"))
+                                  for name, (_, _, _, label) in DISTILL_RUNS.items()]), "",
+              "MSE on training pairs: the same measure on the teacher dataset's own rows (the prompts and seeds "
+              "the students were trained on); a student far below its held-out MSE there has fitted its "
+              f"{d.distill_prompts * d.distill_seeds} training rows more than it has learnt the teacher.", ""]
     if rec["reference"]:
         lines += [f"The reference itself ({d.teacher_sample_steps} steps CFG {d.teacher_cfg:g}) is "
                   f"{' / '.join(_acc_cells(rec['reference']['accuracy']))} accurate (colour / shape / background / "
@@ -704,15 +743,15 @@ def _section_distill(rec: dict, d: DemoConfig) -> tuple[list[str], list]:
     if any(budget.values()):
         lines += ["", f"**More budget for our recipe** (same data, loss and seeds; LoRA lr {d.lora_lr:g}, full "
                   f"weights lr {d.shrunk_lr:g}, {d.lora_steps} steps = 1x):", "",
-                  *common.md_table(["model", "latent MSE", "÷ baseline", "PSNR", "colour", "shape", "background",
-                                    "all", "train s"],
-                                   [_metric_row(label, budget[n], b) for n, (_, _, label) in BUDGET_RUNS.items()])]
+                  *common.md_table(DISTILL_COLUMNS, [_metric_row(label, budget[n], b, tm.get(f"distill_{n}"))
+                                                     for n, (_, _, label) in BUDGET_RUNS.items()])]
         met = [BUDGET_RUNS[n][2] for n, m in budget.items() if m and m["latent_mse"] / b <= 0.25]
         lines += ["", "Goal met by: " + (", ".join(met) if met else "none of them") + "."]
     lines += ["", "![latent MSE](quality_distill_mse.png)", "",
               "Teacher vs students (held-out pairs): ![grid](quality_grid_distill.png)", ""]
-    names = ["baseline"] + [n for n in [*DISTILL_RUNS, *BUDGET_RUNS] if f"distill_{n}" in ev]
-    values = [b] + [ev[f"distill_{n}"]["latent_mse"] for n in names[1:]]
+    runs = [n for n in [*DISTILL_RUNS, *BUDGET_RUNS] if f"distill_{n}" in ev]
+    names = ["teacher\n4 steps"] + [n.replace("_", "\n") for n in runs]
+    values = [b] + [ev[f"distill_{n}"]["latent_mse"] for n in runs]
     charts = [("_distill_mse", lambda p: common.bar_chart(p, f"Latent MSE vs the {d.teacher_sample_steps}-step "
                                                              f"CFG-{d.teacher_cfg:g} teacher (lower is better)",
                                                           names, {"latent MSE": values}, "MSE"))]
@@ -731,7 +770,7 @@ def _factor_lines(ev: dict) -> list[str]:
             f"{m['diffsynth'] / m['latents_mu08']:.2f} (μ 0.8)."]
 
 
-def _section_caveats(d: DemoConfig) -> list[str]:
+def _section_caveats(rec: dict, d: DemoConfig) -> list[str]:
     from dit_distillery.schedule import mu_for
 
     qwen, aaa = mu_for("Qwen-Image", (1328 // 16) ** 2, d.student_steps), mu_for("FLUX.2", 16 * 16, d.student_steps)
@@ -746,7 +785,9 @@ def _section_caveats(d: DemoConfig) -> list[str]:
             "route (not measured here).",
             "* **Seeds**: one training run per configuration; ± is the spread over the held-out pairs, not over "
             "training seeds.",
-            "* **Wall times** come from one thread on a 2-core CPU shared with other jobs.", ""]
+            f"* **Scale**: a {rec['teacher_parameters'] / 1e6:.2f}M-parameter DiT on {d.size}x{d.size} images; no "
+            "larger (GPU) run was made. "
+            "Wall times come from one thread on a 2-core CPU shared with other jobs.", ""]
 
 
 def _mu(d: DemoConfig) -> str:
@@ -782,7 +823,7 @@ def _section_shrink(rec: dict, d: DemoConfig) -> tuple[list[str], list]:
                                 "after ÷ baseline", "PSNR after", "all-correct after", "train s"],
                                [_shrink_row(s, ev, b) for s in sh["sets"]]), "",
               f"Baseline: the undistilled {n}-block teacher at {d.student_steps} steps CFG {d.student_cfg:g} (MSE "
-              f"{b:.5f}).", "", "![shrink MSE](quality_shrink_mse.png)", "",
+              f"{b:.5f}).", *_shrink_ranking(sh, ev), "", "![shrink MSE](quality_shrink_mse.png)", "",
               "Teacher vs shrunk students: ![grid](quality_grid_shrink.png)", ""]
     labels = ["+".join(map(str, s["kept"])) for s in sh["sets"]]
 
@@ -794,6 +835,28 @@ def _section_shrink(rec: dict, d: DemoConfig) -> tuple[list[str], list]:
     charts = [("_shrink_mse", lambda p: common.bar_chart(p, "Shrunk students: latent MSE vs the teacher", labels,
                                                          series, "MSE", log=True))]
     return lines, charts
+
+
+def _shrink_ranking(sh: dict, ev: dict) -> list[str]:
+    """Which set ends best, whether each strategy found it, and whether importance's choice was a near tie."""
+    done = [(ev[_set_name(s) + "_after"]["latent_mse"], s) for s in sh["sets"] if _set_name(s) + "_after" in ev]
+    if len(done) < len(sh["sets"]):
+        return []
+    ranked = [s for _, s in sorted(done, key=lambda pair: pair[0])]
+    best = ranked[0]
+    lines = [f"Best after distillation: blocks {', '.join(map(str, best['kept']))} (chosen by "
+             f"{', '.join(best['strategies']) or 'no strategy'})."]
+    for strategy in STRATEGIES:
+        rank = next(i for i, s in enumerate(ranked) if strategy in s["strategies"]) + 1
+        lines.append(f"{strategy}: rank {rank} of {len(ranked)}.")
+    scores, last = sh["scores"], len(sh["scores"]) - 1
+    chosen = next(s["kept"] for s in sh["sets"] if "importance" in s["strategies"])
+    kept = [scores[i] for i in chosen if i != last]
+    dropped = [scores[i] for i in range(last) if i not in chosen]
+    if kept and dropped and min(kept) - max(dropped) < 0.01 * min(kept):
+        lines.append(f"Importance's choice was a near tie: its weakest kept block scored {min(kept):.4f}, the "
+                     f"strongest dropped one {max(dropped):.4f}.")
+    return ["", " ".join(lines)]
 
 
 def _set_name(s: dict) -> str:
@@ -875,6 +938,7 @@ def run_all(out: Path = OUT, cfg: QualityConfig | None = None, *, results: Path 
             seconds = json.loads(seconds_path.read_text()) if seconds_path.is_file() else {}
             seconds[stage] = round(seconds.get(stage, 0.0) + time.perf_counter() - start, 1)
             seconds["threads"] = torch.get_num_threads()
+            seconds["training_device"] = "cuda" if torch.cuda.is_available() else "cpu"  # what the trainer used
             atomic_write_json(seconds_path, seconds)
     if "report" not in stages:
         return []

@@ -61,6 +61,9 @@ def test_metrics_are_what_they_claim(smoke):
         assert len(m["latent_mse_per_pair"]) == pairs == m["pairs"]
         assert m["latent_mse"] == pytest.approx(sum(m["latent_mse_per_pair"]) / pairs)
         assert all(0 <= v <= 1 for v in m["accuracy"].values())
+    trained = {f"distill_{n}" for n in [*quality.DISTILL_RUNS, *quality.BUDGET_RUNS]}
+    assert set(rec["train_pairs_mse"]) == trained | {"teacher_4step"}
+    assert all(v >= 0 and math.isfinite(v) for v in rec["train_pairs_mse"].values())
     # the baseline recomputed independently: the teacher at 4 steps CFG 1 against the cached reference
     run = quality.Run(out, quality.PRESETS["smoke"])
     teacher = run.pipe(run.teacher_file)
