@@ -57,14 +57,16 @@ DISTILL_RUNS = {
     "jpeg_resolution": ("jpeg", "image", "resolution", "JPEG image, μ of the resolution"),
     "diffsynth": ("jpeg", "image", "diffsynth", "DiffSynth: JPEG image, μ 0.8"),
 }
-# Our recipe with more budget: name -> (mode, step multiplier, label). How far the main runs are from the goal
-# because of the budget (steps) or the capacity (a rank-16 LoRA against every weight); full weights use the
-# demo's full-weight learning rate (`shrunk_lr`).
+# Our recipe with more budget: name -> (mode, step multiplier, teacher-row multiplier, label). How far the main runs
+# are from the goal because of the steps, the capacity (a rank-16 LoRA against every weight) or the data (the
+# teacher dataset's rows); full weights use the demo's full-weight learning rate (`shrunk_lr`). A larger teacher
+# dataset starts with the same prompts and seeds (`synthetic_prompts` and `seed_for` are prefix-stable).
 BUDGET_RUNS = {
-    "ours_lora_x4": ("lora", 4, "ours, LoRA, 4x the steps"),
-    "ours_lora_x8": ("lora", 8, "ours, LoRA, 8x the steps"),
-    "ours_full": ("full", 1, "ours, full weights"),
-    "ours_full_x4": ("full", 4, "ours, full weights, 4x the steps"),
+    "ours_lora_x4": ("lora", 4, 1, "ours, LoRA, 4x the steps"),
+    "ours_lora_x8": ("lora", 8, 1, "ours, LoRA, 8x the steps"),
+    "ours_full": ("full", 1, 1, "ours, full weights"),
+    "ours_full_x4": ("full", 4, 1, "ours, full weights, 4x the steps"),
+    "ours_lora_x4_rows_x4": ("lora", 4, 4, "ours, LoRA, 4x the steps, 4x the teacher rows"),
 }
 
 
@@ -107,6 +109,10 @@ class Run:
     @property
     def data(self) -> Path:
         return self.out / "data"
+
+    def teacher_data(self, rows: int = 1) -> Path:
+        """The teacher dataset, or a `rows`-times larger one (for a budget run)."""
+        return self.out / ("distill_data" if rows == 1 else f"distill_data_x{rows}")
 
     @property
     def teacher_file(self) -> Path:
@@ -197,7 +203,7 @@ class Run:
 
         from dit_distillery.data.metadata import read_metadata
 
-        rows = read_metadata(self.out / "distill_data").rows
+        rows = read_metadata(self.teacher_data()).rows
         target = torch.stack([load_file(str(r.latents))["latents"] for r in rows])
         result = make_pipe().sample([r.prompt for r in rows], seeds=[r.seed for r in rows], steps=self.d.student_steps,
                                     cfg_scale=self.d.student_cfg, height=self.d.size, width=self.d.size,
@@ -314,13 +320,15 @@ def stage_data(run: Run) -> None:
 
     d = run.d
     teacher = run.pipe(run.need(run.teacher_file, "data"))
-    report = generate_distill_dataset(teacher, synthetic_prompts(d.distill_prompts, seed=d.seed + 1),
-                                      run.out / "distill_data", seeds_per_prompt=d.distill_seeds,
-                                      start_seed=d.seed, teacher_steps=d.teacher_sample_steps,
-                                      teacher_cfg=d.teacher_cfg, height=d.size, width=d.size,
-                                      student_steps=d.student_steps, student_cfg=d.student_cfg, batch_size=32)
-    run.log(f"[data] teacher dataset: {report['rows_written']} rows written, {report['rows_skipped']} reused")
-    write_jpeg_dataset(run.out / "distill_data", run.out / "distill_jpeg", run.base().codec, run.cfg.jpeg_quality)
+    for rows in sorted({1} | {r for _, _, r, _ in BUDGET_RUNS.values()}):
+        report = generate_distill_dataset(teacher, synthetic_prompts(d.distill_prompts * rows, seed=d.seed + 1),
+                                          run.teacher_data(rows), seeds_per_prompt=d.distill_seeds,
+                                          start_seed=d.seed, teacher_steps=d.teacher_sample_steps,
+                                          teacher_cfg=d.teacher_cfg, height=d.size, width=d.size,
+                                          student_steps=d.student_steps, student_cfg=d.student_cfg, batch_size=32)
+        run.log(f"[data] teacher dataset x{rows}: {report['rows_written']} rows written, "
+                f"{report['rows_skipped']} reused")
+    write_jpeg_dataset(run.teacher_data(), run.out / "distill_jpeg", run.base().codec, run.cfg.jpeg_quality)
     path = run.out / "classifier_check.json"
     if not path.is_file():
         atomic_write_json(path, classifier_check(run.data, run.cfg.jpeg_quality))
@@ -421,7 +429,7 @@ def stage_distill(run: Run) -> None:
 
     d = run.d
     teacher_file = run.need(run.teacher_file, "distill")
-    datasets = {"latents": run.need(run.out / "distill_data", "distill"),
+    datasets = {"latents": run.need(run.teacher_data(), "distill"),
                 "jpeg": run.need(run.out / "distill_jpeg" / "metadata.csv", "distill").parent}
     teacher = run.pipe(teacher_file)
     run.evaluate("teacher_4step", lambda: teacher, d.student_steps, d.student_cfg)
@@ -434,10 +442,11 @@ def stage_distill(run: Run) -> None:
         make = (lambda: load_student(teacher, lora=info["weights"]))
         run.evaluate(f"distill_{name}", make, d.student_steps, d.student_cfg, train=info)
         run.train_pairs_mse(f"distill_{name}", make)
-    for name, (mode, times, _) in BUDGET_RUNS.items():
+    for name, (mode, times, rows, _) in BUDGET_RUNS.items():
         folder = run.out / "distill" / name
         lora = {"lora": {"rank": d.lora_rank}} if mode == "lora" else {}
-        job = _distill_job(run, folder, datasets["latents"], {"mu": "resolution", "target": "latents"}, mode,
+        data = run.need(run.teacher_data(rows), "distill")
+        job = _distill_job(run, folder, data, {"mu": "resolution", "target": "latents"}, mode,
                            teacher_file, d.lora_steps * times, d.lora_lr if mode == "lora" else d.shrunk_lr, **lora)
         info = _train_once(run, folder, job, f"distill {name}")
         student = (lambda: load_student(teacher, lora=info["weights"])) if mode == "lora" else \
@@ -457,7 +466,7 @@ def importance_scores(run: Run, teacher) -> list[float]:
     from dit_distillery.data.metadata import read_metadata
     from dit_distillery.shrink.blocks import block_influence
 
-    rows = read_metadata(run.need(run.out / "distill_data", "shrink")).rows
+    rows = read_metadata(run.need(run.teacher_data(), "shrink")).rows
     n, b = run.cfg.calibration_batches, run.cfg.calibration_batch
     g = torch.Generator().manual_seed(run.d.seed)
     total = None
@@ -512,7 +521,7 @@ def stage_shrink(run: Run) -> None:
         run.evaluate(f"{name}_before", lambda: run.pipe(initial), d.student_steps, d.student_cfg, **extra)
         run.evaluate(f"{name}_before_teacher_settings", lambda: run.pipe(initial), d.teacher_sample_steps,
                      d.teacher_cfg, **extra)
-        job = _distill_job(run, folder, run.out / "distill_data", {"mu": "resolution", "target": "latents"}, "full",
+        job = _distill_job(run, folder, run.teacher_data(), {"mu": "resolution", "target": "latents"}, "full",
                            initial, d.shrunk_steps, d.shrunk_lr)
         info = _train_once(run, folder, job, f"shrink {name}")
         run.evaluate(f"{name}_after", lambda: run.pipe(info["weights"]), d.student_steps, d.student_cfg,
@@ -741,11 +750,13 @@ def _section_distill(rec: dict, d: DemoConfig) -> tuple[list[str], list]:
     lines += _factor_lines(ev)
     budget = {n: ev.get(f"distill_{n}") for n in BUDGET_RUNS}
     if any(budget.values()):
-        lines += ["", f"**More budget for our recipe** (same data, loss and seeds; LoRA lr {d.lora_lr:g}, full "
-                  f"weights lr {d.shrunk_lr:g}, {d.lora_steps} steps = 1x):", "",
+        lines += ["", f"**More budget for our recipe** (same loss and seeds; LoRA lr {d.lora_lr:g}, full weights lr "
+                  f"{d.shrunk_lr:g}; 1x = {d.lora_steps} steps, {d.distill_prompts * d.distill_seeds} teacher rows; "
+                  "a larger teacher dataset starts with the same rows). MSE on training pairs is on the 1x rows, "
+                  "which every run trains on:", "",
                   *common.md_table(DISTILL_COLUMNS, [_metric_row(label, budget[n], b, tm.get(f"distill_{n}"))
-                                                     for n, (_, _, label) in BUDGET_RUNS.items()])]
-        met = [BUDGET_RUNS[n][2] for n, m in budget.items() if m and m["latent_mse"] / b <= 0.25]
+                                                     for n, (_, _, _, label) in BUDGET_RUNS.items()])]
+        met = [BUDGET_RUNS[n][3] for n, m in budget.items() if m and m["latent_mse"] / b <= 0.25]
         lines += ["", "Goal met by: " + (", ".join(met) if met else "none of them") + "."]
     lines += ["", "![latent MSE](quality_distill_mse.png)", "",
               "Teacher vs students (held-out pairs): ![grid](quality_grid_distill.png)", ""]
