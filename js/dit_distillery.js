@@ -12,7 +12,8 @@
 // animation frame, on the widget's own canvas (the graph canvas is never asked to redraw).
 // Robust: events for nodes that are not on the canvas (another workflow tab, a deleted node) are kept by id
 // and shown if such a node appears; after a page reload the state comes back from sessionStorage, and the
-// next event (which carries the whole loss history) brings the chart up to date.
+// next event (which carries the whole loss history) brings the chart up to date, or, if the run ended
+// meanwhile, the server's history and the run's metrics.jsonl do.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -26,6 +27,9 @@ const STORE_PREFIX = "dit_distillery.monitor.";
 const SMOOTHING = 0.8; // EMA weight of the smoothed line (debiased, as TensorBoard draws it)
 const CHART_HEIGHT = 130;
 const IMAGE_HEIGHT = 170;
+
+const TERMINAL = new Set(["done", "stopped", "error"]);
+const MAX_POINTS = 256; // as many loss points as the node sends
 
 const states = new Map(); // node id (string) -> latest state
 const monitors = new Map(); // node id (string) -> Monitor of the node on the canvas with that id
@@ -98,6 +102,70 @@ function onValidation(event) {
   const data = event.detail;
   if (!data || data.node == null || !data.url) return;
   update(String(data.node), { validation: { url: data.url, step: data.step, prompt_id: data.prompt_id } });
+}
+
+// A run that ended while this page was away (a reload, a lost connection) sent its last events to nobody: ask
+// the server's history whether the prompt finished, and read the run's loss log (metrics.jsonl, served by /view
+// like any output file) for the whole curve.
+
+const reconciling = new Set();
+
+function runSubfolder(state, node) {
+  // output/dit_distillery/<output_name>: seen in a validation image's URL, else read from the node's widget
+  const query = state.validation?.url?.split("?")[1];
+  const fromImage = query ? new URLSearchParams(query).get("subfolder") : null;
+  if (fromImage?.endsWith("/validation")) return fromImage.slice(0, -"/validation".length);
+  const name = node?.widgets?.find((w) => w.name === "output_name")?.value;
+  return name ? `dit_distillery/${name}` : null;
+}
+
+function downsample(points) {
+  if (points.length <= MAX_POINTS) return points;
+  const stride = (points.length - 1) / (MAX_POINTS - 1);
+  return Array.from({ length: MAX_POINTS }, (_, i) => points[Math.round(i * stride)]);
+}
+
+async function readMetrics(subfolder) {
+  const query = new URLSearchParams({ filename: "metrics.jsonl", subfolder, type: "output" });
+  const response = await api.fetchApi(`/view?${query}`, { cache: "no-store" });
+  if (!response.ok) return [];
+  const points = [];
+  for (const line of (await response.text()).split("\n")) {
+    try {
+      const item = JSON.parse(line);
+      if (isFinite(item.step) && isFinite(item.loss)) points.push([item.step, item.loss]);
+    } catch (err) {
+      // a partly written last line
+    }
+  }
+  return downsample(points);
+}
+
+async function reconcile(id, node) {
+  const state = loadState(id);
+  if (!state?.prompt_id || TERMINAL.has(state.phase) || reconciling.has(id)) return;
+  reconciling.add(id);
+  try {
+    const response = await api.fetchApi(`/history/${encodeURIComponent(state.prompt_id)}`);
+    const status = (await response.json())[state.prompt_id]?.status;
+    if (!status || !["success", "error"].includes(status.status_str)) return; // queued or still running
+    const current = loadState(id);
+    if (current.prompt_id !== state.prompt_id || TERMINAL.has(current.phase)) return; // an event was quicker
+    const ok = status.status_str === "success";
+    const changes = { phase: ok ? "done" : "stopped", eta_s: null,
+                      message: `${ok ? "finished" : "stopped"} while this page was away` };
+    const subfolder = runSubfolder(current, node);
+    const history = subfolder ? await readMetrics(subfolder) : [];
+    if (history.length) {
+      const [step, loss] = history[history.length - 1];
+      Object.assign(changes, { history, step, loss });
+    }
+    update(id, changes);
+  } catch (err) {
+    // the server is unreachable: the next event or reconnection will tell
+  } finally {
+    reconciling.delete(id);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -271,6 +339,7 @@ class Monitor {
     if (this.node.id == null || this.node.id === -1) return;
     monitors.set(this.id, this);
     this.render(loadState(this.id));
+    reconcile(this.id, this.node);
   }
 
   detach() {
@@ -325,6 +394,9 @@ app.registerExtension({
   async setup() {
     api.addEventListener(TRAIN_EVENT, onTrain);
     api.addEventListener(VALIDATION_EVENT, onValidation);
+    api.addEventListener("reconnected", () => {
+      for (const [id, monitor] of monitors) reconcile(id, monitor.node);
+    });
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -352,5 +424,6 @@ app.registerExtension({
   },
 });
 
-// For tests and curious users: the latest state per node id (read-only use).
+// For tests and curious users: the latest state per node id (read-only use), and the catch-up after a gap.
 export const trainMonitorStates = states;
+export { reconcile };

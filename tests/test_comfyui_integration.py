@@ -638,18 +638,20 @@ MONITOR = "app.graph.getNodeById({id}).widgets.find(w => w.name === 'dd_train_mo
 
 
 def test_frontend_shows_live_training_in_the_train_node(comfy, live_info, tmp_path):
+    """The extension loads cleanly, and a run queued from the page fills the Train node's monitor (status,
+    progress bar, chart, validation image), across a page reload in the middle of the run."""
     from tests.comfyui_support.browser import Browser, find_browser
 
     if find_browser() is None:
         pytest.skip("needs Chromium (apt-get install -y chromium)")
-    run = f"browser_{int(time.time())}"
+    steps = 12
     build = _workflow_builder()(live_info)
     shapes = build.node("DD_SyntheticShapesDataset", count=8, size=32)
     pipeline = build.node("DD_LoadPipeline", source="default")
     loss = build.node("DD_FlowMatchingLoss")
-    train = build.node("DD_TrainLoRAFull", output_name=run, steps=6, batch_size=2, learning_rate=5e-3, lora_rank=4,
-                       save_every=0, validation_prompts="a red circle on a blue background", validation_every=3,
-                       validation_steps=2)
+    train = build.node("DD_TrainLoRAFull", output_name=f"browser_{int(time.time())}", steps=steps, batch_size=2,
+                       learning_rate=5e-3, lora_rank=4, save_every=0, validation_every=steps // 2,
+                       validation_prompts="a red circle on a blue background", validation_steps=2)
     preview = build.node("PreviewImage")
     build.columns([[shapes, pipeline, loss], [train], [preview]])
     for source, output, input_name in ((shapes, "dataset", "dataset"), (pipeline, "pipeline", "pipeline"),
@@ -657,37 +659,44 @@ def test_frontend_shows_live_training_in_the_train_node(comfy, live_info, tmp_pa
         build.connect(source, output, train, input_name)
     build.connect(train, "validation", preview, "images")
     graph = build.to_json()
-    train_id = train["id"]
+    monitor = MONITOR.format(id=train["id"])
+    status, image = f"{monitor}.querySelector('.dd-status').textContent", f"{monitor}.querySelector('img')"
+    read_monitor = f"""(async () => {{
+        const el = {monitor}, canvas = el.querySelector('canvas'), img = el.querySelector('img');
+        const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+        let inked = 0;  // chart pixels drawn (the canvas is transparent where nothing is drawn)
+        for (let i = 3; i < data.length; i += 4) inked += data[i] > 0;
+        const {{ trainMonitorStates }} = await import('/extensions/{PACK_FOLDER}/dit_distillery.js');
+        return {{status: el.querySelector('.dd-status').textContent, bar: el.querySelector('.dd-progress').style.width,
+                 inked, img: img.naturalWidth, caption: el.querySelector('.dd-validation-caption').textContent,
+                 points: (trainMonitorStates.get('{train["id"]}')?.history || []).length}};
+    }})()"""
     comfy.request("POST", "/settings/Comfy.TutorialCompleted", True)  # no template browser over the canvas
 
     with Browser() as browser:
         browser.goto(comfy.url)
         browser.wait_for(FRONTEND_READY, timeout=120)
-        names = browser.evaluate("app.extensions.map(e => e.name)")
-        assert "dit_distillery.train_monitor" in names
+        assert "dit_distillery.train_monitor" in browser.evaluate("app.extensions.map(e => e.name)")
         browser.evaluate(f"app.loadGraphData({json.dumps(graph)}, true, true, 'monitor_test')")
-        browser.wait_for(f"!!{MONITOR.format(id=train_id)}", timeout=30)
-        read_monitor = f"""(() => {{
-            const el = {MONITOR.format(id=train_id)};
-            const canvas = el.querySelector('canvas'), img = el.querySelector('img');
-            const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
-            let inked = 0;  // chart pixels drawn (the canvas is transparent where nothing is drawn)
-            for (let i = 3; i < data.length; i += 4) inked += data[i] > 0;
-            return {{status: el.querySelector('.dd-status').textContent, bar: el.querySelector('.dd-progress').style.width,
-                     inked, img: img.naturalWidth, caption: el.querySelector('.dd-validation-caption').textContent}};
-        }})()"""
+        browser.wait_for(f"!!{monitor}", timeout=30)
         idle = browser.evaluate(read_monitor)
         assert idle["status"].startswith("Waiting for a run") and idle["bar"] == "0%" and idle["img"] == 0, idle
 
-        # a real run queued from the page: the events reach this client and update the node
+        # a real run queued from the page: its events reach this client (and only it) and update the node
         browser.evaluate("app.queuePrompt(0, 1)")
-        status = f"{MONITOR.format(id=train_id)}.querySelector('.dd-status').textContent"
-        image = f"{MONITOR.format(id=train_id)}.querySelector('img')"
+        browser.wait_for(f"{status}.startsWith('train · step ')", timeout=300)
+        during = browser.evaluate(read_monitor)
+        assert 0 < during["points"] < steps and during["bar"] not in ("0%", "100%"), during
+
+        # reload in the middle of the run: the state comes back, and the rest of the run arrives
+        browser.goto(comfy.url)
+        browser.wait_for(FRONTEND_READY, timeout=120)
+        browser.wait_for(f"app.graph.getNodeById({train['id']}) && !!{monitor}", timeout=60)
         browser.wait_for(f"{status}.startsWith('done') && {image}.complete && {image}.naturalWidth > 0", timeout=300)
         state = browser.evaluate(read_monitor)
-        assert state["status"].startswith("done · step 6/6 · loss"), state
-        assert state["bar"] == "100%" and state["inked"] > 2 * idle["inked"] and state["img"] > 0, (idle, state)
-        assert state["caption"] == "validation at step 6", state
+        assert state["status"].startswith(f"done · step {steps}/{steps} · loss"), state
+        assert state["bar"] == "100%" and state["points"] == steps, state
+        assert state["inked"] > 2 * idle["inked"] and state["caption"] == f"validation at step {steps}", (idle, state)
 
         # events for a node that is not on the canvas, and a malformed one, change nothing here and raise nothing
         browser.evaluate("""(async () => { const { api } = await import('/scripts/api.js');
@@ -697,21 +706,16 @@ def test_frontend_shows_live_training_in_the_train_node(comfy, live_info, tmp_pa
         time.sleep(0.5)
         assert browser.evaluate(status) == state["status"]
         browser.evaluate(f"""(() => {{  // zoom 1 (below 0.6 the frontend hides DOM widgets), the monitor in view
-            const node = app.graph.getNodeById({train_id}), ds = app.canvas.ds;
+            const node = app.graph.getNodeById({train["id"]}), ds = app.canvas.ds;
             ds.scale = 1;
             ds.offset = [300 - node.pos[0], 880 - node.pos[1] - node.size[1]];
             app.canvas.setDirty(true, true);
         }})()""")
         time.sleep(1.5)
         browser.screenshot(tmp_path / "train_monitor.png")
-
-        # a page reload brings the last state back (same tab: same client id, sessionStorage)
-        browser.goto(comfy.url)
-        browser.wait_for(FRONTEND_READY, timeout=120)
-        browser.wait_for(f"app.graph.getNodeById({train_id}) && {status}.startsWith('done')", timeout=60)
         ours = [e for e in browser.errors() if "dit_distillery" in e or f"/extensions/{PACK_FOLDER}/" in e]
         assert not ours, ours
-    screenshots = os.environ.get("DD_SCREENSHOT_DIR")
+    screenshots = os.environ.get("DD_SCREENSHOT_DIR")  # to look at it: DD_SCREENSHOT_DIR=/tmp/shots pytest ...
     if screenshots:
         Path(screenshots).mkdir(parents=True, exist_ok=True)
         (Path(screenshots) / "train_monitor.png").write_bytes((tmp_path / "train_monitor.png").read_bytes())

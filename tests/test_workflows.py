@@ -281,7 +281,8 @@ const tick = () => new Promise((r) => setTimeout(r, 5));
 const out = { name: ext.name, hasHooks: typeof ext.beforeRegisterNodeDef === "function" };
 send("dit_distillery.train", { node: "12", prompt_id: "a", phase: "data", step: null, total: 10, history: [] });
 send("dit_distillery.train", { node: 12, prompt_id: "a", phase: "train", step: 3, total: 10, loss: 0.5, history: [[1, 0.9], [2, 0.7], [3, 0.5]] });
-send("dit_distillery.validation", { node: "12", prompt_id: "a", step: 3, url: "/view?filename=v.png&type=output" });
+send("dit_distillery.validation", { node: "12", prompt_id: "a", step: 3,
+      url: "/view?filename=v.png&subfolder=dit_distillery%2Frun%2Fvalidation&type=output" });
 send("dit_distillery.train", { node: "12", prompt_id: "a", phase: "checkpoint", step: 3, total: 10, history: [] });
 send("dit_distillery.train", { node: "99", prompt_id: "a", phase: "train", step: 1, total: 2, loss: 1.0, history: [[1, 1.0]] });
 send("dit_distillery.train", null);
@@ -293,6 +294,21 @@ out.saved = JSON.parse(store.get("dit_distillery.monitor.12"));
 send("dit_distillery.train", { node: "12", prompt_id: "b", phase: "data", step: null, total: 20, history: [[1, 0.9], [2, 0.7], [3, 0.5]] });
 await tick();
 out.second = mod.trainMonitorStates.get("12");
+// the page was away when run "b" ended: the server's history says so, and its metrics.jsonl has the curve
+const requests = [];
+let finished = false;
+api.fetchApi = async (route) => {
+  requests.push(route);
+  if (route.startsWith("/history/")) return { ok: true, json: async () => finished ? { b: { status: { status_str: "success", completed: true } } } : {} };
+  return { ok: true, text: async () => '{"step": 1, "loss": 0.8}\n{"step": 2, "loss": 0.6, "lr": 1e-4}\n{"step": 3, "lo' };
+};
+await mod.reconcile("12", null);
+out.running = mod.trainMonitorStates.get("12").phase;
+finished = true;
+await mod.reconcile("12", null);
+await tick();
+out.caughtUp = mod.trainMonitorStates.get("12");
+out.requests = requests;
 console.log(JSON.stringify(out));
 """
 JS_APP_STUB = """
@@ -319,8 +335,13 @@ def test_js_extension_keeps_the_state_of_every_train_node(tmp_path):
     first = out["first"]
     assert first["phase"] == "checkpoint" and first["step"] == 3 and first["loss"] == 0.5  # an empty history
     assert first["history"] == [[1, 0.9], [2, 0.7], [3, 0.5]]  # in the same run keeps the curve
-    assert first["validation"] == {"url": "/view?filename=v.png&type=output", "step": 3, "prompt_id": "a"}
+    assert first["validation"]["step"] == 3 and first["validation"]["prompt_id"] == "a"
     assert out["other"]["step"] == 1  # a node that is not on the canvas: kept for later, no error
     assert out["saved"]["history"] == first["history"]  # survives a page reload (sessionStorage)
     second = out["second"]
     assert second["prompt_id"] == "b" and second["total"] == 20 and second["validation"]["stale"] is True
+    assert out["running"] == "data"  # not in the history yet: nothing changes
+    caught_up = out["caughtUp"]
+    assert caught_up["phase"] == "done" and "away" in caught_up["message"]
+    assert caught_up["history"] == [[1, 0.8], [2, 0.6]] and caught_up["step"] == 2  # a torn last line is skipped
+    assert out["requests"][-1] == "/view?filename=metrics.jsonl&subfolder=dit_distillery%2Frun&type=output"
