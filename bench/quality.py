@@ -756,8 +756,10 @@ def _section_distill(rec: dict, d: DemoConfig) -> tuple[list[str], list]:
                   "which every run trains on:", "",
                   *common.md_table(DISTILL_COLUMNS, [_metric_row(label, budget[n], b, tm.get(f"distill_{n}"))
                                                      for n, (_, _, _, label) in BUDGET_RUNS.items()])]
-        met = [BUDGET_RUNS[n][3] for n, m in budget.items() if m and m["latent_mse"] / b <= 0.25]
-        lines += ["", "Goal met by: " + (", ".join(met) if met else "none of them") + "."]
+        met = [f"{BUDGET_RUNS[n][3]} ({m['latent_mse'] / b:.3f}x; the 0.25x line is "
+               f"{(0.25 * b - m['latent_mse']) / m['latent_mse_se']:.1f} standard errors of its MSE above it)"
+               for n, m in budget.items() if m and m["latent_mse"] / b <= 0.25]
+        lines += ["", "Goal met by: " + ("; ".join(met) if met else "none of them") + "."]
     lines += ["", "![latent MSE](quality_distill_mse.png)", "",
               "Teacher vs students (held-out pairs): ![grid](quality_grid_distill.png)", ""]
     runs = [n for n in [*DISTILL_RUNS, *BUDGET_RUNS] if f"distill_{n}" in ev]
