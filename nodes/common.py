@@ -226,11 +226,13 @@ class Progress:
     (the last one always goes through).
     """
 
-    def __init__(self, total: int, node_id: str | None = None, min_interval: float = 0.1):
+    MIN_INTERVAL = 0.1  # seconds between bar updates (websocket traffic); tests set it to 0
+
+    def __init__(self, total: int, node_id: str | None = None, min_interval: float | None = None):
         utils = comfy_module("comfy.utils")
         self.bar = utils.ProgressBar(max(1, int(total)), node_id=node_id) if utils is not None else None
         self.node_id = node_id
-        self.min_interval = min_interval
+        self.min_interval = self.MIN_INTERVAL if min_interval is None else min_interval
         self._last = 0.0
         self._cancelled = False
 

@@ -153,9 +153,14 @@ class SyntheticShapesDataset:
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 32 - 1, "control_after_generate": False,
                              "tooltip": "Seed of the shapes, colours and positions."}),
             **_common_inputs(),
+        }, "optional": {
+            "caption_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.95, "step": 0.01, "tooltip":
+                                "Fraction of steps trained on the empty prompt, so CFG has an unconditional "
+                                "branch to use (0 = DiffSynth's behaviour; ~0.1 for a teacher you will sample "
+                                "with CFG)."}),
         }}
 
-    def make(self, count, size, seed, repeat, cache):
+    def make(self, count, size, seed, repeat, cache, caption_dropout=0.0):
         from dit_distillery.data import read_metadata, write_dataset
         from dit_distillery.data.images import load_image
 
@@ -164,7 +169,8 @@ class SyntheticShapesDataset:
             write_dataset(folder, int(count), seed=int(seed), size=int(size))
         rows = read_metadata(folder)
         spec = {"path": str(folder), "synthetic": {"count": int(count), "size": int(size), "seed": int(seed)},
-                "height": int(size), "width": int(size), "repeat": int(repeat), "cache": bool(cache)}
+                "height": int(size), "width": int(size), "repeat": int(repeat), "cache": bool(cache),
+                "caption_dropout": float(caption_dropout)}
         preview = pil_to_image([load_image(r.image) for r in rows.rows[:16]])
         summary = _summary(rows, spec)
         return (DatasetRef(spec, len(rows), summary), preview, summary)

@@ -11,12 +11,14 @@ at the end of "optional".
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dit_distillery.errors import DistilleryError
 
 from .common import (DIT, NONE, PIPELINE, STUDENT_CATEGORY, Progress, comfy_module, find_model, list_models,
-                     model_write_dir, output_connected, path_inside, pixels_to_image, stat_key, user_errors)
+                     model_dirs, model_write_dir, output_connected, path_inside, pixels_to_image, stat_key, user_errors)
 
 MODEL_SLOT = 1  # index of Load Student's MODEL output
 
@@ -52,6 +54,9 @@ class LoadStudent:
             },
             "optional": {
                 "dit": (DIT, {"tooltip": "Student DiT from another node (Shrink DiT, Load DiT); wins over weights."}),
+                "trained_weights": ("STRING", {"forceInput": True, "tooltip":
+                                    "Connect Train's `weights` output: a LoRA file is merged at `strength` (instead "
+                                    "of `lora`), a full DiT file replaces the base's DiT (instead of `weights`)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
@@ -67,7 +72,8 @@ class LoadStudent:
                     paths.append(name)
         return f"{stat_key(*paths)}|{export_name}"
 
-    def load(self, pipeline, weights, lora, strength, export_name, dit=None, unique_id=None, prompt=None):
+    def load(self, pipeline, weights, lora, strength, export_name, dit=None, trained_weights=None, unique_id=None,
+             prompt=None):
         from dit_distillery.models.registry import family_of, model_config
         from dit_distillery.student import comfy_loadable, export_comfy
         from dit_distillery.velocity import base_model
@@ -75,10 +81,17 @@ class LoadStudent:
         ref = pipeline
         weights_path = dit.path if dit is not None else (None if weights in (None, "", NONE)
                                                          else str(find_model("diffusion_models", weights, "weights")))
+        lora_path = None if lora in (None, "", NONE) else str(find_model("loras", lora, "lora"))
+        if trained_weights:
+            kind, path = _trained_file(trained_weights)
+            if kind == "lora":
+                lora_path = path
+            else:
+                weights_path = path
         if weights_path is not None:
             ref = ref.with_dit(weights_path)
-        if lora not in (None, "", NONE):
-            ref = ref.with_lora(str(find_model("loras", lora, "lora")), float(strength))
+        if lora_path is not None:
+            ref = ref.with_lora(lora_path, float(strength))
         exported = None
         if str(export_name).strip():
             exported = path_inside(model_write_dir("diffusion_models"), export_name, "export_name", ".safetensors")
@@ -102,6 +115,23 @@ class LoadStudent:
                                           "disconnect the MODEL output and draw images with the Sample node.")
                 model = comfy_model(dit_module, config, loadable)
         return (ref, model, "\n".join(lines))
+
+
+def _trained_file(path: str) -> tuple[str, str]:
+    """("lora" | "dit", path) of a file Train wrote; only files inside ComfyUI's loras/diffusion_models folders."""
+    from dit_distillery.formats import TensorSource
+
+    real = os.path.realpath(path)
+    for kind in ("loras", "diffusion_models"):
+        for root in model_dirs(kind):
+            root = os.path.realpath(root)
+            if os.path.commonpath([root, real]) == root and os.path.isfile(real):
+                with TensorSource(real, "trained_weights", prefixes=()) as src:
+                    is_lora = src.metadata.get("dit_distillery.kind") == "lora" or any(
+                        k.endswith(".lora_A.weight") for k in src.keys())
+                return ("lora" if is_lora else "dit"), real
+    raise DistilleryError("trained_weights", path, "is not a file in ComfyUI's loras or diffusion_models folders.",
+                          "connect the `weights` output of Train LoRA / Full.")
 
 
 def comfy_model(dit: torch.nn.Module, config: dict, loadable: bool):

@@ -167,6 +167,7 @@ class NodeCallbacks:
     def __init__(self, progress: Progress, node_id: str | None, total: int, out: Path, min_interval: float = 0.25):
         self.progress, self.node_id, self.total = progress, node_id, total
         self.min_interval = min_interval
+        self.run = _output_relative(out)  # where the run's files are, for /view URLs (metrics.jsonl, loss.png)
         self.history: list[list] = []
         metrics = out / "metrics.jsonl"  # a resumed run: what the earlier part of it logged
         if metrics.is_file():
@@ -183,7 +184,7 @@ class NodeCallbacks:
             return False
         self._last_sent = now
         payload = {"node": self.node_id, "prompt_id": prompt_id(), "step": None, "total": self.total, "loss": None,
-                   "lr": None, "images_per_s": None, "eta_s": None, "epoch": None, "message": None}
+                   "lr": None, "images_per_s": None, "eta_s": None, "epoch": None, "message": None, "run": self.run}
         payload.update(self.last)
         payload.update(phase=phase, history=downsample(self.history), **data)
         send_event(TRAIN_EVENT, payload)
@@ -216,6 +217,14 @@ class NodeCallbacks:
 
     def on_checkpoint(self, step: int, path, weights) -> None:
         self.send("checkpoint", force=True, message=f"checkpoint at step {step}: {path}")
+
+
+def _output_relative(out: Path) -> dict | None:
+    """{"subfolder", "type": "output"} of a run folder inside ComfyUI's output folder, for /view URLs."""
+    try:
+        return {"subfolder": out.resolve().relative_to(output_dir().resolve()).as_posix(), "type": "output"}
+    except ValueError:
+        return None
 
 
 @contextlib.contextmanager

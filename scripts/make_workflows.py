@@ -207,7 +207,7 @@ two CPU cores: the teacher learns the colours and rough shapes, and the student 
 50-step images than the teacher itself at 4 steps. For a teacher that draws the prompt reliably, set its steps
 to 1500 and batch_size to 32 (about 25 minutes on 2 cores, or run `python -m dit_distillery demo`).
 """, (420, 560))
-    shapes = w.node("DD_SyntheticShapesDataset", count=256, size=32, seed=0)
+    shapes = w.node("DD_SyntheticShapesDataset", count=256, size=32, seed=0, caption_dropout=0.1)
     preview_shapes = w.node("PreviewImage", title="Training images")
     build = w.node("DD_BuildAAADiT", title="Build AAADiT (teacher init)", preset="demo", seed=0,
                    name="quickstart_teacher_init.safetensors")

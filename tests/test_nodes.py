@@ -53,7 +53,7 @@ FROZEN = {
     "DD_LoadDiT": (["dit_name"], [], [("dit", "DD_DIT"), ("summary", "STRING")]),
     "DD_LoadPipeline": (["source", "dit_name", "text_encoder_name", "vae_name", "text_max_length", "dtype", "device"],
                         ["dit"], [("pipeline", "DD_PIPELINE"), ("summary", "STRING")]),
-    "DD_LoadStudent": (["pipeline", "weights", "lora", "strength", "export_name"], ["dit"],
+    "DD_LoadStudent": (["pipeline", "weights", "lora", "strength", "export_name"], ["dit", "trained_weights"],
                        [("pipeline", "DD_PIPELINE"), ("model", "MODEL"), ("summary", "STRING")]),
     "DD_LossChart": (["loss_history", "smoothing", "log_scale", "width", "height"], [], [("chart", "IMAGE")]),
     "DD_ModelSizeReport": (["preset", "layers", "heads", "height", "width", "batch", "text_tokens", "lora_rank",
@@ -64,7 +64,7 @@ FROZEN = {
     "DD_ShrinkDiT": (["source", "target_blocks", "strategy", "block_list", "keep_first", "heads", "width_method",
                       "calibration_prompts", "calibration_size", "calibration_seed", "dtype", "name", "overwrite"],
                      ["dit", "pipeline"], [("dit", "DD_DIT"), ("report", "STRING")]),
-    "DD_SyntheticShapesDataset": (["count", "size", "seed", "repeat", "cache"], [],
+    "DD_SyntheticShapesDataset": (["count", "size", "seed", "repeat", "cache"], ["caption_dropout"],
                                   [("dataset", "DD_DATASET"), ("preview", "IMAGE"), ("summary", "STRING")]),
     "DD_TrainLoRAFull": (["pipeline", "dataset", "loss", "mode", "output_name", "steps", "batch_size", "grad_accum",
                           "learning_rate", "lr_schedule", "warmup_steps", "optimizer", "weight_decay", "grad_clip",
@@ -430,6 +430,23 @@ def test_load_student_merges_a_lora_and_exports(trained_lora, fake_comfy):
         call("DD_LoadStudent", pipeline=base, lora="lora_run.safetensors", unique_id="9",
              prompt={**prompt, "11": {"class_type": "KSampler", "inputs": {"model": ["9", 1]}}})
     assert cls.IS_CHANGED(lora="lora_run.safetensors") == cls.IS_CHANGED(lora="lora_run.safetensors")
+
+
+def test_load_student_takes_trains_weights_output(trained_lora, fake_comfy, tmp_path):
+    base, _, weights, _, _, _ = trained_lora
+    by_name, _, _ = call("DD_LoadStudent", pipeline=base, lora="lora_run.safetensors", unique_id="9", prompt={})
+    wired, _, summary = call("DD_LoadStudent", pipeline=base, trained_weights=str(weights), unique_id="9", prompt={})
+    a, b = by_name.load().dit.state_dict(), wired.load().dit.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(weights.read_bytes())
+    with pytest.raises(DistilleryError, match="trained_weights"):
+        call("DD_LoadStudent", pipeline=base, trained_weights=str(outside), unique_id="9", prompt={})
+
+
+def test_synthetic_shapes_caption_dropout_reaches_the_job():
+    dataset, _, _ = call("DD_SyntheticShapesDataset", count=8, size=32, caption_dropout=0.1)
+    assert dataset.data_spec()["caption_dropout"] == 0.1
 
 
 def test_load_student_with_shrunk_weights(qwen_source):

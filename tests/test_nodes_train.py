@@ -95,8 +95,12 @@ def test_progress_events_and_memory(setup, fake_comfy):
     json.dumps(events)  # every payload is JSON (the server serialises it)
 
 
-def test_cancel_saves_a_checkpoint_and_the_next_queue_continues(setup, fake_comfy):
+def test_cancel_saves_a_checkpoint_and_the_next_queue_continues(setup, fake_comfy, monkeypatch):
+    import sys
+    from tests.test_nodes_common import load_pack
     pipe, dataset, loss = setup
+    common = sys.modules[load_pack().__name__ + ".nodes.common"]
+    monkeypatch.setattr(common.Progress, "MIN_INTERVAL", 0.0)  # every update counts, however fast the steps are
     unbroken = _train(pipe, dataset, loss, output_name="unbroken", validation_prompts="")
     fake_comfy.bar_updates.clear()
     fake_comfy.interrupt_after_updates = 3  # Cancel pressed during training (after the data bar, two steps in)
