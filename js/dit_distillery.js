@@ -111,7 +111,9 @@ function onValidation(event) {
 const reconciling = new Set();
 
 function runSubfolder(state, node) {
-  // output/dit_distillery/<output_name>: seen in a validation image's URL, else read from the node's widget
+  // output/dit_distillery/<output_name>: sent by the node with every event ("run"), else seen in a validation
+  // image's URL, else read from the node's widget
+  if (state.run?.subfolder) return state.run.subfolder;
   const query = state.validation?.url?.split("?")[1];
   const fromImage = query ? new URLSearchParams(query).get("subfolder") : null;
   if (fromImage?.endsWith("/validation")) return fromImage.slice(0, -"/validation".length);
