@@ -17,7 +17,7 @@ checkpoint, dataset generation skips written rows).
 
 from __future__ import annotations
 
-import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,17 +39,18 @@ class DemoConfig:
     teacher_steps: int = 1500  # SFT steps of the from-scratch teacher
     teacher_batch: int = 32
     teacher_lr: float = 1e-3
-    distill_prompts: int = 96  # teacher-dataset prompts (x distill_seeds rows)
+    distill_prompts: int = 384  # teacher-dataset prompts (x distill_seeds rows): with fewer rows the student
+    # fits its training rows rather than the teacher (bench/results/quality.md, "more budget")
     distill_seeds: int = 2
     teacher_sample_steps: int = 50
     teacher_cfg: float = 4.0
     student_steps: int = 4
     student_cfg: float = 1.0
     lora_rank: int = 16
-    lora_steps: int = 300
+    lora_steps: int = 1200
     lora_lr: float = 2e-3
     shrunk_layers: int = 2  # of the teacher's 4 blocks (tiny.DEFAULT_DIT)
-    shrunk_steps: int = 300
+    shrunk_steps: int = 600
     shrunk_lr: float = 5e-4
     distill_batch: int = 8
     eval_pairs: int = 32  # held-out (prompt, seed) pairs
@@ -63,7 +64,9 @@ QUICK = DemoConfig(samples=64, teacher_steps=30, teacher_batch=16, distill_promp
 PRESETS = {"full": DemoConfig(), "quick": QUICK}
 
 
-class _Log(Callbacks):
+class LogCallbacks(Callbacks):
+    """Trainer callbacks that log messages and every `every`-th step as one line."""
+
     def __init__(self, stage: str, log: Callable[[str], None], every: int = 50):
         self.stage, self.log, self.every = stage, log, every
 
@@ -76,14 +79,16 @@ class _Log(Callbacks):
                      f"({info.images_per_s:.0f} img/s, eta {info.eta_s:.0f}s)")
 
 
-def _job(out: Path, **spec) -> TrainJob:
+def job_for(out: Path, **spec) -> TrainJob:
+    """A demo training job on the embedded default pipeline, resumable, with `spec` merged over the defaults."""
     base = {"model": {"pipeline": "default"}, "resume": "auto", "output": {"dir": str(out), "save_every": 100}}
     for key, value in spec.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) and key in base else value
     return TrainJob.from_dict(base)
 
 
-def _eval_pairs(cfg: DemoConfig) -> tuple[list[str], list[int]]:
+def eval_pairs(cfg: DemoConfig) -> tuple[list[str], list[int]]:
+    """The held-out (prompt, seed) pairs: seeds from EVAL_SEED_OFFSET, never used for a teacher dataset."""
     from .gen_dataset import synthetic_prompts
 
     prompts = synthetic_prompts(cfg.eval_pairs, seed=cfg.seed + 7)
@@ -91,7 +96,7 @@ def _eval_pairs(cfg: DemoConfig) -> tuple[list[str], list[int]]:
     return prompts, seeds
 
 
-def _colour_shape_accuracy(images, prompts) -> dict:
+def colour_shape_accuracy(images, prompts) -> dict:
     """Fraction of images whose shape / colour / background (and all three) match the prompt."""
     from .data.synthetic import classify_image, parse_caption
 
@@ -129,7 +134,7 @@ def run_demo(out: str | Path = "demo_out", config: DemoConfig | None = None,
 
     # 2. teacher from scratch
     t = time.time()
-    teacher_job = _job(out / "teacher", data={"path": str(data), "height": cfg.size, "width": cfg.size,
+    teacher_job = job_for(out / "teacher", data={"path": str(data), "height": cfg.size, "width": cfg.size,
                                               "caption_dropout": 0.1},
                        loss={"kind": "flow_matching"}, mode="full", steps=cfg.teacher_steps,
                        batch_size=cfg.teacher_batch, gradient_checkpointing=False, seed=cfg.seed,
@@ -137,7 +142,7 @@ def run_demo(out: str | Path = "demo_out", config: DemoConfig | None = None,
                               "schedule": "cosine", "min_lr_ratio": 0.1, "weight_decay": 0.0},
                        output={"name": "teacher", "save_dtype": "fp32"},
                        validation={"eval_samples": 32})
-    teacher_result = train(teacher_job, callbacks=_Log("teacher", log), stop=stop)
+    teacher_result = train(teacher_job, callbacks=LogCallbacks("teacher", log), stop=stop)
     teacher_file = teacher_result.weights
     timings["teacher"] = time.time() - t
 
@@ -161,11 +166,11 @@ def run_demo(out: str | Path = "demo_out", config: DemoConfig | None = None,
 
     # 4. Direct-Distill LoRA student
     t = time.time()
-    lora_job = _job(out / "student_lora", model={"pipeline": "default", "dit": str(teacher_file)}, mode="lora",
+    lora_job = job_for(out / "student_lora", model={"pipeline": "default", "dit": str(teacher_file)}, mode="lora",
                     steps=cfg.lora_steps, lora={"rank": cfg.lora_rank},
                     optim={"lr": cfg.lora_lr, "warmup_steps": min(20, cfg.lora_steps // 10), "weight_decay": 0.0},
                     output={"name": "student_lora", "save_dtype": "fp32"}, **common)
-    lora_result = train(lora_job, callbacks=_Log("student lora", log), stop=stop)
+    lora_result = train(lora_job, callbacks=LogCallbacks("student lora", log), stop=stop)
     timings["student_lora"] = time.time() - t
 
     # 5. depth-shrunk student, distilled with full weights
@@ -174,12 +179,12 @@ def run_demo(out: str | Path = "demo_out", config: DemoConfig | None = None,
     if not shrunk_file.is_file():
         small, kept = drop_blocks(teacher.dit, layers=cfg.shrunk_layers, strategy="interval")
         save_dit(small, shrunk_file, provenance={"source": str(teacher_file), "strategy": "interval", "kept": kept})
-    shrunk_job = _job(out / "student_shrunk", model={"pipeline": "default", "dit": str(shrunk_file)}, mode="full",
+    shrunk_job = job_for(out / "student_shrunk", model={"pipeline": "default", "dit": str(shrunk_file)}, mode="full",
                       steps=cfg.shrunk_steps,
                       optim={"lr": cfg.shrunk_lr, "warmup_steps": min(20, cfg.shrunk_steps // 10),
                              "weight_decay": 0.0},
                       output={"name": "student_shrunk", "save_dtype": "fp32"}, **common)
-    shrunk_result = train(shrunk_job, callbacks=_Log("student shrunk", log), stop=stop)
+    shrunk_result = train(shrunk_job, callbacks=LogCallbacks("student shrunk", log), stop=stop)
     timings["student_shrunk"] = time.time() - t
 
     # 6. evaluation on held-out prompt/seed pairs
@@ -202,7 +207,7 @@ def evaluate(out: Path, cfg: DemoConfig, teacher_file, lora_file, shrunk_file, l
     from .pipelines.loading import load_pipeline
     from .student import load_student
 
-    prompts, seeds = _eval_pairs(cfg)
+    prompts, seeds = eval_pairs(cfg)
     teacher = load_pipeline("default", dit=teacher_file)
     few = dict(steps=cfg.student_steps, cfg_scale=cfg.student_cfg, height=cfg.size, width=cfg.size)
     reference = teacher.sample(prompts, seeds=seeds, steps=cfg.teacher_sample_steps, cfg_scale=cfg.teacher_cfg,
@@ -214,18 +219,18 @@ def evaluate(out: Path, cfg: DemoConfig, teacher_file, lora_file, shrunk_file, l
     }
     metrics = {"config": asdict(cfg), "eval_pairs": len(prompts),
                "teacher": {"steps": cfg.teacher_sample_steps, "cfg": cfg.teacher_cfg,
-                           "accuracy": _colour_shape_accuracy(reference.images, prompts)}}
+                           "accuracy": colour_shape_accuracy(reference.images, prompts)}}
     for name, result in runs.items():
         mse = float(((result.latents - reference.latents) ** 2).mean())
         metrics[name] = {"steps": cfg.student_steps, "cfg": cfg.student_cfg, "latent_mse": mse,
-                         "accuracy": _colour_shape_accuracy(result.images, prompts)}
+                         "accuracy": colour_shape_accuracy(result.images, prompts)}
     base = metrics["teacher_4step"]["latent_mse"]
     for name in ("student_lora", "student_shrunk"):
         metrics[name]["mse_vs_baseline"] = metrics[name]["latent_mse"] / base if base else None
     rows = cfg.grid_rows
     grid = image_grid([[reference.images[i], runs["teacher_4step"].images[i], runs["student_lora"].images[i],
                         runs["student_shrunk"].images[i]] for i in range(min(rows, len(prompts)))],
-                      row_labels=[p.replace("a ", "").replace(" background", "") for p in prompts[:rows]],
+                      row_labels=[re.sub(r"\ban? |( background$)", "", p) for p in prompts[:rows]],
                       col_labels=[f"teacher {cfg.teacher_sample_steps}st cfg{cfg.teacher_cfg:g}",
                                   f"teacher {cfg.student_steps}st cfg{cfg.student_cfg:g}", "LoRA student",
                                   f"{cfg.shrunk_layers}-block student"])
