@@ -40,12 +40,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if command is not None and name != command:
             sub.add_parser(name, add_help=False)  # listed, not loaded
             continue
-        try:
-            module = _load(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("dit_distillery.commands."):
-                continue  # command not available in this build
-            raise
+        module = _load(name)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.add_argument("--json", action="store_true", help="print one JSON report instead of text")

@@ -24,7 +24,6 @@ at the end of "optional".
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
@@ -227,20 +226,6 @@ def _output_relative(out: Path) -> dict | None:
         return None
 
 
-@contextlib.contextmanager
-def _seeded(seed: int):
-    """Run with torch's RNGs seeded from the job, and restore ComfyUI's afterwards.
-
-    The trainer draws its per-sample randomness from its own generators, but new LoRA adapters are initialised
-    from the global RNG: in a long-lived ComfyUI process that state depends on whatever ran before, so without
-    this two identical runs would start from different adapters.
-    """
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 def _archive(out: Path) -> Path | None:
     """Move an earlier run aside (never deleted): output/dit_distillery/<name>.previous-N."""
     if not out.exists():
@@ -313,8 +298,9 @@ class TrainLoRAFull:
         progress = Progress(job.steps, unique_id)
         callbacks = NodeCallbacks(progress, unique_id, job.steps, out)
         with user_errors(progress):
-            base = pipeline.without_loras().load()  # before seeding: a first load draws from the global RNG
-        with user_errors(progress), torch.inference_mode(False), torch.enable_grad(), _seeded(job.seed):
+            base = pipeline.without_loras().load()
+        # the trainer seeds its own (forked) RNG from job.seed, so a queued-again graph gives the same weights
+        with user_errors(progress), torch.inference_mode(False), torch.enable_grad():
             # plain LoRA training only adds adapters: the frozen weights are shared, not copied
             work = training_pipeline(base, share_weights=job.mode == "lora" and not job.lora.preset)
             try:
