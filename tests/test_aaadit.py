@@ -196,8 +196,13 @@ def test_registry_round_trip_with_and_without_our_metadata(tmp_path):
         assert registry.detect(src) == ("aaadit", registry.model_config(model))
     back = registry.load_dit(path)
     assert isinstance(back, AAADiT) and back.config.num_heads == 4
+    # the round trip itself is exact: every weight comes back bit for bit ...
+    for (name, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    # ... but the forward is not bit-reproducible between two module instances: the tensors' memory alignment
+    # (mmap'd file vs fresh allocation) can pick another SIMD kernel path, ~4e-7 apart on some CPUs.
     with torch.no_grad():
-        torch.testing.assert_close(back(latents, text, 250.0), expected, rtol=0, atol=0)
+        torch.testing.assert_close(back(latents, text, 250.0), expected, rtol=1e-5, atol=1e-5)
 
     # a DiffSynth-style file (bare keys, no metadata): recognised from its keys, heads = width // 32
     bare = tmp_path / "diffsynth.safetensors"

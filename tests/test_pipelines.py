@@ -268,7 +268,15 @@ def test_load_with_single_file_components(pipes, folders, tmp_path):
     folder = folders["aaadit"]
     loaded = load_pipeline(folder, dit=dit_file, text_encoder=te_file, vae=vae_file)
     reference = pipe.sample(PROMPTS[0], seeds=2, steps=3, output="latent").latents
-    assert torch.equal(loaded.sample(PROMPTS[0], seeds=2, steps=3, output="latent").latents, reference)
+    for part in ("dit", "text_encoder", "vae"):  # the files bring back every weight bit for bit ...
+        module = {"dit": lambda p: p.dit, "text_encoder": lambda p: p.prompt_encoder.text_encoder,
+                  "vae": lambda p: p.codec.vae}[part]
+        for (name, a), (_, b) in zip(module(pipe).state_dict().items(), module(loaded).state_dict().items(), strict=True):
+            assert torch.equal(a, b), f"{part}.{name}"
+    # ... while sampling through other module instances is reproducible only to float rounding (kernel paths can
+    # differ with memory alignment, ~1e-7 on some CPUs)
+    torch.testing.assert_close(loaded.sample(PROMPTS[0], seeds=2, steps=3, output="latent").latents, reference,
+                               rtol=1e-5, atol=1e-5)
     # without a diffusers folder, every component must be named; a lone text-encoder file needs its config
     with pytest.raises(DistilleryError, match="config"):
         load_pipeline(None, dit=dit_file, text_encoder=te_file, tokenizer=folder / "tokenizer", vae=vae_file)
@@ -276,7 +284,7 @@ def test_load_with_single_file_components(pipes, folders, tmp_path):
                           vae=vae_file, vae_config=folder / "vae", text_max_length=32)
     assert alone.defaults["height"] == 256  # no model_index: the family's own defaults
     again = alone.sample(PROMPTS[0], seeds=2, steps=3, cfg_scale=1.0, height=32, width=32, output="latent").latents
-    assert torch.equal(again, reference)
+    torch.testing.assert_close(again, reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(DistilleryError, match="tokenizer"):
         load_pipeline(None, dit=dit_file, text_encoder=folder / "text_encoder", vae=vae_file)
 
