@@ -1,8 +1,10 @@
 """The headless command line: `python -m dit_distillery <command> [--json] ...`.
 
-Commands are imported lazily, so `--help` stays fast and a command's heavy dependencies load only when it
-runs. Every command prints a human-readable summary, or exactly one JSON object with `--json`. Bad input
-(`DistilleryError`) exits with status 2 and a message naming the field, the value and the fix.
+Command modules import only the standard library and light core modules at their top (torch, diffusers,
+transformers, peft and accelerate only inside `run`), so `--help` and argument errors answer at once and a
+command's heavy dependencies load only when it runs (tests/test_cli_fast.py checks it). Every command prints a
+human-readable summary, or exactly one JSON object with `--json`. Bad input (`DistilleryError`) exits with
+status 2 and a message naming the field, the value and the fix.
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" once: not where the help text already states its default, nor for None/False/""."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        stated = "(default" in text or "default:" in text
+        if stated or not action.option_strings or action.default in (None, False, "", argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _load(command: str):
     return importlib.import_module(f"dit_distillery.commands.{COMMANDS[command]}")
 
@@ -42,7 +55,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             continue
         module = _load(name)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         p.add_argument("--json", action="store_true", help="print one JSON report instead of text")
         module.add_arguments(p)
         p.set_defaults(_module=module)

@@ -105,7 +105,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         # mkstemp makes the file private (0600); give it the mode a normal write would (or the replaced file's)
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else _default_mode())
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else usual_mode())
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -115,16 +115,43 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def _default_mode() -> int:
-    """0o666 minus the process umask, read without changing it (os.umask would race with other threads)."""
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would race with other threads); 022 if unreadable."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
                 if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
+                    return int(line.split()[1], 8)
     except OSError:
         pass
-    return 0o644
+    return 0o022
+
+
+def usual_mode(folder: bool = False) -> int:
+    """The mode a plain `open(..., "w")` (0o666) or `mkdir` (0o777) gives under the current umask."""
+    return (0o777 if folder else 0o666) & ~_umask()
+
+
+def give_usual_permissions(path: str | os.PathLike) -> None:
+    """Give a file, or a folder and everything under it, the permissions a plain write/mkdir would have.
+
+    `mkstemp`/`mkdtemp` make private temporaries (0600/0700), and some writers do the same for their own files
+    (safetensors' `save_file` inside `save_pretrained`); call this on a temporary before renaming it into place,
+    so what appears under the final name looks like any other output. Symlinks are left alone.
+    """
+    path = Path(path)
+    file_mode, folder_mode = usual_mode(), usual_mode(folder=True)
+    if path.is_symlink():
+        return
+    if not path.is_dir():
+        os.chmod(path, file_mode)
+        return
+    os.chmod(path, folder_mode)
+    for root, folders, files in os.walk(path):
+        for names, mode in ((folders, folder_mode), (files, file_mode)):
+            for name in names:
+                if not os.path.islink(os.path.join(root, name)):
+                    os.chmod(os.path.join(root, name), mode)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

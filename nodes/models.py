@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from dit_distillery.errors import DistilleryError
+from dit_distillery.models import aaadit_presets
 
 from .common import (DIT, MODELS_CATEGORY, NONE, PIPELINE, Progress, find_model, list_diffusers_folders, list_models,
                      lines, model_dirs, model_write_dir, path_inside, stat_key, user_errors)
@@ -23,20 +24,8 @@ FROM_INPUT = "[dit input]"  # Shrink DiT's source when the DiT comes from the `d
 # ----------------------------------------------------------------------------------------------------------
 # Build AAADiT
 
-def _aaadit_presets() -> dict:
-    from dit_distillery import tiny
-    from dit_distillery.models import aaadit
-
-    demo = aaadit.tiny_config(latent_channels=3 * tiny.DEFAULT_PIXEL_PATCH ** 2, text_width=tiny.DEFAULT_TEXT_WIDTH)
-    demo.update(tiny.DEFAULT_DIT)
-    return {
-        "tutorial": dict(aaadit.TUTORIAL_CONFIG),  # DiffSynth's 0.1B model (Flux2 VAE + Qwen3-0.6B)
-        "tiny": aaadit.tiny_config(latent_channels=128, text_width=32),  # fits the built-in "tiny:aaadit" pipeline
-        "demo": demo,  # fits the built-in "default" pipeline (pixel codec, tiny Qwen3): trains on a CPU in minutes
-    }
-
-
-AAADIT_PRESETS = ("tutorial", "tiny", "demo")
+# The presets are the core's table (the CLI's `build-aaadit --preset` uses the same one).
+AAADIT_PRESETS = tuple(aaadit_presets.PRESETS)
 _AAADIT_FIELDS = ("width", "num_blocks", "num_heads", "ffn_ratio", "latent_channels", "text_width")
 
 
@@ -56,10 +45,7 @@ class BuildAAADiT:
         size = lambda what: ("INT", {"default": 0, "min": 0, "max": 65536,  # noqa: E731
                                      "tooltip": f"{what}; 0 keeps the preset's."})
         return {"required": {
-            "preset": (list(AAADIT_PRESETS), {"default": "tutorial", "tooltip":
-                       "tutorial: DiffSynth's 128.8M model (1024 wide, 10 blocks, Flux2 VAE, Qwen3-0.6B). tiny: fits "
-                       "the built-in 'tiny:aaadit' pipeline. demo: fits the built-in 'default' pipeline and learns the "
-                       "synthetic shapes on a CPU."}),
+            "preset": (list(AAADIT_PRESETS), {"default": "tutorial", "tooltip": aaadit_presets.describe_presets()}),
             "width": size("Hidden width"),
             "num_blocks": size("Number of transformer blocks"),
             "num_heads": size("Attention heads (must divide the width)"),
@@ -84,9 +70,7 @@ class BuildAAADiT:
         from dit_distillery.report import build_meta
         from dit_distillery.tiny import seeded
 
-        if preset not in AAADIT_PRESETS:
-            raise DistilleryError("preset", preset, "unknown preset.", f"use one of {list(AAADIT_PRESETS)}.")
-        config = _aaadit_presets()[preset]
+        config = aaadit_presets.preset_config(preset)  # refuses an unknown preset
         for key, value in zip(_AAADIT_FIELDS, (width, num_blocks, num_heads, ffn_ratio, latent_channels, text_width)):
             if value:
                 config[key] = int(value)

@@ -12,15 +12,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from ..errors import DistilleryError
-from ..models import aaadit, registry
+from ..models.aaadit_presets import PRESETS, describe_presets, preset_config
 
 HELP = "Build a randomly initialised AAADiT (DiffSynth's 0.1B train-from-scratch DiT) and save it."
 
-PRESETS = {"tutorial": aaadit.TUTORIAL_CONFIG, "tiny": aaadit.tiny_config()}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# torch is imported only by `run`, so `--help` and argument errors stay instant; dtype names resolve there.
+DTYPES = ("fp32", "bf16")
 
 # CLI option -> config key (options left unset keep the preset's value)
 _OPTIONS = {"width": "width", "blocks": "num_blocks", "heads": "num_heads", "ffn_ratio": "ffn_ratio",
@@ -30,8 +28,8 @@ _OPTIONS = {"width": "width", "blocks": "num_blocks", "heads": "num_heads", "ffn
 def add_arguments(p) -> None:
     p.add_argument("--out", help="diffusers folder to write (config.json + diffusion_pytorch_model.safetensors)")
     p.add_argument("--single-file", help="also (or only) write one .safetensors file in DiT Distillery's format")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tutorial",
-                   help="starting config: the tutorial's 128.8M model or a tiny one; the options below override it")
+    p.add_argument("--preset", choices=list(PRESETS), default="tutorial",
+                   help=f"starting config; the options below override it. {describe_presets()}")
     p.add_argument("--width", type=int, help="hidden width (tutorial 1024)")
     p.add_argument("--blocks", type=int, help="number of blocks (tutorial 10)")
     p.add_argument("--heads", type=int, help="attention heads; must divide the width (tutorial 32)")
@@ -41,7 +39,7 @@ def add_arguments(p) -> None:
     p.add_argument("--pos-grid", help="learned position grid HxW, e.g. 16x16 (resized to any latent size)")
     p.add_argument("--text-mask", action="store_true", help="mask padded text tokens in attention (tutorial: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the saved weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 
@@ -60,7 +58,7 @@ def parse_grid(text: str) -> list[int]:
 
 
 def config_from_args(args) -> dict:
-    config = dict(PRESETS[args.preset])
+    config = preset_config(args.preset)
     for option, key in _OPTIONS.items():
         value = getattr(args, option)
         if value is not None:
@@ -85,8 +83,10 @@ def _check_outputs(out: Path | None, single: Path | None, overwrite: bool) -> No
                                   "choose a new folder, or pass --overwrite to replace it.")
 
 
-def save_folder(model: torch.nn.Module, out: Path) -> None:
+def save_folder(model, out: Path) -> None:
     """`save_pretrained` into a temporary folder beside `out`, then swap it into place."""
+    from ..formats import give_usual_permissions
+
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -96,6 +96,7 @@ def save_folder(model: torch.nn.Module, out: Path) -> None:
     old = None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        give_usual_permissions(tmp)  # mkdtemp's 0700 and safetensors' 0600 are for the temporary only
         if out.exists():
             old = out.with_name(tmp.name + ".old")
             os.replace(out, old)
@@ -113,6 +114,11 @@ def save_folder(model: torch.nn.Module, out: Path) -> None:
 
 
 def run(args) -> dict:
+    import torch
+
+    from ..formats import dtype_from_name
+    from ..models import aaadit, registry
+
     config = config_from_args(args)
     out = Path(args.out) if args.out else None
     single = Path(args.single_file) if args.single_file else None
@@ -122,7 +128,8 @@ def run(args) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         model = aaadit.AAADiT(**config)
-    torch.nn.Module.to(model, DTYPES[args.dtype])  # diffusers' ModelMixin.to warns on every dtype cast
+    dtype = dtype_from_name(args.dtype)
+    torch.nn.Module.to(model, dtype)  # diffusers' ModelMixin.to warns on every dtype cast
     if out is not None:
         save_folder(model, out)
     if single is not None:
@@ -131,4 +138,4 @@ def run(args) -> dict:
     params = sum(p.numel() for p in model.parameters())
     return {"out": str(out) if out else None, "single_file": str(single) if single else None, "params": params,
             "config": registry.model_config(model), "dtype": args.dtype, "seed": args.seed,
-            "weights_bytes": params * torch.finfo(DTYPES[args.dtype]).bits // 8}
+            "weights_bytes": params * torch.finfo(dtype).bits // 8}

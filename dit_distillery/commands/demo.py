@@ -11,7 +11,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (rerunning resumes finished stages)")
     p.add_argument("--preset", default="full", choices=["full", "quick"],
                    help="full: the real demo (minutes on CPU); quick: a seconds-long smoke run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice in the demo")
 
 
 def run(args) -> dict:

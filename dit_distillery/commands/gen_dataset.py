@@ -6,6 +6,8 @@ other check happens in the core before anything is written. Rerunning the same c
 
 from __future__ import annotations
 
+import sys
+
 HELP = "Generate a Direct-Distill teacher dataset (PNG + latents + DiffSynth metadata.csv) from prompts."
 
 
@@ -39,8 +41,11 @@ def add_arguments(p) -> None:
 def run(args) -> dict:
     from ..gen_dataset import generate_distill_dataset, read_prompts, synthetic_prompts
     from ..pipelines.loading import load_pipeline
-    from .sample import _placement
+    from .sample import _placement, untrained_warning
 
+    warning = untrained_warning(args.pipeline, args.dit)
+    if warning:  # a teacher with random weights makes a dataset of noise
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     if args.synthetic_prompts is not None:
         prompts = synthetic_prompts(args.synthetic_prompts, args.prompt_seed)
     else:
@@ -67,5 +72,8 @@ def run(args) -> dict:
     finally:
         if bar is not None:
             bar.close()
-    return dict(report, prompts=len(prompts), family=pipe.family, device=str(device),
-                dtype=str(dtype).replace("torch.", ""))
+    report = dict(report, prompts=len(prompts), family=pipe.family, device=str(device),
+                  dtype=str(dtype).replace("torch.", ""))
+    if warning:
+        report["warning"] = warning
+    return report

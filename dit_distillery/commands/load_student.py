@@ -16,15 +16,15 @@ def add_arguments(p) -> None:
     p.add_argument("--strength", type=float, default=1.0, help="LoRA strength (1 = as trained)")
     p.add_argument("--no-merge", action="store_true", help="keep the LoRA as separate adapters (base untouched)")
     p.add_argument("--prompt", action="append", help="sample these prompts (repeat for several)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, help="default: the pipeline's")
-    p.add_argument("--cfg", type=float, help="default: the pipeline's")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--seed", type=int, default=0, help="noise seed, shared by every --prompt")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale; 1 disables it (default: the pipeline's)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the pipeline's)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the pipeline's)")
     p.add_argument("--out", help="PNG for the sampled images (a grid when several prompts)")
     p.add_argument("--export-comfy", help="write the student DiT (LoRA merged) to this .safetensors file")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="bf16, fp16 or fp32 (auto: bf16 on GPU, fp32 on CPU)")
 
 
 def run(args) -> dict:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from ..lora_presets import LORA_PRESETS
-from ..report import PRESETS, resolve_spec, size_report, summary_lines, with_overrides
-
 HELP = "Size and training-memory report of a DiT (safetensors file, diffusers folder, config JSON or preset)."
+
+# Names only, for the help text: the tables (`report.PRESETS`, `lora_presets.LORA_PRESETS`) live beside torch,
+# which `--help` must not import. tests/test_cli_fast.py checks these against them.
+MODEL_PRESETS = ("qwen-image", "qwen-image-tiny", "aaadit", "aaadit-tiny")
+LORA_PRESET_NAMES = ("qwen_image", "qwen_image_attn", "qwen_image_all", "aaadit", "aaadit_attn")
 
 
 def add_arguments(p) -> None:
     p.add_argument("model", metavar="MODEL_OR_CONFIG",
-                   help=f"a .safetensors file, a diffusers folder, a config JSON, or a preset: {', '.join(PRESETS)}")
+                   help=f"a .safetensors file, a diffusers folder, a config JSON, or a preset: {', '.join(MODEL_PRESETS)}")
     p.add_argument("--layers", type=int, help="report with this many blocks instead (what a depth shrink gives)")
     p.add_argument("--heads", type=int, help="report with this many heads (Qwen-Image: width = heads x 128)")
     p.add_argument("--height", type=int, default=1024, help="training image height in pixels")
@@ -18,12 +20,14 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=1, help="training batch size")
     p.add_argument("--text-tokens", type=int, help="prompt length in tokens (default: 256 Qwen-Image, 128 AAADiT)")
     p.add_argument("--lora-rank", type=int, default=32, help="LoRA rank for the LoRA estimate")
-    p.add_argument("--lora-targets", help=f"LoRA preset ({', '.join(LORA_PRESETS)}) or comma-separated module names "
+    p.add_argument("--lora-targets", help=f"LoRA preset ({', '.join(LORA_PRESET_NAMES)}) or comma-separated module names "
                                           "(default: the family's preset)")
     p.add_argument("--no-checkpointing", action="store_true", help="estimate without gradient checkpointing")
 
 
 def run(args) -> dict:
+    from ..report import resolve_spec, size_report, summary_lines, with_overrides
+
     family, config, source = resolve_spec(args.model)
     config = with_overrides(family, config, layers=args.layers, heads=args.heads)
     report = size_report((family, config), height=args.height, width=args.width, batch=args.batch,

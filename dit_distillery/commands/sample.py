@@ -8,13 +8,11 @@ pipeline loaded before anything is written; each PNG is written atomically.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
-import torch
-
 from ..errors import DistilleryError
-from ..formats import atomic_output, dtype_from_name, save_safetensors
 
 HELP = "Generate images from prompts with a pipeline folder (or 'tiny' / 'default') and optionally a student DiT."
 
@@ -29,7 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--vae", help="VAE folder or .safetensors file replacing the pipeline's")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several images)")
     p.add_argument("--negative-prompt", default="", help="negative prompt (used when --cfg is not 1)")
-    p.add_argument("--seed", type=int, action="append", help="seed (repeat for several images; default 0)")
+    p.add_argument("--seed", type=int, action="append", help="seed (repeat for several images) (default: 0)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale; 1 disables it (default: the pipeline's)")
     p.add_argument("--height", type=int, help="image height in pixels (default: the pipeline's)")
@@ -43,7 +41,12 @@ def add_arguments(p) -> None:
     p.add_argument("--latents-out", help="also save the final latents to this .safetensors file")
 
 
-def _placement(device: str, dtype: str) -> tuple[str, torch.dtype]:
+def _placement(device: str, dtype: str):
+    """(device, torch dtype) from the --device/--dtype strings ('auto': the GPU in bf16 when there is one)."""
+    import torch
+
+    from ..formats import dtype_from_name
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -51,6 +54,27 @@ def _placement(device: str, dtype: str) -> tuple[str, torch.dtype]:
     if dtype == "auto":
         return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
     return device, dtype_from_name(dtype, "dtype")
+
+
+# Where `python -m dit_distillery demo` (default --out demo_out) leaves its trained teacher: the embedded default
+# pipeline's DiT after training (`demo.run_demo`: the teacher job writes <out>/teacher/teacher.safetensors).
+DEMO_TEACHER = "demo_out/teacher/teacher.safetensors"
+
+
+def untrained_warning(pipeline: str, dit: str | None) -> str | None:
+    """The warning for a built-in pipeline sampled with its own random DiT (no --dit), else None.
+
+    The built-ins ('default', 'tiny', ...) are untrained: their images are noise. Saying so, and where a trained
+    DiT for 'default' comes from, saves a newcomer from concluding the tool is broken.
+    """
+    if dit or str(pipeline) not in ("default", "tiny", "tiny:aaadit", "tiny:qwen_image"):
+        return None
+    text = (f"the built-in '{pipeline}' pipeline has random, untrained weights: its images are noise. ")
+    if str(pipeline) == "default":
+        return text + ("Train its DiT with `python -m dit_distillery demo --out demo_out` (or `--preset quick` for a "
+                       f"smoke run), then sample the trained teacher it writes: --pipeline default --dit {DEMO_TEACHER} "
+                       "--steps 50 --cfg 4.")
+    return text + "It exists for tests; use --pipeline default --dit TRAINED.safetensors or a real pipeline folder."
 
 
 def output_paths(out: str, count: int) -> list[Path]:
@@ -63,10 +87,14 @@ def output_paths(out: str, count: int) -> list[Path]:
 
 
 def run(args) -> dict:
+    from ..formats import atomic_output, save_safetensors
     from ..pipelines.loading import load_pipeline
 
     if args.latents_out and not args.latents_out.endswith(".safetensors"):
         raise DistilleryError("latents_out", args.latents_out, "must be a .safetensors file.", "use e.g. latents.safetensors.")
+    warning = untrained_warning(args.pipeline, args.dit)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     device, dtype = _placement(args.device, args.dtype)
     pipe = load_pipeline(args.pipeline, dit=args.dit, text_encoder=args.text_encoder,
                          text_encoder_config=args.text_encoder_config, tokenizer=args.tokenizer, vae=args.vae,
@@ -98,7 +126,7 @@ def run(args) -> dict:
     if args.latents_out:
         save_safetensors({"latents": result.latents}, args.latents_out,
                          {"prompts": result.prompts, "seeds": result.seeds, "sigmas": result.sigmas})
-    return {
+    report = {
         "images": [str(p) for p in paths],
         "prompts": result.prompts,
         "seeds": result.seeds,
@@ -111,3 +139,6 @@ def run(args) -> dict:
         "dtype": str(dtype).replace("torch.", ""),
         "seconds": round(seconds, 3),
     }
+    if warning:
+        report["warning"] = warning
+    return report

@@ -6,10 +6,13 @@ import sys
 
 HELP = "make a smaller Qwen-Image DiT (fewer blocks and/or heads) by streaming exact slices of the source"
 
+# `shrink.plan.STRATEGIES` / `WIDTH_METHODS`, repeated because importing the shrink package imports torch, which
+# `--help` must not; tests/test_cli_fast.py checks they agree.
+STRATEGIES = ("uniform", "first", "interval", "list", "importance")
+WIDTH_METHODS = ("magnitude", "importance")
+
 
 def add_arguments(p) -> None:
-    from ..shrink import STRATEGIES, WIDTH_METHODS
-
     p.add_argument("source", help="Qwen-Image DiT: .safetensors (bare or ComfyUI-prefixed) or a diffusers folder")
     p.add_argument("--out", default=None, help="output .safetensors file (not needed with --dry-run)")
     p.add_argument("--layers", type=int, default=None, help="blocks to keep; none = all, or the --keep-blocks count")

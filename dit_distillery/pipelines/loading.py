@@ -27,6 +27,7 @@ import torch
 from .. import schedule
 from ..codecs import Codec, Flux2VAECodec, PixelCodec, QwenImageVAECodec
 from ..errors import DistilleryError
+from ..formats import give_usual_permissions
 from ..text import PromptEncoder, Qwen3PromptEncoder, QwenImagePromptEncoder
 from ..velocity import base_model, family_of
 from .base import TextToImagePipeline
@@ -79,6 +80,7 @@ def save_pipeline(pipe: TextToImagePipeline, folder: str | os.PathLike, *, overw
             },
         }
         (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        give_usual_permissions(tmp)  # mkdtemp's 0700 and safetensors' 0600 are for the temporary only
         _replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

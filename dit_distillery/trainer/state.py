@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DistilleryError
-from ..formats import TensorSource, decode_metadata_value, save_safetensors
+from ..formats import TensorSource, decode_metadata_value, give_usual_permissions, save_safetensors
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -81,6 +81,7 @@ def save_checkpoint(folder: str | os.PathLike, step: int, trainable: dict[str, t
             json.dump(dict(state, step=step), f, default=_jsonable)
             f.flush()
             os.fsync(f.fileno())
+        give_usual_permissions(tmp)  # a plain folder's mode, not mkdtemp's 0700
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
