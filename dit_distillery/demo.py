@@ -27,6 +27,7 @@ import torch
 
 from .charts import image_grid
 from .formats import atomic_output, atomic_write_json
+from .progress import Stages, format_seconds
 from .trainer import Callbacks, TrainJob, train
 
 EVAL_SEED_OFFSET = 100_000  # held-out seeds never used for the teacher dataset
@@ -65,18 +66,28 @@ PRESETS = {"full": DemoConfig(), "quick": QUICK}
 
 
 class LogCallbacks(Callbacks):
-    """Trainer callbacks that log messages and every `every`-th step as one line."""
+    """Trainer callbacks that log messages and every `every`-th step as one line; or, given `progress`, show
+    the steps as that stage's progress (a bar, or a line every 10%)."""
 
-    def __init__(self, stage: str, log: Callable[[str], None], every: int = 50):
-        self.stage, self.log, self.every = stage, log, every
+    def __init__(self, stage: str, log: Callable[[str], None], every: int = 50, progress: Stages | None = None):
+        self.stage, self.log, self.every, self.progress = stage, log, every, progress
 
     def on_message(self, text):
         self.log(f"[{self.stage}] {text}")
 
     def on_step(self, info):
-        if info.step % self.every == 0 or info.step == info.total:
+        if self.progress is not None:
+            self.progress.update(info.step, info.total, loss=f"{info.loss:.4f}",
+                                 img_s=f"{info.images_per_s:.1f}")
+        elif info.step % self.every == 0 or info.step == info.total:
             self.log(f"[{self.stage}] step {info.step}/{info.total} loss {info.loss:.4f} "
-                     f"({info.images_per_s:.0f} img/s, eta {info.eta_s:.0f}s)")
+                     f"({info.images_per_s:.0f} img/s, eta {format_seconds(info.eta_s)})")
+
+
+def stage_names(cfg: DemoConfig) -> list[str]:
+    """The demo's stages, in the order `run_demo` runs them."""
+    return ["synthetic data", "teacher", "teacher dataset", "LoRA student", f"{cfg.shrunk_layers}-block student",
+            "evaluation"]
 
 
 def job_for(out: Path, **spec) -> TrainJob:
@@ -110,16 +121,29 @@ def colour_shape_accuracy(images, prompts) -> dict:
 
 
 def run_demo(out: str | Path = "demo_out", config: DemoConfig | None = None,
-             log: Callable[[str], None] = print, stop: Callable[[], bool] | None = None) -> dict:
-    """Run every stage (see the module docstring); returns the metrics written to `metrics.json`."""
+             log: Callable[[str], None] = print, stop: Callable[[], bool] | None = None,
+             progress: Stages | None = None) -> dict:
+    """Run every stage (see the module docstring); returns the metrics written to `metrics.json`.
+
+    Progress ("stage 3/6: teacher dataset", then a line every 10% of each stage) and messages go to `log`;
+    or to `progress`, a `Stages` over `stage_names(config)` (the CLI's shows a bar per stage on a terminal)."""
+    cfg = config or DemoConfig()
+    stages = progress if progress is not None else Stages(stage_names(cfg), log=log)
+    try:
+        return _run_stages(Path(out), cfg, stages, stop)
+    finally:
+        stages.close()
+
+
+def _run_stages(out: Path, cfg: DemoConfig, stages: Stages, stop) -> dict:
+    """`run_demo`'s stages; the caller closes `stages` (its last bar) however this ends."""
     from .data.synthetic import write_dataset
     from .gen_dataset import generate_distill_dataset, synthetic_prompts
     from .pipelines.loading import load_pipeline
     from .shrink.blocks import drop_blocks
     from .models.registry import save_dit
 
-    cfg = config or DemoConfig()
-    out = Path(out)
+    names, log = stage_names(cfg), stages.message
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "demo_config.json", asdict(cfg))
     started = time.time()
@@ -127,6 +151,7 @@ def run_demo(out: str | Path = "demo_out", config: DemoConfig | None = None,
 
     # 1. synthetic data
     t = time.time()
+    stages.start(names[0])
     data = out / "data"
     if not (data / "metadata.csv").is_file():
         write_dataset(data, cfg.samples, seed=cfg.seed, size=cfg.size)
@@ -134,6 +159,7 @@ def run_demo(out: str | Path = "demo_out", config: DemoConfig | None = None,
 
     # 2. teacher from scratch
     t = time.time()
+    stages.start(names[1])
     teacher_job = job_for(out / "teacher", data={"path": str(data), "height": cfg.size, "width": cfg.size,
                                               "caption_dropout": 0.1},
                        loss={"kind": "flow_matching"}, mode="full", steps=cfg.teacher_steps,
@@ -142,7 +168,7 @@ def run_demo(out: str | Path = "demo_out", config: DemoConfig | None = None,
                               "schedule": "cosine", "min_lr_ratio": 0.1, "weight_decay": 0.0},
                        output={"name": "teacher", "save_dtype": "fp32"},
                        validation={"eval_samples": 32})
-    teacher_result = train(teacher_job, callbacks=LogCallbacks("teacher", log), stop=stop)
+    teacher_result = train(teacher_job, callbacks=LogCallbacks("teacher", log, progress=stages), stop=stop)
     teacher_file = teacher_result.weights
     timings["teacher"] = time.time() - t
 
@@ -151,12 +177,14 @@ def run_demo(out: str | Path = "demo_out", config: DemoConfig | None = None,
 
     # 3. teacher dataset (50 steps, CFG 4) with the stored final latents
     t = time.time()
+    stages.start(names[2])
     teacher = teacher_pipeline()
     gen = generate_distill_dataset(teacher, synthetic_prompts(cfg.distill_prompts, seed=cfg.seed + 1),
                                    out / "distill_data", seeds_per_prompt=cfg.distill_seeds, start_seed=cfg.seed,
                                    teacher_steps=cfg.teacher_sample_steps, teacher_cfg=cfg.teacher_cfg,
                                    height=cfg.size, width=cfg.size, student_steps=cfg.student_steps,
-                                   student_cfg=cfg.student_cfg, batch_size=32, stop=stop)
+                                   student_cfg=cfg.student_cfg, batch_size=32, stop=stop,
+                                   progress=lambda done, total, **_: stages.update(done, total, unit="row"))
     log(f"[teacher data] {gen['rows_written']} rows written, {gen['rows_skipped']} reused")
     timings["teacher_data"] = time.time() - t
 
@@ -166,15 +194,17 @@ def run_demo(out: str | Path = "demo_out", config: DemoConfig | None = None,
 
     # 4. Direct-Distill LoRA student
     t = time.time()
+    stages.start(names[3])
     lora_job = job_for(out / "student_lora", model={"pipeline": "default", "dit": str(teacher_file)}, mode="lora",
                     steps=cfg.lora_steps, lora={"rank": cfg.lora_rank},
                     optim={"lr": cfg.lora_lr, "warmup_steps": min(20, cfg.lora_steps // 10), "weight_decay": 0.0},
                     output={"name": "student_lora", "save_dtype": "fp32"}, **common)
-    lora_result = train(lora_job, callbacks=LogCallbacks("student lora", log), stop=stop)
+    lora_result = train(lora_job, callbacks=LogCallbacks("student lora", log, progress=stages), stop=stop)
     timings["student_lora"] = time.time() - t
 
     # 5. depth-shrunk student, distilled with full weights
     t = time.time()
+    stages.start(names[4])
     shrunk_file = out / "student_shrunk" / "initial.safetensors"
     if not shrunk_file.is_file():
         small, kept = drop_blocks(teacher.dit, layers=cfg.shrunk_layers, strategy="interval")
@@ -184,11 +214,12 @@ def run_demo(out: str | Path = "demo_out", config: DemoConfig | None = None,
                       optim={"lr": cfg.shrunk_lr, "warmup_steps": min(20, cfg.shrunk_steps // 10),
                              "weight_decay": 0.0},
                       output={"name": "student_shrunk", "save_dtype": "fp32"}, **common)
-    shrunk_result = train(shrunk_job, callbacks=LogCallbacks("student shrunk", log), stop=stop)
+    shrunk_result = train(shrunk_job, callbacks=LogCallbacks("student shrunk", log, progress=stages), stop=stop)
     timings["student_shrunk"] = time.time() - t
 
     # 6. evaluation on held-out prompt/seed pairs
     t = time.time()
+    stages.start(names[5])
     metrics = evaluate(out, cfg, teacher_file, lora_result.weights, shrunk_result.weights, log)
     timings["evaluate"] = time.time() - t
     metrics["seconds"] = {k: round(v, 1) for k, v in timings.items()}

@@ -17,11 +17,14 @@ def add_arguments(p) -> None:
 def run(args) -> dict:
     from dataclasses import replace
 
-    from ..demo import PRESETS, run_demo
+    from ..demo import PRESETS, run_demo, stage_names
+    from ..progress import Stages
 
     config = replace(PRESETS[args.preset], seed=args.seed)
     log = (lambda text: print(text, file=sys.stderr, flush=True))
-    metrics = run_demo(args.out, config, log=log)
+    # a bar per stage on a terminal; in a log (not a terminal) a line at every 10% of a stage
+    stages = Stages(stage_names(config), log=log, bars=True, file=sys.stderr)
+    metrics = run_demo(args.out, config, progress=stages)
     summary = {name: {"latent_mse": m["latent_mse"], "accuracy": m["accuracy"]["all"]}
                for name, m in metrics.items() if isinstance(m, dict) and "latent_mse" in m}
     return {"out": args.out, "metrics": f"{args.out}/metrics.json", "grid": metrics["files"]["grid"],

@@ -53,15 +53,15 @@ def run(args) -> dict:
     device, dtype = _placement(args.device, args.dtype)
     pipe = load_pipeline(args.pipeline, dit=args.dit, device=device, dtype=dtype)
     bar = None
-    if not args.json:
-        from tqdm import tqdm
+    if not args.json:  # a bar on a terminal, a line every 10% in a log
+        from ..progress import Stages
 
-        bar = tqdm(desc="teacher rows", unit="img", leave=False)
+        bar = Stages(log=lambda text: print(text, file=sys.stderr, flush=True), bars=True, file=sys.stderr)
+        bar.start("teacher rows")
 
     def progress(done, total, **_info):
         if bar is not None:
-            bar.total = total
-            bar.update(done - bar.n)
+            bar.update(done, total, unit="row")
 
     try:
         report = generate_distill_dataset(

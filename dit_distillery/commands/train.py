@@ -16,27 +16,26 @@ def add_arguments(parser) -> None:
 
 
 class _Progress:
-    """tqdm on the main process; messages to stderr."""
+    """A tqdm bar on a terminal (a line every 10% in a log), messages above it; all on stderr."""
 
     def __init__(self, quiet: bool):
-        self.quiet, self.bar = quiet, None
+        from ..progress import Stages
+
+        self.quiet = quiet
+        self.bar = Stages(log=lambda text: print(text, file=sys.stderr, flush=True), bars=True, file=sys.stderr)
+        self.bar.start("train")
 
     def on_message(self, text):
         if not self.quiet:
-            print(text, file=sys.stderr)
+            self.bar.message(text)
 
     def on_data_progress(self, done, total):
         pass
 
     def on_step(self, info):
-        if self.quiet:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=info.total, initial=info.step - 1, desc="train", file=sys.stderr)
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", img_s=f"{info.images_per_s:.1f}")
+        if not self.quiet:
+            self.bar.update(info.step, info.total, loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}",
+                            img_s=f"{info.images_per_s:.1f}")
 
     def on_validation(self, step, grid, path):
         self.on_message(f"validation images: {path}")
@@ -56,7 +55,11 @@ def run(args) -> dict:
     if args.no_resume:
         job.resume = None
     job.validate()
-    result = train(job, callbacks=_Progress(args.quiet))
+    progress = _Progress(args.quiet)
+    try:
+        result = train(job, callbacks=progress)
+    finally:
+        progress.bar.close()
     if not result.is_main_process:
         return None  # one report per job, from the main process
     last = result.history[-1]["loss"] if result.history else None

@@ -29,6 +29,7 @@ from ..conditioning import TextEmbeds
 from ..errors import DistilleryError, StopRequested
 from ..formats import atomic_write_json, atomic_write_text
 from ..losses import DirectDistillLoss, SampleRNG, loss_from_dict
+from ..progress import Eta
 from .job import TrainJob
 from .state import latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state
 
@@ -43,8 +44,8 @@ class StepInfo:
     total: int
     loss: float
     lr: float
-    images_per_s: float
-    eta_s: float
+    images_per_s: float  # averaged since this process's first step (progress.Eta), checkpoints included
+    eta_s: float  # seconds left at that pace
     epoch: int
 
 
@@ -414,7 +415,7 @@ class Trainer:
             return None
         settings = self._validation_settings()
         student = self._sample(**settings)
-        rows, labels = [[im] for im in student], [f"{p[:28]} #{s}" for p in v.prompts for s in v.seeds]
+        rows, labels = [[im] for im in student], [f"{p} #{s}" for p in v.prompts for s in v.seeds]
         cols = [f"step {self.step}: {settings['steps']} steps cfg {settings['cfg_scale']:g}"]
         if self.teacher_images:
             rows = [[t, s] for t, s in zip(self.teacher_images, student)]
@@ -488,7 +489,7 @@ class Trainer:
                                              num_workers=job.data.num_workers if job.data.cache else 0)
         last_saved = self.step if self.resumed_from else None
         batch_iter = iter(loader)
-        tick, window = time.time(), []
+        eta = Eta(job.steps, done=self.step)  # steady: the average since this process's first step
         stopped = False
         try:
             while self.step < job.steps:
@@ -531,13 +532,11 @@ class Trainer:
                             self.ema[n].lerp_(p.detach().float(), 1 - job.ema_decay)
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.history.append({"step": self.step, "loss": mean_loss, "lr": lr})
-                now = time.time()
-                window = (window + [now - tick])[-20:]
-                tick = now
-                per_step = sum(window) / len(window)
+                left = eta.update(self.step)
+                per_step = eta.seconds_per_unit
                 images = job.batch_size * job.grad_accum * acc.num_processes
-                self.callbacks.on_step(StepInfo(self.step, job.steps, mean_loss, lr, images / per_step,
-                                                per_step * (job.steps - self.step), self.epoch))
+                self.callbacks.on_step(StepInfo(self.step, job.steps, mean_loss, lr,
+                                                images / per_step if per_step else 0.0, left, self.epoch))
                 if job.output.save_every and self.step % job.output.save_every == 0 and self.step < job.steps:
                     self._save()
                     last_saved = self.step
