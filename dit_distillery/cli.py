@@ -13,6 +13,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 from .errors import DistilleryError, StopRequested
 
@@ -45,8 +46,9 @@ def _load(command: str):
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    installed = Path(sys.argv[0]).stem == "dit-distillery"  # the console script pyproject declares
     parser = argparse.ArgumentParser(
-        prog="python -m dit_distillery",
+        prog="dit-distillery" if installed else "python -m dit_distillery",
         description="DiT Distillery: shrink, build, distill and train diffusion transformers.")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name in COMMANDS:

@@ -6,8 +6,9 @@ run; the thumbnail is the graph itself, drawn from the JSON: groups, nodes as ti
 links coloured by type, the workflow's heading on top. Drawn with Pillow at twice the size and scaled down (for
 smooth curves), so it needs no browser and gives the same picture on every machine with the same Pillow.
 
-    python scripts/make_workflow_thumbnails.py            # every workflows/*.json
+    python scripts/make_workflow_thumbnails.py            # every workflows/*.json, and the pack icon
     python scripts/make_workflow_thumbnails.py quickstart  # one
+    python scripts/make_workflow_thumbnails.py --icon      # only the pack icon (pyproject's [tool.comfy] Icon)
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ LINK_COLOURS = {  # LiteGraph-like colours per socket type
 }
 
 
-def _font(size: float) -> ImageFont.FreeTypeFont:
+def _font(size: float, bold: bool = False) -> ImageFont.FreeTypeFont:
     """DejaVu Sans (most Linux systems; has →, ², ×), else Pillow's built-in font (ASCII only: see `_text`)."""
     try:
-        return ImageFont.truetype("DejaVuSans.ttf", max(6, round(size)))
+        return ImageFont.truetype("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf", max(6, round(size)))
     except OSError:
         return ImageFont.load_default(size=max(6, round(size)))
 
@@ -227,7 +228,56 @@ def save(image: Image.Image, path: Path) -> Path:
     return path
 
 
+ICON = WORKFLOWS / "icon.png"  # the URL in pyproject.toml's [tool.comfy] Icon (the Registry's card)
+ICON_SIZE = 400
+
+
+def draw_icon() -> Image.Image:
+    """The pack icon: a tall stack of transformer blocks distilled into a short one, over the pack's name.
+
+    Legible at the Registry's card size (~100 px): two words in bold, a glyph of a few flat shapes.
+    """
+    s = SUPERSAMPLE
+    n = ICON_SIZE * s
+    image = Image.new("RGB", (n, n), BACKGROUND)
+    canvas = ImageDraw.Draw(image)
+    canvas.rounded_rectangle((8 * s, 8 * s, n - 8 * s, n - 8 * s), radius=48 * s, fill=BANNER_BG,
+                             outline=TITLE_OURS, width=6 * s)
+    block = LINK_COLOURS["DD_DIT"]
+
+    def stack(left: float, width: float, count: int, bottom: float, colour) -> None:
+        """`count` DiT blocks (flat rounded bars) standing on `bottom`, in output pixels."""
+        for i in range(count):
+            top = bottom - (i + 1) * 26
+            canvas.rounded_rectangle((left * s, top * s, (left + width) * s, (top + 20) * s), radius=6 * s,
+                                     fill=colour)
+
+    stack(62, 116, 6, 206, block)  # the teacher: many blocks
+    stack(250, 88, 2, 206, LINK_COLOURS["DD_PIPELINE"])  # the student: a few
+    arrow_y = 150 * s
+    canvas.line((190 * s, arrow_y, 226 * s, arrow_y), fill=TEXT, width=8 * s)
+    canvas.polygon(((240 * s, arrow_y), (222 * s, arrow_y - 14 * s), (222 * s, arrow_y + 14 * s)), fill=TEXT)
+    for text, size, y, colour in (("DiT", 84, 268, TEXT), ("Distillery", 50, 334, SUBTEXT)):
+        font = _font(size * s, bold=True)
+        text = _text(font, text)
+        canvas.text((n / 2, y * s), text, fill=colour, font=font, anchor="mm")
+    return image.resize((ICON_SIZE, ICON_SIZE), Image.LANCZOS)
+
+
+def save_icon(image: Image.Image, path: Path = ICON) -> Path:
+    """PNG, written whole or not at all."""
+    tmp = path.with_suffix(".png.tmp")
+    image.save(tmp, format="PNG", optimize=True)
+    tmp.replace(path)
+    return path
+
+
 def main(argv: list[str]) -> int:
+    if argv == ["--icon"] or not argv:
+        path = save_icon(draw_icon())
+        print(f"wrote {path.relative_to(REPO)} ({path.stat().st_size // 1024} KB)")
+        if argv:
+            return 0
     names = argv or sorted(p.stem for p in WORKFLOWS.glob("*.json"))
     for name in names:
         workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
