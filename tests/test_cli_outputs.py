@@ -49,6 +49,19 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask, mask, file_mode, folder
     assert (mode(tree), mode(tree / "sub"), mode(tree / "sub" / "f")) == (folder_mode, folder_mode, file_mode)
 
 
+def test_training_checkpoints_get_the_usual_permissions(tmp_path, umask):
+    from dit_distillery.trainer.state import save_checkpoint
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW([weight])
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    folder = save_checkpoint(tmp_path / "run", 1, {"w": weight}, optimizer.state_dict(), {"loss": 1.0})
+    assert mode(folder) == 0o755
+    assert {p.name: mode(p) for p in folder.iterdir()} == {
+        "trainable.safetensors": 0o644, "optimizer.safetensors": 0o644, "state.json": 0o644}
+
+
 def test_sample_warns_that_the_default_pipeline_is_untrained(tmp_path, capsys):
     from dit_distillery.commands.sample import DEMO_TEACHER
 
