@@ -18,6 +18,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -83,12 +84,45 @@ def decode_metadata_value(value: str | None):
 # ----------------------------------------------------------------------------------------------------------
 # Atomic writes
 
+_KEPT = "nothing was written under this name, and what was saved before is intact."
+
+
 def _disk_error(path: Path, exc: OSError) -> DistilleryError:
-    if exc.errno == errno.ENOSPC:
-        return DistilleryError("out", str(path), "the disk is full; nothing was written.",
-                               "free some space or choose another output folder.")
-    return DistilleryError("out", str(path), f"cannot write the file ({exc.strerror or exc}).",
+    """A failed write as the user must read it: which file, what the system said, and what to do."""
+    code = exc.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        reason = "no space left on device" if code == errno.ENOSPC else "disk quota exceeded"
+        return DistilleryError("out", str(path), f"cannot write the file: {reason}; {_KEPT}",
+                               "free some space on that disk, or choose an output folder on another disk.")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return DistilleryError("out", str(path), f"cannot write the file: {exc.strerror or exc}; {_KEPT}",
+                               "choose a folder you can write to, or change its permissions.")
+    if code == errno.EIO:
+        return DistilleryError("out", str(path), f"cannot write the file: input/output error (a failing disk or a "
+                               f"lost network drive); {_KEPT}", "check the disk, or choose another output folder.")
+    return DistilleryError("out", str(path), f"cannot write the file ({exc.strerror or exc}); {_KEPT}",
                            "check that the folder exists and is writable.")
+
+
+_OS_ERROR_CODE = re.compile(r"os error (\d+)|code: (\d+)")
+
+
+def safetensors_os_error(exc: Exception, path: str | os.PathLike) -> OSError | None:
+    """The OSError behind a safetensors write failure, or None if it was not one.
+
+    safetensors raises its own `SafetensorError` (not an OSError) for I/O failures, with the OS error only in the
+    text: 'I/O error: No space left on device (os error 28)' (0.5 and later) or
+    'IoError(Os { code: 28, kind: StorageFull, ... })' (earlier).
+    """
+    text = str(exc)
+    match = _OS_ERROR_CODE.search(text)
+    if match:
+        code = int(match.group(1) or match.group(2))
+    elif "No space left on device" in text:
+        code = errno.ENOSPC
+    else:
+        return None
+    return OSError(code, os.strerror(code), str(path))
 
 
 @contextlib.contextmanager
@@ -169,11 +203,18 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                      metadata: Mapping[str, object] | None = None) -> Path:
     """Save a (small enough to hold in memory) state dict atomically, with JSON-encoded metadata."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_output(path) as tmp:
-        save_file(clean, str(tmp), metadata=encode_metadata(metadata))
+        try:
+            save_file(clean, str(tmp), metadata=encode_metadata(metadata))
+        except SafetensorError as exc:  # a full disk arrives as this, not as an OSError: make it one
+            os_error = safetensors_os_error(exc, tmp)
+            if os_error is None:
+                raise
+            raise os_error from exc  # atomic_output removes the temporary and names `path` (see _disk_error)
     return Path(path)
 
 

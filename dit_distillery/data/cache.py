@@ -30,7 +30,7 @@ from ..conditioning import TextEmbeds
 from ..errors import DistilleryError, StopRequested
 from ..formats import decode_metadata_value, save_safetensors
 from .images import Resolution, prepare_image
-from .metadata import Row, check_latents_file
+from .metadata import Row, check_latents_file, skip_hint
 
 CACHE_FORMAT = "dit_distillery.cache/1"
 META_KEY = "dit_distillery.cache"
@@ -44,7 +44,7 @@ class CacheReport:
     encoded: int                    # encoded by this build
     shards_written: int = 0
     rescaled: int = 0               # items whose pixels were resized or cropped (see images.Resolution)
-    skipped: int = 0                # rows left out with on_error="skip"
+    skipped: int = 0                # items left out with on_error="skip" (unreadable image, bad teacher latents)
     reasons: list[str] = field(default_factory=list)
     pruned: int = 0                 # stale shards deleted with prune=True
 
@@ -144,6 +144,18 @@ class LatentCache:
             "target_latents": handle.get_tensor(target).float() if target in handle.keys() else None,
         }
 
+    def cached_rows(self, rows: Iterable[Row]) -> list[Row]:
+        """The rows whose item is in the cache: after a build with on_error="skip", the ones to train on."""
+        kept = []
+        for row in rows:
+            try:
+                key = self.key(row)
+            except DistilleryError:  # its image is gone: it cannot be in the cache
+                continue
+            if key in self._index:
+                kept.append(row)
+        return kept
+
     def __getstate__(self):
         # open safetensors handles do not pickle (DataLoader workers with spawn); they reopen lazily
         state = dict(self.__dict__)
@@ -173,7 +185,7 @@ class LatentCache:
 
         def bad(exc: DistilleryError) -> None:
             if on_error == "raise":
-                raise exc
+                raise skip_hint(exc) from exc.__cause__
             report.skipped += 1
             report.reasons.append(str(exc))
 

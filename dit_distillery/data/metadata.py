@@ -100,7 +100,7 @@ def read_metadata(base_path: str | os.PathLike, metadata_path: str | os.PathLike
             result.rows.append(_parse_row(record, number, where, base, image_key, prompt_key, validate))
         except DistilleryError as exc:
             if on_error == "raise":
-                raise
+                raise skip_hint(exc) from exc.__cause__
             result.skipped += 1
             result.reasons.append(str(exc))
     if not result.rows:
@@ -108,6 +108,13 @@ def read_metadata(base_path: str | os.PathLike, metadata_path: str | os.PathLike
                               (f" ({result.skipped} skipped, first: {result.reasons[0]})" if result.skipped else "")
                               + ".", "add rows with an image and a prompt.")
     return result
+
+
+def skip_hint(exc: DistilleryError) -> DistilleryError:
+    """A bad row's error with the other way out added to its fix: leaving such rows out (`on_error="skip"`)."""
+    fix = (exc.fix.rstrip(". ") + "; or " if exc.fix else "") + \
+        'leave bad rows out with on_error="skip" (data.on_error in a training job).'
+    return DistilleryError(exc.field, exc.value, exc.problem, fix)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -328,7 +335,7 @@ def _read_captioned_folder(base: Path, on_error: str, validate: bool) -> Metadat
             result.rows.append(Row(row=n, where=image.name, image=image, prompt=prompt))
         except DistilleryError as exc:
             if on_error == "raise":
-                raise
+                raise skip_hint(exc) from exc.__cause__
             result.skipped += 1
             result.reasons.append(str(exc))
     if not result.rows:

@@ -2,14 +2,22 @@
 
 `python -m dit_distillery train JOB.json` runs it; the Export Training Job node writes it. Every field has the
 default a user would expect; unknown keys are errors (a typo must not be silently ignored), and values are
-checked before anything runs. Each DiffSynth training argument (seed 003) has a counterpart, named in comments.
+checked before anything runs: every value against its field's annotation (`"lr": "1e-4"`, `"steps": true`,
+`Infinity`, a string where a list belongs are refused, naming the dotted field), then the settings' own rules
+(ranges, choices, the loss and synthetic-data options as their constructors take them). Each DiffSynth training
+argument (seed 003) has a counterpart, named in comments.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +44,7 @@ class DataSpec:
 
     path: str | None = None  # a DiffSynth-format folder, or a folder of images + .txt captions
     metadata: str | None = None  # metadata.csv/.json/.jsonl (default: found in `path`)
-    synthetic: dict | None = None  # the embedded synthetic shapes, e.g. {"count": 512, "size": 32, "seed": 0}
+    synthetic: dict | None = None  # the embedded synthetic shapes, e.g. {"n": 512, "size": 32, "seed": 0} ("count" = n)
     height: int | None = None
     width: int | None = None
     max_pixels: int = 1024 * 1024
@@ -165,6 +173,8 @@ class TrainJob:
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def validate(self) -> None:
+        """Refuse bad settings before any work (see the module docstring); the first problem is raised."""
+        _check_fields(self, "job")
         _choice("mode", self.mode, ("lora", "full"))
         _choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         _choice("optim.name", self.optim.name, ("adamw", "adamw8bit", "adafactor"))
@@ -192,6 +202,14 @@ class TrainJob:
         if not isinstance(self.loss, dict) or "kind" not in self.loss:
             raise DistilleryError("loss", self.loss, "must be an object with a 'kind'.",
                                   'use {"kind": "flow_matching"} or {"kind": "direct_distill"}.')
+        _check_loss(self.loss)
+        _check_ranges(self)
+        _check_dtypes(self)
+        _check_targets(self.lora.targets)
+        _check_synthetic(self.data.synthetic)
+        if self.validation.prompts and not self.validation.seeds:
+            raise DistilleryError("validation.seeds", self.validation.seeds, "no seed for the validation prompts.",
+                                  "give at least one seed, e.g. [0].")
 
 
 def _choice(name, value, allowed):
@@ -212,17 +230,244 @@ def _build(cls, data, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise DistilleryError(f"{where}.{unknown[0]}", data[unknown[0]], "is not a known setting.",
+        raise DistilleryError(_dotted(where, unknown[0]), data[unknown[0]], "is not a known setting.",
                               f"valid keys here: {sorted(fields)}.")
     kwargs = {}
+    hints = _hints(cls)
     for name, value in data.items():
         sub = _NESTED.get((cls, name))
         if sub is not None:
-            value = _build(sub, value, f"{where}.{name}")
-        elif name == "betas" and value is not None:
-            value = tuple(value)
+            value = _build(sub, value, _dotted(where, name))
+        else:
+            value = _typed(value, hints[name], _dotted(where, name))
         kwargs[name] = value
     return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Typed fields: each value is checked against its dataclass annotation, so a JSON value of the wrong type is
+# refused here, naming the field, instead of failing deep in a run (or, worse, running: a string where a list
+# of prompts belongs is a list of one-character prompts).
+
+def _dotted(where: str, name: str) -> str:
+    return name if where == "job" else f"{where}.{name}"
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _check_fields(obj, where: str) -> None:
+    """Check (and normalise: lists, tuples) every field of a dataclass instance against its annotation."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        name = _dotted(where, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            if not isinstance(value, hints[f.name]):
+                raise DistilleryError(name, value, "must be a JSON object.", "see the example job in the README.")
+            _check_fields(value, name)
+        else:
+            setattr(obj, f.name, _typed(value, hints[f.name], name))
+
+
+_KINDS = {int: "a whole number", float: "a number", str: "text (a JSON string)", bool: "true or false",
+          dict: "a JSON object"}
+
+
+def _typed(value, hint, name: str, nullable: bool = False):
+    """`value` if it fits the annotation `hint` (lists/tuples normalised), else a DistilleryError naming `name`."""
+    if hint is Any or hint is object:
+        return value  # free-form: checked by the setting's own rule
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
+            return None
+        if len(options) == 1:
+            return _typed(value, options[0], name, nullable=len(options) < len(args))
+        for option in options:
+            with contextlib.suppress(DistilleryError):
+                return _typed(value, option, name)
+        raise DistilleryError(name, value, "has the wrong type.", f"use one of {options}.")
+    if origin in (list, tuple):
+        item_hints = args if origin is tuple and Ellipsis not in args else (args[0] if args else Any,)
+        if not isinstance(value, (list, tuple)):
+            what = f"a list of {len(args)} numbers" if origin is tuple else f"a list of {_describe(args[0], True)}"
+            example = '["a red circle"]' if args == (str,) else "[0, 1]" if origin is list else "[0.9, 0.999]"
+            raise DistilleryError(name, value, f"must be {what}{_or_null(nullable)}, not {_json_type(value)}.",
+                                  f"write a JSON list, e.g. {example} (a single value is not a list).")
+        if origin is tuple and len(value) != len(item_hints):
+            raise DistilleryError(name, value, f"must hold exactly {len(item_hints)} values.", "e.g. [0.9, 0.999].")
+        if origin is tuple:
+            return tuple(_typed(v, h, f"{name}[{i}]") for i, (v, h) in enumerate(zip(value, item_hints)))
+        return [_typed(v, item_hints[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an int too large for a float
+                finite = False
+            if finite:
+                return value
+            raise DistilleryError(name, value, f"must be a finite number{_or_null(nullable)}.",
+                                  "write an ordinary number (JSON Infinity and NaN are not allowed).")
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is dict:
+        if isinstance(value, dict):
+            return value
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise DistilleryError(name, value, f"must be {_describe(hint)}{_or_null(nullable)}, not {_json_type(value)}.",
+                          _type_fix(value, hint))
+
+
+def _or_null(nullable: bool) -> str:
+    return " or null" if nullable else ""
+
+
+def _describe(hint, plural: bool = False) -> str:
+    if plural:
+        return {int: "whole numbers", float: "numbers", str: "strings", bool: "true/false values"}.get(hint, str(hint))
+    return _KINDS.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "text", list: "a list", tuple: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _type_fix(value, hint) -> str:
+    if hint in (int, float) and isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and math.isfinite(number) and (hint is float or number == int(number)):
+            shown = repr(number if hint is float else int(number))
+            return f"write the number without quotes: {shown}."
+    if hint is int:
+        return "write a whole number without quotes, e.g. 1."
+    if hint is float:
+        return "write a number without quotes, e.g. 0.5."
+    if hint is bool:
+        return "write true or false (without quotes)."
+    if hint is str:
+        return "put the text in quotes."
+    return "see the example job in the README."
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The settings' own rules
+
+def _check_loss(loss: dict) -> None:
+    """The loss as the trainer will build it (`losses.loss_from_dict`), with its options typed the same way."""
+    from ..losses import LOSSES, loss_from_dict
+
+    cls = LOSSES.get(loss.get("kind"))
+    if cls is not None:
+        hints = _hints(cls)
+        for key, value in loss.items():
+            if key in hints:
+                _typed(value, hints[key], f"loss.{key}")
+        mu = loss.get("mu")
+        if mu is not None and mu not in ("diffsynth", "resolution"):
+            _typed(mu, float, "loss.mu")
+    loss_from_dict(loss)
+
+
+def _check_ranges(job: TrainJob) -> None:
+    o, v, d = job.optim, job.validation, job.data
+    for name, value in (("optim.betas[0]", o.betas[0]), ("optim.betas[1]", o.betas[1])):
+        if not 0 <= value < 1:
+            raise DistilleryError(name, value, "must be in [0, 1).", "use AdamW's usual (0.9, 0.999).")
+    if not o.eps > 0:
+        raise DistilleryError("optim.eps", o.eps, "must be > 0.", "use e.g. 1e-8.")
+    for name, value in (("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip or 0),
+                        ("data.num_workers", d.num_workers), ("output.keep_last", job.output.keep_last),
+                        ("validation.every", v.every), ("validation.eval_samples", v.eval_samples)):
+        if value < 0:
+            raise DistilleryError(name, value, "must be >= 0.", "use 0 for none/off.")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise DistilleryError("optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1].", "use 0 to decay to 0.")
+    if job.lora.alpha is not None and not job.lora.alpha > 0:
+        raise DistilleryError("lora.alpha", job.lora.alpha, "must be > 0.", "use null for alpha = rank (scale 1).")
+    for name, value in (("validation.steps", v.steps), ("validation.teacher_steps", v.teacher_steps)):
+        if value is not None and value < 1:
+            raise DistilleryError(name, value, "must be a whole number >= 1.", "use e.g. 4, or null for the default.")
+    for name, value in (("validation.cfg", v.cfg), ("validation.teacher_cfg", v.teacher_cfg)):
+        if value is not None and value < 0:
+            raise DistilleryError(name, value, "must be >= 0.", "use 1 for no CFG, or null for the default.")
+    if (d.height is None) != (d.width is None):
+        raise DistilleryError("data.height/width", (d.height, d.width), "give both or neither.",
+                              "set both for a fixed size, or neither (and data.max_pixels) for aspect buckets.")
+    for name, value in (("data.height", d.height), ("data.width", d.width), ("data.max_pixels", d.max_pixels),
+                        ("validation.height", v.height), ("validation.width", v.width)):
+        if value is not None and value < 1:
+            raise DistilleryError(name, value, "must be a whole number >= 1.", "use e.g. 512.")
+
+
+def _check_dtypes(job: TrainJob) -> None:
+    from ..formats import dtype_from_name
+
+    # model.dtype is the base weights' dtype (trainer.loop._base_dtype); auto = bf16 on a GPU, fp32 on the CPU
+    _choice("model.dtype", job.model.dtype, ("auto", "bf16", "fp16", "fp32"))
+    dtype_from_name(job.output.save_dtype, "output.save_dtype")
+
+
+def _check_targets(targets) -> None:
+    if targets in (None, "", "preset"):
+        return
+    if not isinstance(targets, (str, list, tuple)) or not all(isinstance(t, str) for t in (
+            [targets] if isinstance(targets, str) else targets)):
+        raise DistilleryError("lora.targets", targets, "must be a preset name, a comma list or a list of module names.",
+                              '"preset" (the family\'s), e.g. "qwen_image", "to_q,to_k" or ["to_q", "to_k"].')
+    from ..lora_presets import parse_targets
+
+    try:
+        parse_targets(targets)
+    except DistilleryError as exc:
+        raise DistilleryError("lora.targets", targets, exc.problem, exc.fix) from None
+
+
+def synthetic_options(spec: dict) -> dict:
+    """`data.synthetic` as `data.synthetic.write_dataset` keyword arguments ("count" is an alias of "n"), checked
+    against that function's own signature, so the job accepts exactly what the writer takes."""
+    from ..data.synthetic import MIN_SIZE, write_dataset
+
+    params = {name: p for name, p in inspect.signature(write_dataset).parameters.items()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY or (p.default is not p.empty)}
+    params.pop("overwrite", None)  # the trainer writes the dataset only when it is missing
+    hints = typing.get_type_hints(write_dataset)
+    options, n_name = dict(spec), "data.synthetic.n"
+    if "count" in options:
+        n_name = "data.synthetic.count"
+        if "n" in options:
+            raise DistilleryError(n_name, options["count"], "given together with n (the same thing).",
+                                  "give only one of them.")
+        options["n"] = options.pop("count")
+    for key, value in options.items():
+        if key not in params:
+            raise DistilleryError(f"data.synthetic.{key}", value, "is not a setting of the synthetic dataset.",
+                                  f"valid keys: {sorted(params) + ['count']}.")
+        _typed(value, hints[key], n_name if key == "n" else f"data.synthetic.{key}")
+    if options.get("n", 1) < 1:
+        raise DistilleryError(n_name, options["n"], "must be >= 1.", "ask for at least one image.")
+    if options.get("size", MIN_SIZE) < MIN_SIZE:
+        raise DistilleryError("data.synthetic.size", options["size"], f"must be >= {MIN_SIZE}.", "use e.g. 32.")
+    return options
+
+
+def _check_synthetic(spec) -> None:
+    if spec is not None:
+        synthetic_options(spec)
 
 
 _NESTED = {

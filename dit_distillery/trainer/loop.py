@@ -30,7 +30,7 @@ from ..errors import DistilleryError, StopRequested
 from ..formats import atomic_write_json, atomic_write_text
 from ..losses import DirectDistillLoss, SampleRNG, loss_from_dict
 from ..progress import Eta
-from .job import TrainJob
+from .job import TrainJob, synthetic_options
 from .state import latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state
 
 
@@ -135,28 +135,38 @@ def prepare_data(job: TrainJob, pipe, accelerator, callbacks: Callbacks, stop):
     spec = job.data
     if spec.synthetic is not None:
         folder = Path(spec.path) if spec.path else out / "synthetic"
-        options = dict({"n": 256, "size": 32, "seed": 0}, **spec.synthetic)
-        if "count" in options:
-            options["n"] = options.pop("count")
+        options = dict({"n": 256, "size": 32, "seed": 0}, **synthetic_options(spec.synthetic))
         with accelerator.main_process_first():
             if not (folder / "metadata.csv").is_file():
                 write_dataset(folder, **options)
         base, metadata = folder, None
     else:
         base, metadata = spec.path, spec.metadata
-    rows = read_metadata(base, metadata, on_error=spec.on_error)
-    skipped = getattr(rows, "skipped", 0)
+    # Without the cache, images are decoded only when trained on: check them all now, so a damaged one is
+    # skipped (on_error="skip") or refused before training, as the cache build does.
+    rows = read_metadata(base, metadata, on_error=spec.on_error, validate=not spec.cache)
     resolution = Resolution(spec.height, spec.width, spec.max_pixels, factor=pipe.size_multiple)
-    report = {"rows": len(rows), "skipped": skipped}
+    report = {}
+    skipped, reasons = rows.skipped, list(rows.reasons)  # rows left out: bad metadata, missing/unreadable files
     if spec.cache:
         cache_dir = Path(spec.cache_dir) if spec.cache_dir else out / "cache"
         with accelerator.main_process_first():
             cache, cache_report = build_cache(list(rows), cache_dir, pipe.codec, pipe.prompt_encoder, resolution,
-                                              progress=callbacks.on_data_progress, stop=stop)
+                                              progress=callbacks.on_data_progress, stop=stop, on_error=spec.on_error)
         report.update(cache_report.to_dict())
-        dataset = CachedDataset(list(rows), cache)
+        kept = cache.cached_rows(rows) if cache_report.skipped else list(rows)
+        skipped, reasons = skipped + len(rows) - len(kept), reasons + cache_report.reasons
+        if not kept:
+            raise DistilleryError("data.path", str(base), f"no usable rows: all {len(rows)} were skipped (first: "
+                                  f"{reasons[0]}).", "fix or replace the damaged files.")
+        dataset = CachedDataset(kept, cache)
     else:
         dataset = EncodingDataset(list(rows), pipe.codec, pipe.prompt_encoder, resolution, device=pipe.device)
+    report.update(rows=len(dataset.rows), skipped=skipped, reasons=reasons)
+    for reason in reasons[:20]:
+        callbacks.on_message(f"skipped (data.on_error=skip): {reason}")
+    if len(reasons) > 20:
+        callbacks.on_message(f"... and {len(reasons) - 20} more skipped rows (listed in the report's data.reasons)")
     # repeat is the sampler's: each pass over the data is its own permutation
     sampler = BucketBatchSampler(dataset.sizes, job.batch_size, seed=job.seed, repeat=spec.repeat,
                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
