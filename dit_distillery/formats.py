@@ -127,14 +127,22 @@ def safetensors_os_error(exc: Exception, path: str | os.PathLike) -> OSError | N
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it onto `path`, on any failure remove it."""
+    """Yield a temporary path beside `path`; on success rename it onto `path`, on any failure remove it.
+
+    The temporary is `<name>.<pid>.<random>.tmp`, flocked while it is written (where flock exists): a killed
+    write's leftover is then recognisable as ours and as abandoned (`runlock.remove_leftovers`).
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise _disk_error(path, exc) from exc
+    from .runlock import try_flock
+
+    if os.name == "nt" or not try_flock(fd):  # Windows cannot rename a file that is still open
+        os.close(fd)
+        fd = None
     tmp = Path(tmp)
     try:
         yield tmp
@@ -147,6 +155,9 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _umask() -> int:

@@ -60,6 +60,7 @@ from . import noise as noise_mod
 from .codecs import module_fingerprint
 from .errors import DistilleryError, StopRequested
 from .formats import atomic_output, atomic_write_json, atomic_write_text, save_safetensors
+from .runlock import RunLock, remove_leftovers
 
 FORMAT = "dit_distillery.distill_dataset/1"
 METADATA_NAME = "metadata.csv"
@@ -313,70 +314,73 @@ def generate_distill_dataset(pipeline, prompts: str | os.PathLike | Sequence[str
         "negative_prompt": negative_prompt, "height": height, "width": width, "rand_device": rand_device,
         "student_steps": student_steps, "student_cfg": student_cfg,
     }
-    existing = _read_existing(out) if out.is_dir() else _Existing(list(COLUMNS), [], [], None)
-    if existing.settings is not None and (existing.rows or existing.broken):
-        diffs = _settings_diff(existing.settings, settings)
-        if diffs:
-            raise DistilleryError("out", str(out), "this folder was generated with other settings: "
-                                  + "; ".join(diffs) + ". Rows from two teacher set-ups must not be mixed.",
-                                  "generate into a new folder, or rerun with the folder's settings "
-                                  f"(see {SETTINGS_NAME}).")
+    # -- one run per folder (another one's rows would vanish from metadata.csv); what killed writes left is removed
+    with RunLock(out, "out"):
+        existing = _read_existing(out) if out.is_dir() else _Existing(list(COLUMNS), [], [], None)
+        if existing.settings is not None and (existing.rows or existing.broken):
+            diffs = _settings_diff(existing.settings, settings)
+            if diffs:
+                raise DistilleryError("out", str(out), "this folder was generated with other settings: "
+                                      + "; ".join(diffs) + ". Rows from two teacher set-ups must not be mixed.",
+                                      "generate into a new folder, or rerun with the folder's settings "
+                                      f"(see {SETTINGS_NAME}).")
+        remove_leftovers(out)  # the folder is ours (or new): no other run writes in it now
 
-    # -- what to do
-    done_keys = {(r["prompt"], int(r["seed"])) for r in existing.rows}
-    todo: list[tuple[str, int]] = [(r["prompt"], int(r["seed"])) for r in existing.broken]
-    queued = set(todo)
-    skipped = 0
-    for p, prompt in enumerate(prompts):
-        for k in range(seeds_per_prompt):
-            key = (prompt, seed_for(p, k, start_seed=start_seed, seeds_per_prompt=seeds_per_prompt))
-            if key in done_keys:
-                skipped += 1
-            elif key not in queued:
-                queued.add(key)
-                todo.append(key)
-    total = len(todo)
-    report = {"rows_written": 0, "rows_skipped": skipped, "rows_repaired": len(existing.broken),
-              "total": total + skipped, "seconds": 0.0, "images_per_second": 0.0, "out_dir": str(out),
-              "metadata": str(out / METADATA_NAME), "settings": str(out / SETTINGS_NAME),
-              "rows_in_metadata": len(existing.rows), "size": [width, height], "teacher_steps": teacher_steps,
-              "teacher_cfg": teacher_cfg, "student_steps": student_steps, "student_cfg": student_cfg}
-    if not todo:
+        # -- what to do
+        done_keys = {(r["prompt"], int(r["seed"])) for r in existing.rows}
+        todo: list[tuple[str, int]] = [(r["prompt"], int(r["seed"])) for r in existing.broken]
+        queued = set(todo)
+        skipped = 0
+        for p, prompt in enumerate(prompts):
+            for k in range(seeds_per_prompt):
+                key = (prompt, seed_for(p, k, start_seed=start_seed, seeds_per_prompt=seeds_per_prompt))
+                if key in done_keys:
+                    skipped += 1
+                elif key not in queued:
+                    queued.add(key)
+                    todo.append(key)
+        total = len(todo)
+        report = {"rows_written": 0, "rows_skipped": skipped, "rows_repaired": len(existing.broken),
+                  "total": total + skipped, "seconds": 0.0, "images_per_second": 0.0, "out_dir": str(out),
+                  "metadata": str(out / METADATA_NAME), "settings": str(out / SETTINGS_NAME),
+                  "rows_in_metadata": len(existing.rows), "size": [width, height], "teacher_steps": teacher_steps,
+                  "teacher_cfg": teacher_cfg, "student_steps": student_steps, "student_cfg": student_cfg}
+        if not todo:
+            return report
+
+        # -- write
+        out.mkdir(parents=True, exist_ok=True)
+        if existing.settings != settings:
+            atomic_write_json(out / SETTINGS_NAME, settings)
+        rows = existing.rows
+        if progress is not None:
+            progress(0, total)
+        start = time.perf_counter()
+        try:
+            for first in range(0, total, batch_size):
+                if stop is not None and stop():
+                    raise StopRequested("stop requested")
+                chunk = todo[first:first + batch_size]
+                result = pipeline.sample([p for p, _ in chunk], seeds=[s for _, s in chunk], steps=teacher_steps,
+                                         cfg_scale=teacher_cfg, negative_prompt=negative_prompt, height=height,
+                                         width=width, rand_device=rand_device, output="both", batch_size=len(chunk),
+                                         stop=stop)
+                new_rows = [_write_row(out, prompt, seed, image, latents, settings)
+                            for (prompt, seed), image, latents in zip(chunk, result.images, result.latents)]
+                rows = rows + new_rows
+                _write_metadata(out, existing.fieldnames, rows)  # the commit point of the batch
+                for _ in new_rows:
+                    report["rows_written"] += 1
+                    if progress is not None:
+                        progress(report["rows_written"], total)
+        except StopRequested as exc:
+            raise StopRequested(f"gen-dataset stopped with {report['rows_written']} of {total} rows written "
+                                f"({exc}); run it again with the same settings to finish.") from exc
+        finally:
+            seconds = time.perf_counter() - start
+            report.update(seconds=round(seconds, 3), rows_in_metadata=len(rows),
+                          images_per_second=round(report["rows_written"] / seconds, 4) if seconds > 0 else 0.0)
         return report
-
-    # -- write
-    out.mkdir(parents=True, exist_ok=True)
-    if existing.settings != settings:
-        atomic_write_json(out / SETTINGS_NAME, settings)
-    rows = existing.rows
-    if progress is not None:
-        progress(0, total)
-    start = time.perf_counter()
-    try:
-        for first in range(0, total, batch_size):
-            if stop is not None and stop():
-                raise StopRequested("stop requested")
-            chunk = todo[first:first + batch_size]
-            result = pipeline.sample([p for p, _ in chunk], seeds=[s for _, s in chunk], steps=teacher_steps,
-                                     cfg_scale=teacher_cfg, negative_prompt=negative_prompt, height=height,
-                                     width=width, rand_device=rand_device, output="both", batch_size=len(chunk),
-                                     stop=stop)
-            new_rows = [_write_row(out, prompt, seed, image, latents, settings)
-                        for (prompt, seed), image, latents in zip(chunk, result.images, result.latents)]
-            rows = rows + new_rows
-            _write_metadata(out, existing.fieldnames, rows)  # the commit point of the batch
-            for _ in new_rows:
-                report["rows_written"] += 1
-                if progress is not None:
-                    progress(report["rows_written"], total)
-    except StopRequested as exc:
-        raise StopRequested(f"gen-dataset stopped with {report['rows_written']} of {total} rows written "
-                            f"({exc}); run it again with the same settings to finish.") from exc
-    finally:
-        seconds = time.perf_counter() - start
-        report.update(seconds=round(seconds, 3), rows_in_metadata=len(rows),
-                      images_per_second=round(report["rows_written"] / seconds, 4) if seconds > 0 else 0.0)
-    return report
 
 
 def _write_row(out: Path, prompt: str, seed: int, image, latents: torch.Tensor, settings: dict) -> dict:

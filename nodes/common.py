@@ -110,32 +110,107 @@ def list_models(kind: str, suffixes: tuple[str, ...] = (".safetensors",)) -> lis
         except KeyError:
             names = []
     else:
-        names = []
-        for root in model_dirs(kind):
-            if root.is_dir():
-                names += [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+        names = [f if rel == "." else f"{rel}/{f}" for root in model_dirs(kind) for rel, files in _walk(root)
+                 for f in files]
     return sorted({n for n in names if n.lower().endswith(suffixes)})
 
 
+def _walk(root: Path):
+    """(relative folder, file names) under `root`, following symlinked folders as ComfyUI's listings do
+    (os.walk(followlinks=True)), each real folder once (a symlink loop ends)."""
+    seen = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield Path(os.path.relpath(folder, root)).as_posix(), files
+
+
 def list_diffusers_folders() -> list[str]:
-    """Folders under ComfyUI's `diffusers` model folders that hold a model_index.json (as DiffusersLoader lists)."""
-    found = set()
-    for root in model_dirs("diffusers"):
-        if root.is_dir():
-            for index in root.rglob("model_index.json"):
-                found.add(index.parent.relative_to(root).as_posix())
-    return sorted(found)
+    """Folders under ComfyUI's `diffusers` model folders that hold a model_index.json (as DiffusersLoader lists:
+    symlinked folders followed)."""
+    return sorted({rel for root in model_dirs("diffusers") for rel, files in _walk(root)
+                   if "model_index.json" in files and rel != "."})
 
 
 def find_model(kind: str, name: str, field: str) -> Path:
-    """The full path of `name` in the kind's folders; a name that escapes them is refused."""
+    """The full path of a model file's name (as ComfyUI's dropdowns give it) in the kind's folders (see
+    `resolve_name` for what is accepted)."""
     check_relative(name, field)
-    for root in model_dirs(kind):
-        path = root / name
-        if path.exists():
+    return resolve_name(name, field, model_dirs(kind), listed=lambda: list_models(kind),
+                        missing=(f"not found in ComfyUI's {kind} folders ({', '.join(map(str, model_dirs(kind)))}).",
+                                 f"put the file in models/{kind} and refresh the page (press R), or pick another."))
+
+
+def resolve_name(name: str, field: str, roots, *, within=None, listed=None, allow_absolute: bool = False,
+                 kind: str | None = None, missing: tuple[str, str] | None = None) -> Path:
+    """THE rule for every node field that names a file or folder to read (models, diffusers folders, prompts
+    files, dataset folders and metadata): only what lies inside ComfyUI's folders for it may be read by name.
+
+    * `..` is never accepted, nor a NUL; an absolute path only where `allow_absolute` (free-text fields whose
+      tooltip has always offered it), and then only when it lies inside `within` like any other name.
+    * A relative name is looked up under each of `roots` (first match wins).
+    * The match must still lie inside `within` (default: `roots`) after `os.path.realpath`, i.e. after following
+      symlinks; so a symlink inside the input folder cannot lead a typed name to ~/.ssh.
+    * Except a name that ComfyUI itself lists (`listed()`: the model dropdowns, DiffusersLoader's folders): those
+      are followed through symlinks exactly as ComfyUI follows them, because a symlink that the machine's owner
+      put in models/ (a model drive shared between installs) is how ComfyUI users keep large models. Such a
+      symlink can only be made by someone who can already write to the folder; a workflow or API prompt cannot.
+
+    `kind`: "file" or "dir" (None: either). `missing`: (problem, fix) when nothing of that name exists.
+    Returns the path as found (under its root, symlinks not resolved), so ComfyUI-style identities stay stable.
+    """
+    text = name if isinstance(name, str) else None
+    if not text or "\x00" in text or not text.strip():
+        raise DistilleryError(field, name, "is not a file or folder name.", "pick or type a name.")
+    parts = re.split(r"[\\/]", text)
+    absolute = text.startswith(("/", "\\")) or bool(re.match(r"^[A-Za-z]:", text)) or os.path.isabs(text)
+    roots = [Path(r) for r in roots]
+    within = [Path(r) for r in (within if within is not None else roots)]
+    where = " or ".join(str(r) for r in within) or "ComfyUI's folders"
+    if ".." in parts:
+        raise DistilleryError(field, name, "'..' is not accepted: only files inside ComfyUI's folders may be read "
+                              f"({where}).", "put the file inside that folder and give its name there.")
+    if absolute and not allow_absolute:
+        raise DistilleryError(field, name, f"an absolute path is not accepted here: only names inside {where}.",
+                              "put the file inside that folder and give its name relative to it.")
+    candidates = [Path(text)] if absolute else [r / text for r in roots]
+    real_within = [os.path.realpath(r) for r in within]
+    escaped = False
+    for path in candidates:
+        real = os.path.realpath(path)  # checked before existence: a refusal must not tell what exists outside
+        if not any(_contains(r, real) for r in real_within) and not (
+                listed is not None and not absolute and _posix(text) in {_posix(n) for n in listed()}):
+            escaped = True
+            continue
+        if path.is_file() if kind == "file" else path.is_dir() if kind == "dir" else path.exists():
             return path
-    raise DistilleryError(field, name, f"not found in ComfyUI's {kind} folders ({', '.join(map(str, model_dirs(kind)))}).",
-                          f"put the file in models/{kind} and refresh the page (press R), or pick another.")
+    if escaped:
+        how = "is outside" if absolute else "leads (through a symlink) outside"
+        raise DistilleryError(field, name, f"{how} {where}; only files inside ComfyUI's folders may be read by "
+                              "name.", "copy the file into that folder (a symlink that leads out is refused for "
+                              "typed names).")
+    problem, fix = missing or (f"not found in {where}.", "check the name, or put the file in that folder.")
+    raise DistilleryError(field, name, problem, fix)
+
+
+def _posix(name: str) -> str:
+    return name.replace("\\", "/")
+
+
+def _contains(real_root: str, real_path: str) -> bool:
+    try:
+        return os.path.commonpath([real_root, real_path]) == real_root
+    except ValueError:  # another drive (Windows)
+        return False
+
+
+def inside_folders(path, roots) -> bool:
+    """Whether `path` lies inside one of `roots` after following symlinks (for paths read from a file's rows)."""
+    real = os.path.realpath(path)
+    return any(_contains(os.path.realpath(r), real) for r in roots)
 
 
 def check_relative(name: str, field: str) -> str:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from pathlib import Path
 
 from dit_distillery.errors import DistilleryError
 
-from .common import DATA_CATEGORY, DATASET, PIPELINE, input_dir, lines, output_dir, path_inside, pil_to_image, stat_key
+from .common import (DATA_CATEGORY, DATASET, PIPELINE, input_dir, inside_folders, lines, output_dir, path_inside,
+                     pil_to_image, resolve_name, stat_key)
 from .refs import DatasetRef
 
 SIZING = ("buckets", "fixed")
@@ -77,10 +79,12 @@ class DatasetFolder:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "folder": ("STRING", {"default": "", "tooltip": "The dataset folder: an absolute path, or a path relative "
-                                  "to ComfyUI's input folder."}),
+            "folder": ("STRING", {"default": "", "tooltip": "The dataset folder, relative to ComfyUI's input folder "
+                                  "(or to output/dit_distillery, where this pack writes datasets); an absolute path "
+                                  "only inside those. Its files must be inside them too (no '..', no symlink out)."}),
             "metadata": ("STRING", {"default": "", "tooltip": "The metadata file (relative to the folder, or "
-                                    "absolute); empty = metadata.csv/.jsonl/.json in the folder, else .txt captions."}),
+                                    "absolute inside the same folders); empty = metadata.csv/.jsonl/.json in the "
+                                    "folder, else .txt captions."}),
             **_sizing_inputs(),
             **_common_inputs(),
             "on_error": (["raise", "skip"], {"default": "raise", "tooltip":
@@ -95,9 +99,9 @@ class DatasetFolder:
     def IS_CHANGED(cls, folder="", metadata="", **_):
         try:
             base = _folder(folder)
+            meta = _metadata_path(base, metadata)
         except DistilleryError:
             return f"{folder}|{metadata}"
-        meta = _metadata_path(base, metadata)
         return stat_key(meta if meta is not None else base, *sorted(base.glob("metadata.*")))
 
     def make(self, folder, metadata, sizing, width, height, max_pixels, repeat, cache, on_error, caption_dropout):
@@ -106,6 +110,7 @@ class DatasetFolder:
         base = _folder(folder)
         meta = _metadata_path(base, metadata)
         rows = read_metadata(base, meta, on_error=on_error)
+        _check_rows_inside(rows)
         spec = _spec(sizing, width, height, max_pixels, repeat, cache, path=str(base),
                      metadata=None if meta is None else str(meta), on_error=on_error,
                      caption_dropout=float(caption_dropout))
@@ -113,26 +118,41 @@ class DatasetFolder:
         return (DatasetRef(spec, len(rows), summary), summary)
 
 
+def data_roots() -> list[Path]:
+    """Where datasets may be read from by name: ComfyUI's input folder, and output/dit_distillery (the datasets
+    and runs this pack wrote). See `common.resolve_name`."""
+    return [input_dir(), output_dir() / "dit_distillery"]
+
+
 def _folder(folder: str) -> Path:
     text = str(folder or "").strip()
     if not text:
         raise DistilleryError("folder", folder, "no dataset folder given.",
-                              "type the folder's path (absolute, or relative to ComfyUI's input folder).")
-    path = Path(text).expanduser()
-    if not path.is_absolute():
-        path = input_dir() / path
-    if not path.is_dir():
-        raise DistilleryError("folder", text, f"no such folder ({path}).",
-                              "give the dataset folder that holds the images and the metadata file.")
-    return path
+                              "type the folder's path relative to ComfyUI's input folder.")
+    return resolve_name(text, "folder", data_roots(), allow_absolute=True, kind="dir", missing=(
+        f"no such folder in {input_dir()} (or {output_dir() / 'dit_distillery'}).",
+        "give the dataset folder that holds the images and the metadata file, inside ComfyUI's input folder."))
 
 
 def _metadata_path(base: Path, metadata: str) -> Path | None:
     text = str(metadata or "").strip()
     if not text:
         return None
-    path = Path(text).expanduser()
-    return path if path.is_absolute() else base / path
+    return resolve_name(text, "metadata", [base], within=data_roots(), allow_absolute=True, kind="file",
+                        missing=(f"no such file in {base}.", "give the metadata file's name inside the folder, or "
+                                 "leave it empty for metadata.csv/.jsonl/.json."))
+
+
+def _check_rows_inside(rows) -> None:
+    """The images and latents a metadata file names must be inside the same folders as the metadata itself."""
+    roots = data_roots()
+    for row in rows:
+        for path in (row.image, row.latents):
+            if path is not None and not inside_folders(path, roots):
+                raise DistilleryError("metadata", row.where, f"names a file outside ComfyUI's input folder "
+                                      f"({path.name}); only files inside {input_dir()} (or output/dit_distillery) "
+                                      "may be read.", "copy the images into the dataset folder and use paths "
+                                      "relative to it.")
 
 
 class SyntheticShapesDataset:
@@ -248,8 +268,8 @@ class GenerateDistillDataset:
             "required": {
                 "teacher": (PIPELINE, {"tooltip": "The teacher pipeline (e.g. Qwen-Image from Load Pipeline)."}),
                 "prompts": ("STRING", {"multiline": True, "default": "", "tooltip":
-                            "One prompt per line (# lines skipped), or the path of a .txt file (absolute or in "
-                            "ComfyUI's input folder). Empty with synthetic_prompts > 0: the shapes vocabulary."}),
+                            "One prompt per line (# lines skipped), or the name of a .txt file in ComfyUI's input "
+                            "folder. Empty with synthetic_prompts > 0: the shapes vocabulary."}),
                 "synthetic_prompts": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip":
                                       "When prompts is empty: this many captions of the synthetic shapes task."}),
                 "seeds_per_prompt": ("INT", {"default": 1, "min": 1, "max": 10000,
@@ -315,9 +335,11 @@ class GenerateDistillDataset:
 
 
 def _prompt_source(prompts: str, synthetic: int):
-    """The prompts widget as `read_prompts` takes it: text, a file (relative paths in ComfyUI's input folder), or
-    the synthetic shapes' captions when it is empty."""
-    from dit_distillery.gen_dataset import synthetic_prompts
+    """The prompts widget as `read_prompts` takes it: a list of prompts (never a string, which the core would
+    read as a path if it named a file), the checked path of a prompts file in ComfyUI's input folder, or the
+    synthetic shapes' captions when it is empty. A single line that looks like a path (absolute, '..', a
+    prompts-file suffix, or a file in the input folder) is a file name and goes through `resolve_name`."""
+    from dit_distillery.gen_dataset import PROMPT_FILE_SUFFIXES, synthetic_prompts
 
     text = str(prompts or "").strip()
     if not text:
@@ -325,9 +347,14 @@ def _prompt_source(prompts: str, synthetic: int):
             return synthetic_prompts(synthetic)
         raise DistilleryError("prompts", prompts, "no prompts.", "write one prompt per line, give a .txt file, or "
                               "set synthetic_prompts for the shapes task.")
-    if "\n" not in text and not Path(text).is_absolute() and (input_dir() / text).is_file():
-        return str(input_dir() / text)
-    return text
+    if "\n" not in text:
+        looks_like_path = (text.startswith(("/", "\\")) or Path(text).is_absolute() or ".." in re.split(r"[\\/]", text)
+                           or Path(text).suffix.lower() in PROMPT_FILE_SUFFIXES or (input_dir() / text).is_file())
+        if looks_like_path:
+            return resolve_name(text, "prompts", [input_dir()], allow_absolute=True, kind="file", missing=(
+                f"no such file in ComfyUI's input folder ({input_dir()}).",
+                "put the prompts file in the input folder and give its name, or write the prompts themselves."))
+    return [line for line in lines(text) if not line.startswith("#")]
 
 
 NODE_CLASS_MAPPINGS = {

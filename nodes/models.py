@@ -14,8 +14,8 @@ import torch
 from dit_distillery.errors import DistilleryError
 from dit_distillery.models import aaadit_presets
 
-from .common import (DIT, MODELS_CATEGORY, NONE, PIPELINE, Progress, find_model, list_diffusers_folders, list_models,
-                     lines, model_dirs, model_write_dir, path_inside, stat_key, user_errors)
+from .common import (DIT, MODELS_CATEGORY, NONE, PIPELINE, Progress, check_relative, find_model, list_diffusers_folders,
+                     list_models, lines, model_dirs, model_write_dir, path_inside, resolve_name, stat_key, user_errors)
 from .refs import BUILTIN_PIPELINES, DTYPES, DitRef, PipelineRef
 
 FROM_INPUT = "[dit input]"  # Shrink DiT's source when the DiT comes from the `dit` socket
@@ -367,12 +367,16 @@ def _source_family(source: str) -> str | None:
 
 
 def _diffusers_folder(name: str) -> Path:
-    for root in model_dirs("diffusers"):
-        path = root / name
-        if (path / "model_index.json").is_file():
-            return path
-    raise DistilleryError("source", name, "no diffusers folder of this name in models/diffusers.",
-                          "put the model folder (with model_index.json) in models/diffusers and refresh (press R).")
+    """A folder DiffusersLoader lists in models/diffusers (symlinked model folders followed, as ComfyUI does); a
+    typed name outside it (absolute, '..', a symlink out that ComfyUI does not list) is refused."""
+    missing = ("no diffusers folder of this name in models/diffusers.",
+               "put the model folder (with model_index.json) in models/diffusers and refresh (press R).")
+    check_relative(name, "source")
+    path = resolve_name(name, "source", model_dirs("diffusers"), listed=list_diffusers_folders, kind="dir",
+                        missing=missing)
+    if not (path / "model_index.json").is_file():
+        raise DistilleryError("source", name, *missing)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------

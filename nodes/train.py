@@ -230,6 +230,9 @@ def _archive(out: Path) -> Path | None:
     """Move an earlier run aside (never deleted): output/dit_distillery/<name>.previous-N."""
     if not out.exists():
         return None
+    from dit_distillery.runlock import ensure_free
+
+    ensure_free(out, "output_name")  # a run still working in it (another ComfyUI, the CLI) keeps its folder
     n = 1
     while out.with_name(f"{out.name}.previous-{n}").exists():
         n += 1

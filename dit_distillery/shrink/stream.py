@@ -329,6 +329,9 @@ def write_student(source: SourceModel, plan: ShrinkPlan, out: Path, dtype: torch
     """Stream the student into `out` (atomically); returns the bytes written."""
     tensors = student_tensors(source, plan, dtype)
     metadata = metadata_for(plan)
+    from ..runlock import remove_leftovers
+
+    remove_leftovers(out.parent, recursive=False, target=out.name)  # a killed shrink's temp file (up to 20 GB)
     check_free_space(out, sum(t.nbytes for t in tensors) + len(json.dumps(metadata)) + (1 << 20))
     layout = [(t.name, t.dtype, t.shape) for t in tensors]
     try:

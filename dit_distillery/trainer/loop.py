@@ -445,9 +445,39 @@ class Trainer:
         """Train. torch's global RNG (adapter init, data loader seeds) is seeded from the job inside a fork, so the
         same job gives the same result in any process, and the caller's RNG state (e.g. ComfyUI's) is given back."""
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
+        with self._folder_lock(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.job.seed)
             return self._run()
+
+    @contextlib.contextmanager
+    def _folder_lock(self):
+        """Hold the output folder for the whole run, before anything (job.json included) is written: a second run
+        on it is refused instead of pruning this one's checkpoints. Only the main process locks (and then removes
+        what killed writes left there); the others learn its outcome from one collective, so none of them hangs."""
+        from ..runlock import RunLock, remove_leftovers
+
+        lock, error = RunLock(self.out, "output.dir"), None
+        if self.main:
+            try:
+                lock.acquire()
+                removed, freed = remove_leftovers(self.out, checkpoints=True)
+                if removed:
+                    self.callbacks.on_message(f"removed {len(removed)} leftover(s) of killed writes "
+                                              f"({freed / 1e6:.1f} MB)")
+            except BaseException as exc:
+                lock.release()
+                error = exc
+        if self.accelerator.num_processes > 1:
+            failed = self.accelerator.reduce(torch.tensor(float(error is not None), device=self.device), "sum")
+            if error is None and float(failed) > 0:
+                error = DistilleryError("output.dir", str(self.out), "the main process could not lock the output "
+                                        "folder (its error says why).", "see the main process's error.")
+        if error is not None:
+            raise error
+        try:
+            yield lock
+        finally:
+            lock.release()
 
     def _run(self) -> TrainResult:
         started = time.time()
