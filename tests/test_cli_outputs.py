@@ -82,6 +82,15 @@ def test_sample_warns_that_the_default_pipeline_is_untrained(tmp_path, capsys):
     assert "warning" not in json.loads(captured.out.strip().splitlines()[-1]) and "warning" not in captured.err
 
 
+def test_gen_dataset_warns_that_its_teacher_is_untrained(tmp_path, capsys):
+    """A teacher dataset drawn from a random DiT is noise: the same warning, before the rows are written."""
+    assert main(["gen-dataset", "--pipeline", "default", "--synthetic-prompts", "1", "--teacher-steps", "1",
+                 "--out", str(tmp_path / "d"), "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    assert "random" in report["warning"] and f"warning: {report['warning']}" in captured.err
+
+
 def test_the_warning_names_where_the_demo_writes_its_teacher(tmp_path, monkeypatch):
     """The demo's first training job is the teacher; its weights land at <out>/teacher/teacher.safetensors."""
     from pathlib import Path
