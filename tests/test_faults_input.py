@@ -270,6 +270,27 @@ def test_full_disk_in_the_latent_cache_keeps_what_was_cached(tmp_path, monkeypat
     assert len(cache.cached_rows(rows)) == 2 and cache.load(cache.key(rows[0]))["latents"].isfinite().all()
 
 
+def test_full_disk_in_teacher_dataset_latents_keeps_the_rows_written(tmp_path, monkeypatch):
+    from dit_distillery.gen_dataset import generate_distill_dataset
+    from dit_distillery.tiny import tiny_pipeline
+
+    pipe, out = tiny_pipeline(), tmp_path / "teacher_data"
+    fast = dict(teacher_steps=2, height=32, width=32, batch_size=1)
+    generate_distill_dataset(pipe, ["a red circle on a blue background"], out, **fast)
+
+    def full(tensors, filename, metadata=None):
+        raise safetensors.SafetensorError(FULL_DISK[0])
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(DistilleryError) as info:
+        generate_distill_dataset(pipe, ["a red circle on a blue background", "a green square on a white background"],
+                                 out, **fast)
+    assert "no space left on device" in str(info.value) and info.value.value.endswith(".safetensors")
+    monkeypatch.undo()
+    rows = read_metadata(out, validate=True)  # the row written before is intact, its latents readable
+    assert [r.prompt for r in rows] == ["a red circle on a blue background"] and not _leftovers(out)
+
+
 def test_other_safetensors_errors_are_not_disguised_as_a_full_disk(tmp_path, monkeypatch):
     from dit_distillery.formats import save_safetensors
 
