@@ -281,7 +281,7 @@ def generate_distill_dataset(pipeline, prompts: str | os.PathLike | Sequence[str
     """Sample the teacher for every (prompt, seed) not yet in `out_dir` and write images, latents and rows.
 
     Defaults follow DiffSynth's Direct Distill example: teacher 40 steps CFG 4, student 4 steps CFG 1.
-    `progress(done, total)` after each row is committed; `stop()` is polled before each batch and at each
+    `progress(done, total)` after each batch is committed; `stop()` is polled before each batch and at each
     denoising step, and raises `StopRequested` with every finished row already written. Returns a report.
     """
     # -- every check before anything is written
@@ -369,10 +369,9 @@ def generate_distill_dataset(pipeline, prompts: str | os.PathLike | Sequence[str
                             for (prompt, seed), image, latents in zip(chunk, result.images, result.latents)]
                 rows = rows + new_rows
                 _write_metadata(out, existing.fieldnames, rows)  # the commit point of the batch
-                for _ in new_rows:
-                    report["rows_written"] += 1
-                    if progress is not None:
-                        progress(report["rows_written"], total)
+                report["rows_written"] += len(new_rows)
+                if progress is not None:  # once per batch (its rows are committed together), so a rate is real
+                    progress(report["rows_written"], total)
         except StopRequested as exc:
             raise StopRequested(f"gen-dataset stopped with {report['rows_written']} of {total} rows written "
                                 f"({exc}); run it again with the same settings to finish.") from exc

@@ -13,6 +13,7 @@ once a minute. Messages go through `tqdm.write`, so they never break a bar.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from typing import Callable
@@ -64,6 +65,14 @@ class Eta:
         return rate * max(0, self.total - self.last[1])
 
 
+def _terminal(file) -> bool:
+    """A terminal a bar can be drawn on (a pseudo-terminal of width 0 would show tqdm's bar as nothing)."""
+    try:
+        return file.isatty() and os.get_terminal_size(file.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 class Stages:
     """The progress of a job in named stages (see the module docstring).
 
@@ -78,7 +87,7 @@ class Stages:
                  file=None, clock: Callable[[], float] = time.perf_counter):
         self.names = list(names) if names else None
         self.log, self.file, self.clock = log, file if file is not None else sys.stderr, clock
-        self.bars = bool(bars) and bool(getattr(self.file, "isatty", lambda: False)())
+        self.bars = bool(bars) and _terminal(self.file)
         self.index = 0
         self.label = ""
         self._reset()
