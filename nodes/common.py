@@ -145,12 +145,14 @@ def find_model(kind: str, name: str, field: str) -> Path:
 
 
 def resolve_name(name: str, field: str, roots, *, within=None, listed=None, allow_absolute: bool = False,
-                 kind: str | None = None, missing: tuple[str, str] | None = None) -> Path:
+                 allow_parent: bool = False, kind: str | None = None, missing: tuple[str, str] | None = None) -> Path:
     """THE rule for every node field that names a file or folder to read (models, diffusers folders, prompts
     files, dataset folders and metadata): only what lies inside ComfyUI's folders for it may be read by name.
 
-    * `..` is never accepted, nor a NUL; an absolute path only where `allow_absolute` (free-text fields whose
-      tooltip has always offered it), and then only when it lies inside `within` like any other name.
+    * `..` is not accepted, nor a NUL; an absolute path only where `allow_absolute` (free-text fields whose
+      tooltip has always offered it), and then only when it lies inside `within` like any other name. The one
+      field relative to another folder (Dataset (Folder)'s `metadata`: DiffSynth keeps metadata_merged.csv
+      beside its images folder) takes `..` (`allow_parent`), again only to a place inside `within`.
     * A relative name is looked up under each of `roots` (first match wins).
     * The match must still lie inside `within` (default: `roots`) after `os.path.realpath`, i.e. after following
       symlinks; so a symlink inside the input folder cannot lead a typed name to ~/.ssh.
@@ -170,7 +172,7 @@ def resolve_name(name: str, field: str, roots, *, within=None, listed=None, allo
     roots = [Path(r) for r in roots]
     within = [Path(r) for r in (within if within is not None else roots)]
     where = " or ".join(str(r) for r in within) or "ComfyUI's folders"
-    if ".." in parts:
+    if ".." in parts and not allow_parent:
         raise DistilleryError(field, name, "'..' is not accepted: only files inside ComfyUI's folders may be read "
                               f"({where}).", "put the file inside that folder and give its name there.")
     if absolute and not allow_absolute:

@@ -82,9 +82,9 @@ class DatasetFolder:
             "folder": ("STRING", {"default": "", "tooltip": "The dataset folder, relative to ComfyUI's input folder "
                                   "(or to output/dit_distillery, where this pack writes datasets); an absolute path "
                                   "only inside those. Its files must be inside them too (no '..', no symlink out)."}),
-            "metadata": ("STRING", {"default": "", "tooltip": "The metadata file (relative to the folder, or "
-                                    "absolute inside the same folders); empty = metadata.csv/.jsonl/.json in the "
-                                    "folder, else .txt captions."}),
+            "metadata": ("STRING", {"default": "", "tooltip": "The metadata file, relative to the folder (e.g. "
+                                    "../metadata.csv beside it) or absolute, inside the same folders; empty = "
+                                    "metadata.csv/.jsonl/.json in the folder, else .txt captions."}),
             **_sizing_inputs(),
             **_common_inputs(),
             "on_error": (["raise", "skip"], {"default": "raise", "tooltip":
@@ -138,9 +138,9 @@ def _metadata_path(base: Path, metadata: str) -> Path | None:
     text = str(metadata or "").strip()
     if not text:
         return None
-    return resolve_name(text, "metadata", [base], within=data_roots(), allow_absolute=True, kind="file",
-                        missing=(f"no such file in {base}.", "give the metadata file's name inside the folder, or "
-                                 "leave it empty for metadata.csv/.jsonl/.json."))
+    return resolve_name(text, "metadata", [base], within=data_roots(), allow_absolute=True, allow_parent=True,
+                        kind="file", missing=(f"no such file in {base}.", "give the metadata file's name inside the "
+                                              "folder, or leave it empty for metadata.csv/.jsonl/.json."))
 
 
 def _check_rows_inside(rows) -> None:

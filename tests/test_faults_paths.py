@@ -217,6 +217,9 @@ def test_dataset_rows_naming_files_outside_are_refused(datasets, outside):
 def test_dataset_folder_and_metadata_inside_are_read(datasets, fake_comfy):
     dataset, _ = call("DD_DatasetFolder", folder="shapes", metadata="metadata.csv")
     assert dataset.rows == 2 and dataset.spec["path"] == str(datasets / "shapes")
+    (datasets / "merged.csv").write_text((datasets / "shapes" / "metadata.csv").read_text())
+    dataset, _ = call("DD_DatasetFolder", folder="shapes", metadata="../merged.csv")  # DiffSynth's layout: beside
+    assert dataset.rows == 2 and dataset.spec["metadata"] == str(datasets / "shapes" / "../merged.csv")
     dataset, _ = call("DD_DatasetFolder", folder=str(datasets / "shapes"))  # absolute, inside input
     assert dataset.rows == 2
     generated, _, _ = call("DD_SyntheticShapesDataset", count=2, size=32)  # the pack's own output may be read back
