@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 RESULT_PREFIX = "BENCH_RESULT "
+PARTIAL_PREFIX = "BENCH_PARTIAL "
 TINY_LABEL = "CPU, tiny sizes, correctness only — GPU figures pending"
 
 # Peak dense bf16 tensor-core throughput (no sparsity), from the vendors' datasheets: used for MFU.
@@ -61,6 +62,32 @@ def add_common_args(ap: argparse.ArgumentParser, *, sides: tuple[str, ...]) -> N
     ap.add_argument("--out", default=str(RESULTS), help="results folder")
     ap.add_argument("--inline", action="store_true", help="run every side in this process (no child processes)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--side-timeout", default=None,
+                    help="seconds each side's child process may run: one number, or side=seconds,... (past it the "
+                         "side is stopped and recorded with what it had measured; bench/gpu_run.sh sets it)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="Unix time by which this run must have written its results: no side runs past it "
+                         f"(less {WRITE_RESERVE_S:g} s to write them)")
+
+
+WRITE_RESERVE_S = 8.0  # results, markdown and charts (matplotlib's import included) after the last side
+MIN_SIDE_S = 3.0  # a side given less is recorded as not started (it could not even import torch)
+
+
+def side_timeout(args, side: str) -> float | None:
+    """Seconds `side` may run: its `--side-timeout` (`120` for every side, or `ours=90,diffsynth=30`), capped by
+    what is left before `--deadline` once the results' writing is set aside."""
+    spec, limit = getattr(args, "side_timeout", None), None
+    if spec and "=" not in spec:
+        limit = float(spec)
+    elif spec:
+        pairs = dict(item.split("=", 1) for item in spec.split(",") if item)
+        limit = float(pairs[side]) if side in pairs else None
+    deadline = getattr(args, "deadline", None)
+    if deadline is not None:
+        left = deadline - time.time() - WRITE_RESERVE_S
+        limit = left if limit is None else min(limit, left)
+    return limit
 
 
 def is_tiny(args) -> bool:
@@ -217,6 +244,8 @@ def run_side(script: str | Path, side: str, settings: dict, fn: Callable[[dict],
     """Run `fn(settings)` in a fresh `python script --child side JSON` (or inline). Never raises: a failure is
     recorded as {"error": ...} so one broken side does not lose the others' numbers."""
     started = time.perf_counter()
+    if timeout is not None and timeout < MIN_SIDE_S:
+        return {"error": f"side {side} not started: {max(timeout, 0):.0f} s left before the run's deadline", "wall_s": 0.0}
     if inline:
         try:
             _reset_accelerate()  # each side makes its own Accelerator; its state is a per-process singleton
@@ -228,16 +257,32 @@ def run_side(script: str | Path, side: str, settings: dict, fn: Callable[[dict],
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout, check=False)
-            lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
-            if lines:
-                out = json.loads(lines[-1][len(RESULT_PREFIX):])
-            else:
-                out = {"error": f"side {side} exited with {proc.returncode} and no result",
-                       "stderr_tail": (proc.stderr or "")[-4000:]}
-        except subprocess.TimeoutExpired:
-            out = {"error": f"side {side} ran past {timeout} s"}
+            stdout, stderr, problem = proc.stdout, proc.stderr, f"side {side} exited with {proc.returncode} and no result"
+        except subprocess.TimeoutExpired as exc:  # POSIX: the output so far, as bytes
+            stdout, stderr, problem = _text(exc.stdout), _text(exc.stderr), f"side {side} ran past {timeout} s"
+        lines = [l for l in stdout.splitlines() if l.startswith(RESULT_PREFIX)]
+        if lines:
+            out = json.loads(lines[-1][len(RESULT_PREFIX):])
+        else:  # stopped or crashed: keep what it had measured (see `report_partial`)
+            partial = [l for l in stdout.splitlines() if l.startswith(PARTIAL_PREFIX)]
+            out = json.loads(partial[-1][len(PARTIAL_PREFIX):]) if partial else {}
+            out.update(error=problem, stderr_tail=(stderr or "")[-4000:], partial=bool(partial))
     out.setdefault("wall_s", round(time.perf_counter() - started, 2))
     return out
+
+
+def _text(output) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
+
+
+_IN_CHILD = False
+
+
+def report_partial(out: dict) -> None:
+    """In a side's child process, print what it has measured so far (e.g. after each batch size): if the side is
+    then stopped by its `--side-timeout` or crashes, `run_side` records these numbers instead of none."""
+    if _IN_CHILD:
+        print(PARTIAL_PREFIX + json.dumps(out, default=str), flush=True)
 
 
 def _reset_accelerate() -> None:
@@ -252,6 +297,8 @@ def child_main(fns: dict[str, Callable[[dict], dict]]) -> bool:
     """If this process is a child (`--child SIDE JSON`), run that side, print its result line and return True."""
     if len(sys.argv) < 4 or sys.argv[1] != "--child":
         return False
+    global _IN_CHILD
+    _IN_CHILD = True
     side, settings = sys.argv[2], json.loads(sys.argv[3])
     try:
         out = fns[side](settings)

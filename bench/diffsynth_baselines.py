@@ -97,11 +97,24 @@ def import_diffsynth(root: Path) -> dict:
             del sys.modules[name]
     from diffsynth.core.attention import attention
 
-    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=False).stdout.strip() or None
+    commit = diffsynth_commit(root)
     return {"dir": str(root), "commit": commit, "placeholder_imports": placed,
             "attention_implementation": getattr(attention, "ATTENTION_IMPLEMENTATION", None),
             "transformers_sees_torchvision": bool(transformers.utils.import_utils.is_torchvision_available())}
+
+
+def diffsynth_commit(root: Path) -> str | None:
+    """The checkout's commit; for an unpacked `git archive` (bench/gpu_wheels.sh), the `.git_commit` file beside it.
+    Never the commit of a repository that merely contains the folder (ours, when it is vendored inside it)."""
+    marker = root / ".git_commit"
+    if marker.is_file():
+        return marker.read_text().strip() or None
+    def git(*cmd):
+        return subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True, check=False).stdout.strip()
+    top = git("rev-parse", "--show-toplevel")
+    if not top or Path(top).resolve() != root.resolve():
+        return None
+    return git("rev-parse", "HEAD") or None
 
 
 def _load_file(name: str, path: Path):

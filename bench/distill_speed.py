@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "warmup": args.warmup if args.warmup is not None else d["warmup"],
                 "steps": args.steps if args.steps is not None else d["steps"], "seed": args.seed}
     rec = common.record(BENCH, args, argv)
-    sides = {name: common.run_side(__file__, name, settings, FNS[name], inline=args.inline)
+    sides = {name: common.run_side(__file__, name, settings, FNS[name], inline=args.inline,
+                                   timeout=common.side_timeout(args, name))
              for name in [s for s in args.sides.split(",") if s]}
     rec.update(settings=settings, sides=sides)
     s = settings

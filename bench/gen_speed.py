@@ -75,6 +75,7 @@ def ours(settings: dict) -> dict:
         run = clock.summary(images_per_step=batch)
         run.update(batch=batch, rows_written=report["rows_written"])
         runs.append(run)
+        common.report_partial({"runs": runs})
         shutil.rmtree(out, ignore_errors=True)
         free(device)
     return {"runs": runs, "path": "dit_distillery.gen_dataset.generate_distill_dataset",
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "steps": args.steps if args.steps is not None else d["steps"], "seed": args.seed, "work": str(work)}
     settings["images"] = settings["steps"]  # DiffSynth: one image per step
     rec = common.record(BENCH, args, argv)
-    sides = {name: common.run_side(__file__, name, settings, FNS[name], inline=args.inline)
+    sides = {name: common.run_side(__file__, name, settings, FNS[name], inline=args.inline,
+                                   timeout=common.side_timeout(args, name))
              for name in [s for s in args.sides.split(",") if s]}
     rec.update(settings=settings, sides=sides)
     md = report(rec)

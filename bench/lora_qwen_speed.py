@@ -77,9 +77,11 @@ def main(argv: list[str] | None = None) -> dict:
 
             root, python = locate()
             sides[name] = ({"skipped": "no COMFYUI_DIR"} if root is None else
-                           common.run_side(__file__, name, settings, comfyui, inline=False, python=python, cwd=root))
+                           common.run_side(__file__, name, settings, comfyui, inline=False, python=python, cwd=root,
+                                           timeout=common.side_timeout(args, name)))
         else:
-            sides[name] = common.run_side(__file__, name, settings, FNS[name], inline=args.inline)
+            sides[name] = common.run_side(__file__, name, settings, FNS[name], inline=args.inline,
+                                          timeout=common.side_timeout(args, name))
     rec.update(settings=settings, sides=sides)
     s = settings
     intro = [f"Model: Qwen-Image DiT, {s['num_layers']} full-width blocks (3072 wide, 24 heads x 128, text 3584), random "

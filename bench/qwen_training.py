@@ -42,6 +42,7 @@ def ours(settings: dict) -> dict:
             run = {"error": f"out of memory at batch {batch_size}"}
         run["batch"] = batch_size
         runs.append(run)
+        common.report_partial({"runs": runs})
         del dit, batch
         free(device)
     return {"runs": runs, "dtype": "bf16 base, fp32 LoRA, bf16 autocast" if device.type == "cuda" else

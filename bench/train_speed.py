@@ -74,6 +74,11 @@ def ours(settings: dict) -> dict:
         for block in pipe.dit.blocks:
             block.compile()
     work, size = Path(settings["work"]), settings["image_size"]
+    about = {"path": "dit_distillery.trainer.train (full training, cache on/off)",
+             "dtype": "fp32 master weights, bf16 autocast; text encoder and VAE bf16" if device.type == "cuda"
+             else "fp32 (the trainer's CPU default)",
+             "compile": settings["compile"], "gradient_checkpointing": settings["gradient_checkpointing"],
+             "attention": "torch SDPA"}
     runs = []
     for cached in settings["modes"]:
         warmup, steps = (settings["warmup"], settings["steps"]) if cached else settings["uncached_timing"]
@@ -109,14 +114,12 @@ def ours(settings: dict) -> dict:
                 run = {"error": f"out of memory at batch {batch}"}
             run.update(batch=batch, cached=cached)
             runs.append(run)
+            common.report_partial(dict(about, runs=runs))
             shutil.rmtree(work / f"run-{batch}-{cached}", ignore_errors=True)
             free(device)
-    overheads = [dict(batch=b, **host_overheads(pipe, settings, b, device)) for b in settings["batch_sizes"]]
-    return {"runs": runs, "overheads": overheads, "path": "dit_distillery.trainer.train (full training, cache on/off)",
-            "dtype": "fp32 master weights, bf16 autocast; text encoder and VAE bf16" if device.type == "cuda"
-            else "fp32 (the trainer's CPU default)",
-            "compile": settings["compile"], "gradient_checkpointing": settings["gradient_checkpointing"],
-            "attention": "torch SDPA"}
+    overheads = [] if settings.get("no_overheads") else \
+        [dict(batch=b, **host_overheads(pipe, settings, b, device)) for b in settings["batch_sizes"]]
+    return dict(about, runs=runs, overheads=overheads)
 
 
 def host_overheads(pipe, settings: dict, batch: int, device, repeats: int = 5) -> dict:
@@ -262,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="timed steps without the cache (default: --steps, at most 5; encoding dominates them)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each AAABlock (our side)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--no-overheads", action="store_true", help="skip the per-batch host-overhead measurements")
     ap.add_argument("--num-workers", type=int, default=None, help="DiffSynth's DataLoader workers (tutorial: 4)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense bf16 TFLOP/s")
     ap.add_argument("--workdir", default=None)
@@ -292,13 +296,15 @@ def main(argv: list[str] | None = None) -> dict:
                 "uncached_timing": [args.warmup if args.warmup is not None else min(2, d["warmup"]),
                                     args.uncached_steps or (args.steps if args.steps is not None else min(5, d["steps"]))],
                 "compile": args.compile, "gradient_checkpointing": args.gradient_checkpointing,
+                "no_overheads": args.no_overheads,
                 "num_workers": args.num_workers if args.num_workers is not None else (0 if tiny else 4),
                 "dataset": str(dataset), "images": n_images, "work": str(work),
                 "model": {k: config[k] for k in ("width", "num_blocks", "num_heads", "latent_channels", "text_width")},
                 "latent_shape": f"{config['latent_channels']}x{side}x{side}"}
     sides = {}
     for name in [s for s in args.sides.split(",") if s]:
-        sides[name] = common.run_side(__file__, name, settings, FNS[name], inline=args.inline)
+        sides[name] = common.run_side(__file__, name, settings, FNS[name], inline=args.inline,
+                                      timeout=common.side_timeout(args, name))
     for r in sides.get("ours", {}).get("runs", []) + ([sides["diffsynth"]] if "diffsynth" in sides else []):
         if r.get("images_per_s") and peak:
             r["mfu"] = r["images_per_s"] * flops["train"] / peak
