@@ -57,6 +57,7 @@ class LoraModule:
 class LoraWeights:
     modules: dict[str, LoraModule]
     metadata: dict[str, str] = field(default_factory=dict)
+    path: str | None = None  # the file it was read from, named in errors
 
     @property
     def rank(self) -> int:
@@ -135,13 +136,18 @@ def save_lora(model_or_weights, path: str | os.PathLike, metadata: dict | None =
 # Reading LoRA files
 
 def read_lora(path: str | os.PathLike, field: str = "lora") -> LoraWeights:
-    """Read a LoRA file (ours, DiffSynth's, diffusers', kohya-named) into per-module (A, B, alpha)."""
+    """Read a LoRA file (ours, DiffSynth's, diffusers', kohya-named) into per-module (A, B, alpha).
+
+    A tensor holding NaN/inf is refused by name as it is read (`weights_check`)."""
+    from .weights_check import check_finite
+
     with TensorSource(path, field, prefixes=_PREFIXES) as src:
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for key in src.keys():
             for suffix, which in _SUFFIXES.items():
                 if key.endswith(suffix):
-                    parts.setdefault(key[: -len(suffix)], {})[which] = src.get(key)
+                    parts.setdefault(key[: -len(suffix)], {})[which] = check_finite(key, src.get(key), field=field,
+                                                                                      path=path)
                     break
         metadata = dict(src.metadata)
     modules = {}
@@ -157,21 +163,42 @@ def read_lora(path: str | os.PathLike, field: str = "lora") -> LoraWeights:
     if not modules:
         raise DistilleryError(field, str(path), "no LoRA weights found (expected *.lora_A.weight / *.lora_B.weight).",
                               "choose a LoRA file.")
-    return LoraWeights(modules, metadata)
+    return LoraWeights(modules, metadata, str(path))
 
 
 def _check_targets(model: torch.nn.Module, weights: LoraWeights, field: str) -> dict[str, torch.nn.Module]:
+    """Every module the LoRA adapts exists here with the LoRA's (out, in) shape, or a DistilleryError that names
+    the file, the first module that does not fit (both shapes), how many do not, and what the LoRA was made for."""
+    from .weights_check import check_shapes
+
     named = dict(model.named_modules())
-    missing = [n for n in weights.modules if n not in named]
-    if missing:
-        raise DistilleryError(field, f"{len(missing)} modules", f"the LoRA adapts modules this model does not have "
-                              f"(e.g. {missing[0]}).", "use a LoRA trained for this base model.")
-    for name, m in weights.modules.items():
-        w = _base_weight(named[name])
-        if tuple(w.shape) != (m.up.shape[0], m.down.shape[1]):
-            raise DistilleryError(field, name, f"LoRA shape {(m.up.shape[0], m.down.shape[1])} does not fit the "
-                                  f"weight {tuple(w.shape)}.", "use a LoRA trained for this base model.")
+    expected = {}
+    for name in weights.modules:
+        w = getattr(getattr(named.get(name), "base_layer", named.get(name)), "weight", None)
+        if isinstance(w, torch.Tensor) and w.ndim == 2:
+            expected[name] = tuple(w.shape)
+    found = {n: (m.up.shape[0], m.down.shape[1]) for n, m in weights.modules.items()}
+    check_shapes(expected, found, field=field, path=weights.path or f"LoRA of {len(found)} modules",
+                 what="model", fix=_mismatch_fix(model, expected, found), require_all=False,
+                 unit="LoRA modules")
     return named
+
+
+def _mismatch_fix(model: torch.nn.Module, expected: dict, found: dict) -> str:
+    """Say what the LoRA was made for when its shapes tell: a layer's dimension equal to this model's width
+    that the LoRA has at another size is the width of the model it was trained on."""
+    config = dict(getattr(model, "config", None) or {})
+    width = config.get("width") or config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0)
+    for name in found:
+        if name in expected and found[name] != expected[name]:
+            for have, want in zip(found[name], expected[name]):
+                if want == width and have != want:
+                    return (f"this LoRA was trained for a model with width {have} but the model has {width}: train "
+                            "it on this model, or load it on the base it was made for.")
+    if any(n not in expected for n in found):
+        return ("this LoRA adapts layers this model does not have (more blocks, or another architecture): train it "
+                "on this model, or load it on the base it was made for.")
+    return "this LoRA was trained for another model: train it on this model, or load it on the base it was made for."
 
 
 def _base_weight(module: torch.nn.Module) -> torch.Tensor:

@@ -362,6 +362,43 @@ def _measure(family: str, config: dict, inputs: dict, lora: tuple[list[str], int
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Closed-form lower bounds, cheap enough to check before every sample and training run
+
+# Bytes autograd saves per block, per token and per unit of width, in bf16: the meta measurement above gives 56
+# (Qwen-Image, 4x FFN and dual-stream modulation) and 36 (AAADiT, 3x FFN) at every size and resolution tried;
+# these are rounded down so the estimate stays a lower bound (tests/test_faults_weights.py holds them to it).
+SAVED_PER_TOKEN_WIDTH = {"qwen_image": 48, "aaadit": 32}
+
+
+def dit_dims(family: str, config: dict) -> tuple[int, int, int]:
+    """(width, blocks, FFN hidden width) of a DiT config."""
+    if family == "qwen_image":
+        width = config["num_attention_heads"] * config["attention_head_dim"]
+        return width, config["num_layers"], 4 * width
+    return config["width"], config["num_blocks"], config.get("ffn_ratio", 3) * config["width"]
+
+
+def inference_bytes(family: str, config: dict, *, batch: int, tokens: int, dtype_bytes: int) -> int:
+    """A lower bound on one DiT forward's working memory without grad: a block holds its input, q, k, v, the
+    attention output (each [batch, tokens, width]) and the FFN's hidden layer. Attention is counted as the
+    flash/memory-efficient kernels need it, O(tokens): a math-path [tokens x tokens] score matrix would add more."""
+    width, _, ffn = dit_dims(family, config)
+    return batch * tokens * (5 * width + ffn) * dtype_bytes
+
+
+def training_activation_bytes(family: str, config: dict, *, batch: int, tokens: int, checkpointing: bool,
+                              dtype_bytes: int = 2) -> int:
+    """A lower bound on the activations one training forward keeps for backward (the closed form of
+    `measure_saved_activations`): per block SAVED_PER_TOKEN_WIDTH x tokens x width bytes in bf16; with gradient
+    checkpointing, every block's input plus one block recomputed at a time."""
+    width, blocks, _ = dit_dims(family, config)
+    per_block = SAVED_PER_TOKEN_WIDTH[family] * batch * tokens * width * dtype_bytes // 2
+    if checkpointing:
+        return blocks * batch * tokens * width * dtype_bytes + per_block
+    return blocks * per_block
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The report
 
 def _check_size(field: str, value, multiple: int = 1) -> None:

@@ -69,7 +69,12 @@ def build_empty(family: str, config: dict, device: str | torch.device = "meta") 
 
 def load_dit(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
              field: str = "model") -> torch.nn.Module:
-    """Load a DiT from one of our files, a diffusers folder, or a ComfyUI file of a known family."""
+    """Load a DiT from one of our files, a diffusers folder, or a ComfyUI file of a known family.
+
+    Shapes are checked against the model from the file's header before any data is read, and every tensor is
+    checked for NaN/inf as it loads (`weights_check`), so a mismatched or damaged file is refused by name."""
+    from ..weights_check import check_finite, check_shapes
+
     with TensorSource(path, field) as src:
         family, config = detect(src)
         # accelerate's init_empty_weights puts only parameters on meta: plain tensor attributes built in
@@ -78,18 +83,32 @@ def load_dit(path: str | os.PathLike, dtype: torch.dtype | None = None, device: 
 
         with init_empty_weights():
             model = _families()[family].model_class()(**config)
-        state = {k: src.get(k) for k in src.keys()}
-    expected = set(model.state_dict().keys())
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        raise DistilleryError(field, str(path),
-                              f"weights do not match the {family} config (missing {missing[:3]}, unexpected {unexpected[:3]}).",
-                              "the file is incomplete or from another model; export it again.")
+        check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, {k: src.shape(k) for k in src.keys()},
+                     field=field, path=path, what=f"{family} model of its config ({_config_words(family, config)})",
+                     fix=_dit_fix(src))
+        state = {k: check_finite(k, src.get(k), field=field, path=path) for k in src.keys()}
     if dtype is not None:
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     return model.to(device).eval()
+
+
+def _config_words(family: str, config: dict) -> str:
+    """The sizes a user recognises: width and block count."""
+    if family == "qwen_image":
+        width = config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0)
+        blocks = config.get("num_layers")
+    else:
+        width, blocks = config.get("width"), config.get("num_blocks")
+    return f"width {width}, {blocks} blocks"
+
+
+def _dit_fix(src: TensorSource) -> str:
+    if META_CONFIG in src.metadata:  # our file: its own metadata and tensors disagree
+        return ("the file's tensors do not match the configuration stored in its metadata: it was edited or is "
+                "damaged. Export or train it again.")
+    return ("the file is incomplete, or a variant of the model this pack does not read: download it again, or load "
+            "a file saved by DiT Distillery (which records its configuration).")
 
 
 def save_dit(model: torch.nn.Module, path: str | os.PathLike, provenance: dict | None = None,

@@ -126,6 +126,48 @@ class TextToImagePipeline:
         _, h, w = self.latent_shape(height, width)
         return (h // self.patch) * (w // self.patch)
 
+    def memory_needed(self, count: int, batch_size: int, height: int, width: int, guided: bool,
+                      output: str = "image") -> dict[str, int]:
+        """Bytes `sample` needs at least, per device: a closed-form lower bound (no tracing, so it is checked at
+        every call). On the DiT's device: one forward of a batch (`report.inference_bytes`, doubled batch with
+        CFG) and the fp32 Euler state; on the CPU: every result latent and image (fp32 pixels, their temporary
+        copy while rounding, and the 8-bit PIL image). The VAE decoder's own activations are not counted."""
+        from ..report import inference_bytes
+
+        channels, h, w = self.latent_shape(height, width)
+        chunk = min(batch_size, count)
+        text_tokens = 0 if self.prompt_encoder.trims_padding else int(getattr(self.prompt_encoder, "max_length", 0))
+        dit = base_model(self.dit)
+        family_config = {k: v for k, v in dict(dit.config).items() if not k.startswith("_")}
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        need: dict[str, int] = {}
+
+        def add(device, nbytes: int) -> None:
+            key = str(torch.device(device))
+            need[key] = need.get(key, 0) + int(nbytes)
+
+        forward = inference_bytes(self.family, family_config, batch=chunk * (2 if guided else 1),
+                                  tokens=self.image_seq_len(height, width) + text_tokens, dtype_bytes=itemsize)
+        add(self.device, forward + 4 * chunk * channels * h * w * 4)
+        add("cpu", count * channels * h * w * 4)
+        if output != "latent":
+            add("cpu", count * 3 * height * width * (4 + 4 + 1))
+        return need
+
+    def check_memory(self, count: int, batch_size: int, height: int, width: int, guided: bool,
+                     output: str = "image") -> None:
+        """Refuse a sample that cannot fit (`memory_needed` against `weights_check.available_memory`) before
+        anything is allocated, instead of a MemoryError or allocator traceback halfway through."""
+        from ..weights_check import check_fits
+
+        smaller = f"{max(self.size_multiple, width // 2 // self.size_multiple * self.size_multiple)}x" \
+                  f"{max(self.size_multiple, height // 2 // self.size_multiple * self.size_multiple)}"
+        for device, nbytes in self.memory_needed(count, batch_size, height, width, guided, output).items():
+            check_fits(nbytes, device, field="size", value=f"{width}x{height}",
+                       what=f"sampling {count} image(s) of {width}x{height} in batches of {min(batch_size, count)}",
+                       fix=f"use a smaller size (e.g. {smaller}), a smaller batch_size, or fewer prompts/seeds per "
+                           "call.")
+
     def encode_prompts(self, prompts: list[str]) -> TextEmbeds:
         return self.prompt_encoder.encode(prompts).to(device=self.device)
 
@@ -167,6 +209,7 @@ class TextToImagePipeline:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DistilleryError("batch_size", batch_size, "must be a whole number >= 1.", "use 1 on small GPUs.")
         self.latent_shape(height, width)
+        self.check_memory(len(prompts), batch_size, height, width, cfg_scale != 1.0, output)
         sigmas = list(sigmas) if sigmas is not None else self.sigmas(steps, height, width, mu)
         negative = self.encode_prompts([negative_prompt]) if cfg_scale != 1.0 else None
         velocity = functools.partial(predict_velocity, self.dit)

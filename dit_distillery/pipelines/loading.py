@@ -134,8 +134,35 @@ def load_dit(path, *, dtype=None, device="cpu", field: str = "dit") -> torch.nn.
         if name not in classes:
             raise DistilleryError(field, str(path), f"holds a {name}, not a DiT this pack knows.",
                                   f"use one of {sorted(classes)}.")
-        return classes[name].from_pretrained(path, torch_dtype=dtype, use_safetensors=True).to(device).eval()
+        _check_folder_shapes(classes[name], path, field)
+        model = classes[name].from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
+        from ..weights_check import check_finite
+
+        for key, tensor in model.state_dict().items():
+            check_finite(key, tensor, field=field, path=path)
+        return model.to(device).eval()
     return registry.load_dit(path, dtype=dtype, device=device, field=field)
+
+
+def _check_folder_shapes(cls, path: Path, field: str) -> None:
+    """config.json against the weights' header (no data read), before diffusers' own `size mismatch` error."""
+    from accelerate import init_empty_weights
+
+    from ..formats import TensorSource
+    from ..weights_check import check_shapes
+
+    try:
+        with init_empty_weights():
+            empty = cls.from_config(cls.load_config(path))
+    except (TypeError, ValueError) as exc:
+        raise DistilleryError(field, str(path / "config.json"), f"not a valid {cls.__name__} configuration ({exc}).",
+                              "restore the config.json that came with these weights.") from exc
+    with TensorSource(path, field, prefixes=()) as src:
+        found = {k: src.shape(k) for k in src.keys()}
+    check_shapes({k: tuple(v.shape) for k, v in empty.state_dict().items()}, found, field=field, path=path,
+                 what="model its config.json describes",
+                 fix="config.json and the weights beside it disagree: restore the config.json that came with "
+                     "these weights, or download the folder again.")
 
 
 def load_tokenizer(path, field: str = "tokenizer"):
@@ -219,6 +246,12 @@ def load_vae(path, family: str, *, config_dir=None, dtype=None, device="cpu", fi
         raise DistilleryError(field, str(path), f"does not hold a {cls.__name__} (missing {missing[:3]}).",
                               f"give the {family} VAE file (or its diffusers vae/ folder; add the vae/ config folder "
                               "for a non-default VAE size).")
+    from ..weights_check import check_shapes
+
+    check_shapes({k: tuple(v.shape) for k, v in vae.state_dict().items()}, {k: tuple(state[k].shape) for k in expected},
+                 field=field, path=path, what=f"{cls.__name__} of {'the given config' if config_dir else 'default size'}",
+                 fix=f"give the {family} VAE file of this model, with its vae/ config folder when it is not the "
+                     "default size.")
     vae.load_state_dict({k: state[k] for k in expected}, strict=True)
     return vae.to(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}).eval()
 

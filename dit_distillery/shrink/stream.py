@@ -21,6 +21,7 @@ import torch
 from ..errors import DistilleryError, StopRequested
 from ..formats import StreamingSafetensorsWriter, TensorSource, atomic_output, atomic_write_text
 from ..models import qwen_image, registry
+from ..weights_check import check_finite
 from .plan import BLOCK_PREFIX, ShrinkPlan, WidthPlan, spaces_of, split_key
 
 FP8 = torch.float8_e4m3fn
@@ -75,7 +76,10 @@ class RawReader:
                 raise DistilleryError(self.src.field, str(self.src.files[i]), f"the file ends inside tensor {key!r}.",
                                       "the file is truncated: download or export it again.")
             done += n
-        return buf.view(self.src.dtype(key)).reshape(self.src.shape(key))
+        # NaN/inf in the source would be copied into the student silently: refuse by name (one pass over the
+        # tensor just read, in the read-ahead thread while the previous one is written; see weights_check)
+        return check_finite(key, buf.view(self.src.dtype(key)).reshape(self.src.shape(key)), field=self.src.field,
+                            path=self.src.files[i])
 
     def close(self) -> None:
         for f in self._files:

@@ -9,7 +9,8 @@ Checkpoints (every `output.save_every` steps, at the end, and when stopped) hold
 optimiser, the LR schedule, the data position, the loss history and the EMA (see `state.py`), so `resume`
 continues exactly where it stopped (bit-for-bit on CPU); each also gets the user-facing weights: a LoRA file that
 stock ComfyUI and diffusers load, or a full DiT file in our format. A NaN/inf loss stops the run with a clear
-message and leaves the last good checkpoint untouched.
+message and leaves the last good checkpoint untouched: a checkpoint is written only with finite weights, is
+marked not good when the loss its weights give next is NaN/inf, and pruning and `resume: "auto"` go by that mark.
 """
 
 from __future__ import annotations
@@ -31,11 +32,15 @@ from ..formats import atomic_write_json, atomic_write_text
 from ..losses import DirectDistillLoss, SampleRNG, loss_from_dict
 from ..progress import Eta
 from .job import TrainJob, synthetic_options
-from .state import latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state
+from .state import (is_good, last_good_checkpoint, latest_checkpoint, load_checkpoint, mark_not_good, prune_checkpoints,
+                    rng_state, save_checkpoint, set_rng_state)
 
 
 class TrainingDiverged(DistilleryError):
-    """The loss became NaN or infinite."""
+    """The loss or the weights became NaN or infinite."""
+
+
+DIVERGED_FIX = "lower optim.lr, keep optim.grad_clip on (e.g. 1.0), or train in fp32."
 
 
 @dataclass
@@ -297,22 +302,98 @@ class Trainer:
             return save_lora(self.dit, path, meta, dtype=dtype or torch.float32)
         return save_dit(self.dit, path, provenance={"trained": settings}, dtype=dtype, extra_metadata=meta)
 
-    def _save(self) -> Path:
-        """A resumable checkpoint + the user-facing weights, written by the main process."""
+    def _save(self, prune: bool = True) -> Path:
+        """A resumable checkpoint + the user-facing weights, written by the main process.
+
+        Only finite weights are saved, and the checkpoint is recorded as good (`finite` in its state.json). With
+        `prune=False` older checkpoints are pruned only once the next step's loss, computed from these weights,
+        is finite (`_confirm_checkpoint`): weights can be finite yet already blown up (~1e30), and the checkpoint
+        that pruning keeps must be one to resume from."""
         self.accelerator.wait_for_everyone()
+        self._check_weights()  # on every process: DDP keeps the weights identical, so all of them stop together
         path = None
         if self.main:
             state = {"fingerprint": self.job.fingerprint(), "data_position": self.sampler.state(self.epoch, self.batches_done),
                      "history": self.history, "eval_history": self.eval_history, "rng": rng_state(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                     "world_size": self.accelerator.num_processes}
+                     "world_size": self.accelerator.num_processes,
+                     "finite": all(math.isfinite(h["loss"]) for h in self.history)}
             ema = {n: t.clone() for n, t in self.ema.items()} if self.ema else None
             path = save_checkpoint(self.ckpt_dir, self.step, self._trainable(), self.optimizer.state_dict(), state, ema)
             weights = self._export_weights(path / f"{self.job.output.name}.safetensors")
-            prune_checkpoints(self.ckpt_dir, self.job.output.keep_last)
+            self._prune_pending = not prune
+            if prune:
+                prune_checkpoints(self.ckpt_dir, self.job.output.keep_last)
             self._write_chart()
             self.callbacks.on_checkpoint(self.step, path, weights)
         self.accelerator.wait_for_everyone()
         return path
+
+    def _check_memory(self, height: int, width: int) -> None:
+        """Refuse, before anything is allocated at this size, a training step (and validation samples) that cannot
+        fit: a closed-form lower bound (`report.training_activation_bytes`, times the unrolled student steps for
+        Direct Distill) plus the gradients and optimiser states not yet allocated, against the free memory."""
+        from ..report import training_activation_bytes
+        from ..velocity import base_model
+        from ..weights_check import check_fits
+
+        job, pipe = self.job, self.pipe
+        dit = base_model(pipe.dit)
+        config = {k: v for k, v in dict(dit.config).items() if not k.startswith("_")}
+        text_tokens = 0 if pipe.prompt_encoder.trims_padding else int(getattr(pipe.prompt_encoder, "max_length", 0))
+        mixed = self.accelerator.mixed_precision != "no"
+        dtype_bytes = 2 if mixed else torch.empty((), dtype=pipe.dtype).element_size()
+        unrolled = (self.loss.steps or 1) if isinstance(self.loss, DirectDistillLoss) else 1
+        acts = unrolled * training_activation_bytes(pipe.family, config, batch=job.batch_size,
+                                                    tokens=pipe.image_seq_len(height, width) + text_tokens,
+                                                    checkpointing=job.gradient_checkpointing, dtype_bytes=dtype_bytes)
+        trainable = 0 if job.mode == "lora" else sum(
+            p.numel() for n, p in dit.named_parameters() if any(n.startswith(x) for x in job.full_trainable))
+        per_param = 4 + (8 if job.optim.name == "adamw" else 0) + (4 if pipe.dtype != torch.float32 else 0)
+        check_fits(acts + trainable * per_param, self.device, field="data.height/width", value=f"{width}x{height}",
+                   what=f"a training step on {width}x{height} images in batches of {job.batch_size}",
+                   fix="train at a smaller size (data.height/width or data.max_pixels), a smaller batch_size (with "
+                       "grad_accum to keep the effective batch), gradient_checkpointing on, or mode 'lora'.")
+        v = job.validation
+        if v.prompts:
+            settings = self._validation_settings()
+            count = len(v.prompts) * len(v.seeds)
+            pipe.check_memory(count, count, settings["height"], settings["width"], settings["cfg_scale"] != 1.0)
+
+    def _check_weights(self) -> None:
+        """Stop the run if a trainable weight (or its EMA) holds NaN/inf: such a checkpoint is never written."""
+        from ..weights_check import first_nonfinite
+
+        bad = first_nonfinite([*self._trainable().items(), *((f"EMA of {n}", t) for n, t in self.ema.items())])
+        if bad is not None:
+            raise TrainingDiverged("weights", bad, f"this trained tensor holds NaN/inf at step {self.step} although "
+                                   f"the loss was finite; no checkpoint was written for this step. {self._good_words()}",
+                                   DIVERGED_FIX)
+
+    def _good_words(self) -> str:
+        good = last_good_checkpoint(self.ckpt_dir)
+        if good is None:
+            return "No good checkpoint had been saved yet."
+        return (f"The last good checkpoint (finite weights and loss) is {good}; resume: \"auto\" continues from "
+                "it.")
+
+    def _diverged(self, loss: float) -> TrainingDiverged:
+        """The error for a NaN/inf loss at step `self.step + 1`. The newest checkpoint, when it holds the weights
+        that gave this loss, is marked not good, so resuming and pruning skip it."""
+        from ..weights_check import first_nonfinite
+
+        newest = latest_checkpoint(self.ckpt_dir) if self.main else None
+        if newest is not None and newest.name == f"checkpoint-{self.step:07d}":
+            mark_not_good(newest, f"the loss its weights gave at step {self.step + 1} was {loss}")
+        bad = first_nonfinite(self._trainable().items())
+        where = f" (the trained tensor {bad!r} holds NaN/inf)" if bad is not None else ""
+        return TrainingDiverged("loss", loss, f"became {loss} at step {self.step + 1}{where}; the run was stopped. "
+                                f"{self._good_words()}", DIVERGED_FIX)
+
+    def _confirm_checkpoint(self) -> None:
+        """The loss of the newest checkpoint's weights was finite: now older ones may be pruned."""
+        if self._prune_pending and self.main:
+            prune_checkpoints(self.ckpt_dir, self.job.output.keep_last)
+        self._prune_pending = False
 
     def _write_chart(self) -> Path | None:
         if not self.history:
@@ -335,11 +416,17 @@ class Trainer:
         resume = self.job.resume
         if resume in (None, "", "none"):
             return
-        path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume)
+        # a folder means its newest good checkpoint (see state.is_good); a checkpoint named explicitly is taken
+        # as given (load_checkpoint still refuses non-finite weights)
+        path = last_good_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume)
         if resume != "auto" and path.is_dir() and not (path / "state.json").exists():
-            path = latest_checkpoint(path)
+            path = last_good_checkpoint(path)
         if path is None:
             return
+        newest = latest_checkpoint(path.parent)
+        if newest is not None and newest != path and not is_good(newest):
+            self.callbacks.on_message(f"resuming from {path.name}, not the newer {newest.name}: its weights are not "
+                                      "good (see \"not_good\" in its state.json)")
         ckpt = load_checkpoint(path)
         state = ckpt["state"]
         if state.get("fingerprint") != self.job.fingerprint():
@@ -482,12 +569,16 @@ class Trainer:
     def _run(self) -> TrainResult:
         started = time.time()
         job, acc = self.job, self.accelerator
+        if job.data.height is not None:  # a fixed size is known now: refuse it before the cache is built at it
+            self._check_memory(job.data.height, job.data.width)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             job.save(self.out / "job.json")
         self.callbacks.on_message("preparing data")
         self.dataset, self.sampler, empty, data_report = prepare_data(job, self.pipe, acc, self.callbacks, self.stop)
         dataset = self.dataset
+        if job.data.height is None and dataset.sizes:  # aspect buckets: the largest one the data gave
+            self._check_memory(*max(dataset.sizes, key=lambda hw: hw[0] * hw[1]))
         # Training runs only the DiT: the text encoder (and the VAE, until validation decodes) leave the GPU.
         if job.data.cache:
             self.pipe.prompt_encoder.to(device="cpu")
@@ -528,6 +619,7 @@ class Trainer:
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate,
                                              num_workers=job.data.num_workers if job.data.cache else 0)
         last_saved = self.step if self.resumed_from else None
+        self._prune_pending = False
         batch_iter = iter(loader)
         eta = Eta(job.steps, done=self.step)  # steady: the average since this process's first step
         stopped = False
@@ -557,9 +649,8 @@ class Trainer:
                     losses.append(loss.detach())
                 mean_loss = float(acc.reduce(torch.stack(losses).mean(), reduction="mean"))
                 if not math.isfinite(mean_loss):
-                    raise TrainingDiverged("loss", mean_loss, f"became {mean_loss} at step {self.step + 1}; the run was "
-                                           "stopped and the last good checkpoint kept.",
-                                           "lower optim.lr, keep optim.grad_clip on (e.g. 1.0), or train in fp32.")
+                    raise self._diverged(mean_loss)
+                self._confirm_checkpoint()
                 if job.optim.grad_clip:
                     acc.clip_grad_norm_(params, job.optim.grad_clip)
                 self.optimizer.step()
@@ -578,7 +669,7 @@ class Trainer:
                 self.callbacks.on_step(StepInfo(self.step, job.steps, mean_loss, lr,
                                                 images / per_step if per_step else 0.0, left, self.epoch))
                 if job.output.save_every and self.step % job.output.save_every == 0 and self.step < job.steps:
-                    self._save()
+                    self._save(prune=False)
                     last_saved = self.step
                 if job.validation.every and self.step % job.validation.every == 0 and self.step < job.steps:
                     self._validate()
@@ -586,7 +677,9 @@ class Trainer:
             stopped = True
         if acc.num_processes > 1:
             data_report["ranks_identical"] = self._ranks_identical()
-        checkpoint = self._save() if last_saved != self.step or stopped else latest_checkpoint(self.ckpt_dir)
+        # a stopped run prunes nothing: its last checkpoint's weights have not given a loss yet
+        checkpoint = (self._save(prune=not stopped) if last_saved != self.step or stopped
+                      else latest_checkpoint(self.ckpt_dir))
         weights = None
         if self.main:
             weights = self._export_weights(self.out / f"{job.output.name}.safetensors")

@@ -7,7 +7,9 @@ refuse. A checkpoint here is a folder `checkpoint-<step>/` holding:
 * `optimizer.safetensors` — every optimizer state tensor, keyed `<param index>.<name>`, with the param groups and
   non-tensor state as JSON in its metadata;
 * `ema.safetensors` — the EMA shadow weights, when EMA is on;
-* `state.json` — step, data position, LR-scheduler state, loss history, RNG states (as lists), the job's hash.
+* `state.json` — step, data position, LR-scheduler state, loss history, RNG states (as lists), the job's hash,
+  and `finite`: whether the checkpoint is good (finite weights and loss; set to false with the reason in
+  `not_good` when the loss its weights gave next was NaN/inf). Resuming and pruning go by it.
 
 The folder is written under a temporary name and renamed when complete, so a killed run never leaves a
 checkpoint that looks valid but is not; `latest_checkpoint` only ever returns complete ones.
@@ -25,7 +27,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DistilleryError
-from ..formats import TensorSource, decode_metadata_value, give_usual_permissions, save_safetensors
+from ..formats import TensorSource, atomic_write_text, decode_metadata_value, give_usual_permissions, save_safetensors
+from ..weights_check import check_finite
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -121,10 +124,38 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def is_good(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint is good: its weights were finite when saved, and its loss (and the loss its weights
+    gave next, when training went on) finite. `state.json` records this as `finite`; checkpoints written before
+    the field existed count as good (the run then stopped on a NaN loss before saving)."""
+    try:
+        return json.loads((Path(path) / "state.json").read_text()).get("finite", True) is not False
+    except (OSError, ValueError):
+        return False
+
+
+def last_good_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The newest good checkpoint (see `is_good`): what a run resumes from and what pruning never deletes."""
+    for p in reversed(list_checkpoints(folder)):
+        if is_good(p):
+            return p
+    return None
+
+
+def mark_not_good(path: str | os.PathLike, reason: str) -> None:
+    """Record in a checkpoint's state.json (atomically) that its weights cannot be resumed from, and why."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    state.update(finite=False, not_good=reason)
+    atomic_write_text(path / "state.json", json.dumps(state, default=_jsonable))
+
+
 def prune_checkpoints(folder: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints (0 keeps all); returns the deleted folders."""
+    """Delete all but the newest `keep_last` checkpoints (0 keeps all), never the newest good one; returns the
+    deleted folders."""
     found = list_checkpoints(folder)
-    doomed = found[:-keep_last] if keep_last > 0 else []
+    good = last_good_checkpoint(folder)
+    doomed = [p for p in (found[:-keep_last] if keep_last > 0 else []) if p != good]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
@@ -137,13 +168,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise DistilleryError("resume", str(path), "not a complete checkpoint folder (no state.json).",
                               "point at a checkpoint-<step> folder, or at the run's output folder to use its latest.")
     state = json.loads((path / "state.json").read_text())
+    fix = "resume from an earlier checkpoint (resume: \"auto\" picks the newest good one)."
     with TensorSource(path / "trainable.safetensors", "resume", prefixes=()) as src:
-        trainable = {k: src.get(k) for k in src.keys()}
+        trainable = {k: check_finite(k, src.get(k), field="resume", path=src.files[0], fix=fix) for k in src.keys()}
     with TensorSource(path / "optimizer.safetensors", "resume", prefixes=()) as src:
         optimizer = optimizer_from_tensors({k: src.get(k) for k in src.keys()},
                                            decode_metadata_value(src.metadata["structure"]))
     ema = None
     if (path / "ema.safetensors").is_file():
         with TensorSource(path / "ema.safetensors", "resume", prefixes=()) as src:
-            ema = {k: src.get(k) for k in src.keys()}
+            ema = {k: check_finite(k, src.get(k), field="resume", path=src.files[0], fix=fix) for k in src.keys()}
     return {"trainable": trainable, "optimizer": optimizer, "ema": ema, "state": state}
