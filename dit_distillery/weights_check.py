@@ -112,11 +112,12 @@ def check_finite(name: str, t: torch.Tensor, *, field: str, path, fix: str = NON
 # Memory
 
 def available_memory(device: str | torch.device) -> int:
-    """Bytes the device can still allocate: free GPU memory, or the RAM the OS reports as available."""
+    """Bytes the device can still allocate: free GPU memory (plus what PyTorch's allocator holds unused, which it
+    reuses), or the RAM the OS reports as available."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     try:
         import psutil  # accelerate's dependency, so installed wherever we run
 

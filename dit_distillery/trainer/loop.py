@@ -349,15 +349,27 @@ class Trainer:
         trainable = 0 if job.mode == "lora" else sum(
             p.numel() for n, p in dit.named_parameters() if any(n.startswith(x) for x in job.full_trainable))
         per_param = 4 + (8 if job.optim.name == "adamw" else 0) + (4 if pipe.dtype != torch.float32 else 0)
-        check_fits(acts + trainable * per_param, self.device, field="data.height/width", value=f"{width}x{height}",
-                   what=f"a training step on {width}x{height} images in batches of {job.batch_size}",
-                   fix="train at a smaller size (data.height/width or data.max_pixels), a smaller batch_size (with "
-                       "grad_accum to keep the effective batch), gradient_checkpointing on, or mode 'lora'.")
-        v = job.validation
-        if v.prompts:
-            settings = self._validation_settings()
-            count = len(v.prompts) * len(v.seeds)
-            pipe.check_memory(count, count, settings["height"], settings["width"], settings["cfg_scale"] != 1.0)
+        error = None
+        try:
+            check_fits(acts + trainable * per_param, self.device, field="data.height/width", value=f"{width}x{height}",
+                       what=f"a training step on {width}x{height} images in batches of {job.batch_size}",
+                       fix="train at a smaller size (data.height/width or data.max_pixels), a smaller batch_size "
+                           "(with grad_accum to keep the effective batch), gradient_checkpointing on, or mode 'lora'.")
+            v = job.validation
+            if v.prompts and self.main:
+                settings = self._validation_settings()
+                count = len(v.prompts) * len(v.seeds)
+                pipe.check_memory(count, count, settings["height"], settings["width"], settings["cfg_scale"] != 1.0)
+        except DistilleryError as exc:
+            error = exc
+        if self.accelerator.num_processes > 1:  # one refusal stops every process (none waits at a barrier)
+            refused = self.accelerator.reduce(torch.tensor(float(error is not None), device=self.device), "sum")
+            if error is None and float(refused) > 0:
+                error = DistilleryError("data.height/width", f"{width}x{height}", "another process's device has too "
+                                        "little memory for this size (its error says how much).",
+                                        "see that process's error.")
+        if error is not None:
+            raise error
 
     def _check_weights(self) -> None:
         """Stop the run if a trainable weight (or its EMA) holds NaN/inf: such a checkpoint is never written."""
