@@ -25,7 +25,7 @@ while (($#)); do
   case "$1" in
     --dry-run) DRY=1 ;;
     --plan) PLAN=1 ;;
-    --only) ONLY="$2"; shift ;;
+    --only) ONLY="${2:?--only needs a comma list of steps}"; shift ;;
     -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (use --dry-run, --plan, --only STEPS, --help)" >&2; exit 2 ;;
   esac
@@ -36,7 +36,7 @@ done
 STEPS=(
   "setup|20|install the carried wheels (.whl/) into /tmp/site"
   "env|15|device, driver, versions; bf16 matmul and copy ceilings; LoRA block count for the GPU's memory"
-  "pytest_gpu|50|pytest -m gpu: bf16/CUDA sampling, SFT, Direct Distill, LoRA, resume"
+  "pytest_gpu|60|pytest -m gpu: bf16/CUDA sampling, SFT, Direct Distill, LoRA, resume"
   "train|100|AAADiT SFT images/s, MFU, memory at batch 1..256 (cached, eager) vs DiffSynth's tutorial loop"
   "distill|60|Direct Distill step (12 Qwen-Image blocks, 512², 4 student steps) vs DiffSynth's DirectDistillLoss"
   "lora|75|Qwen-Image LoRA step (60 blocks, 1024², rank 32) vs DiffSynth (and ComfyUI when carried)"
@@ -70,7 +70,7 @@ declare -A CMD
 if ((DRY)); then
   CMD[setup]='if ls .whl/*.whl >/dev/null 2>&1; then '"$PY"' -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$RES/site-check" .whl/*.whl && echo "wheels install (not used: dry run keeps this Python'"'"'s packages)"; else echo "no .whl/: nothing to install"; fi'
   CMD[env]="$PY bench/gpu_summary.py env --dry-run --out \$RES/env.json"
-  CMD[pytest_gpu]="DIT_GPU_TESTS_DEVICE=cpu $PY -m pytest -m gpu -q -p no:cacheprovider -rfE -k 'sampling and aaadit or agrees' --junitxml=\$RES/pytest_gpu.xml tests/test_gpu.py"
+  CMD[pytest_gpu]="DIT_GPU_TESTS_DEVICE=cpu $PY -m pytest -m gpu -v -p no:cacheprovider -rfE -k 'sampling and aaadit or agrees' --junitxml=\$RES/pytest_gpu.xml tests/test_gpu.py"
   CMD[train]="$PY bench/train_speed.py --device cpu --no-uncached --batch-sizes 2,1 --warmup 1 --steps 1 --side-timeout ours=55 --deadline \$STEP_DEADLINE --out \$RES/train"
   CMD[distill]="$PY bench/distill_speed.py --device cpu --image-size 32 --student-steps 2 --batch-sizes 1 --warmup 1 --steps 1 --side-timeout ours=25 --deadline \$STEP_DEADLINE --out \$RES/distill"
   CMD[lora]="$PY bench/lora_qwen_speed.py --device cpu --image-size 32 --warmup 1 --steps 1 --sides $LORA_SIDES --side-timeout $LORA_CAPS --deadline \$STEP_DEADLINE --out \$RES/lora"
@@ -80,7 +80,7 @@ if ((DRY)); then
 else
   CMD[setup]='ls .whl/*.whl >/dev/null 2>&1 || { echo "no .whl/ carried: run bash bench/gpu_wheels.sh here and carry .whl" >&2; exit 1; }; '"$PY"' -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl'
   CMD[env]="$PY bench/gpu_summary.py env --out \$RES/env.json"
-  CMD[pytest_gpu]="$PY -m pytest -m gpu -q -p no:cacheprovider -rfE --continue-on-collection-errors --junitxml=\$RES/pytest_gpu.xml \$(grep -l 'pytest.mark.gpu' tests/test_*.py)"
+  CMD[pytest_gpu]="$PY -m pytest -m gpu -v -p no:cacheprovider -rfE --continue-on-collection-errors --junitxml=\$RES/pytest_gpu.xml \$(grep -l 'pytest.mark.gpu' tests/test_*.py)"
   CMD[train]="$PY bench/train_speed.py --device cuda --no-uncached --batch-sizes 256,128,64,32,16,8,4,2,1 --warmup 3 --steps 10 --side-timeout ours=62 --deadline \$STEP_DEADLINE --out \$RES/train"
   CMD[distill]="$PY bench/distill_speed.py --device cuda --batch-sizes 1,2,4 --warmup 2 --steps 5 --side-timeout ours=30 --deadline \$STEP_DEADLINE --out \$RES/distill"
   CMD[lora]="$PY bench/lora_qwen_speed.py --device cuda --num-layers \$LORA_LAYERS --warmup 2 --steps 3 --sides $LORA_SIDES --side-timeout $LORA_CAPS --deadline \$STEP_DEADLINE --out \$RES/lora"

@@ -197,15 +197,18 @@ def test_resume_is_bit_exact_in_bf16(tmp_path, mode, deterministic):
         return make_job(tmp_path / folder, mode=mode, steps=6, lora={"rank": 4},
                         output={"save_every": 2, "save_dtype": "fp32"}, **BF16, **kw)
 
-    unbroken, again = train(job("a")), train(job("a2"))
-    # Without deterministic kernels no resume could be exact: say so rather than blame the checkpoint.
-    assert [h["loss"] for h in again.history] == [h["loss"] for h in unbroken.history], \
-        "two identical unbroken runs differ: a kernel on this device is not deterministic"
+    unbroken = train(job("a"))
     stopper = _StopAt(3)
     with pytest.raises(StopRequested):
         train(job("b"), callbacks=stopper, stop=stopper.stop)
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "checkpoint-0000003"
     resumed = train(job("b", resume="auto"))
-    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in unbroken.history]
     a, b = load_file(str(unbroken.weights)), load_file(str(resumed.weights))
+    exact = [h["loss"] for h in resumed.history] == [h["loss"] for h in unbroken.history] and \
+        a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if not exact:  # tell a checkpoint bug from a device whose kernels are not deterministic
+        again = train(job("a2"))
+        assert [h["loss"] for h in again.history] == [h["loss"] for h in unbroken.history], \
+            "two identical unbroken runs differ: a kernel on this device is not deterministic, so no resume can be exact"
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in unbroken.history]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -92,3 +92,44 @@ def test_a_side_stopped_at_its_timeout_keeps_what_it_measured(tmp_path, monkeypa
     args.deadline = time.time() + common.WRITE_RESERVE_S + 0.5
     late = common.run_side(child, "diffsynth", {}, None, inline=False, timeout=common.side_timeout(args, "diffsynth"))
     assert "not started" in late["error"] and "runs" not in late
+
+
+def test_summary_reads_the_goals_met_or_missed_by_how_much(tmp_path):
+    """gpu_summary.py against hand-made results: one goal met, one missed on speed and memory, one not measured."""
+    import json
+
+    from bench import gpu_summary
+
+    def write(folder, stem, sides, **extra):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"{stem}.json").write_text(json.dumps(dict(sides=sides, **extra)))
+        (tmp_path / folder / f"{stem}.md").write_text(f"# {stem}\n\n| table |\n")
+
+    def run(batch, step, peak, **kw):
+        return dict(batch=batch, step_s_median=step, images_per_s=batch / step, peak_memory_bytes=peak, **kw)
+
+    gib = 2**30
+    write("train", "train_speed", {"ours": {"runs": [run(256, 0.2, 9 * gib, cached=True, mfu=0.3),
+                                                     run(1, 0.01, gib, cached=True)]},
+                                   "diffsynth": {"images_per_s": 25.0}})
+    write("compile", "train_speed", {"ours": {"runs": [run(256, 0.25, 9 * gib, cached=True)]}})
+    write("distill", "distill_speed", {"ours": {"runs": [run(1, 0.5, 11 * gib), run(4, 1.6, 30 * gib)]},
+                                       "diffsynth": run(1, 0.9, 10 * gib)})
+    write("lora", "lora_qwen_speed", {"ours": {"runs": [run(1, 1.0, 50 * gib)]}, "diffsynth": run(1, 1.2, 52 * gib)},
+          settings={"num_layers": 60})
+    (tmp_path / "env.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3"}))
+    (tmp_path / "steps.jsonl").write_text(json.dumps({"step": "train", "status": "ok", "wall_s": 50, "timeout_s": 100}) + "\n")
+    out = gpu_summary.summary(tmp_path, tmp_path / "out", dry_run=False)
+    goals = {g["goal"]: g for g in out["goals"]}
+    sft, vs = goals["AAADiT SFT ≥ 1,000 images/s"], goals["AAADiT SFT ≥ 50x DiffSynth's tutorial loop"]
+    assert sft["verdict"] == "met" and sft["measured"] == pytest.approx(1280) and "batch 256, eager" in sft["detail"]
+    assert vs["verdict"] == "met" and vs["measured"] == pytest.approx(1280 / 25)
+    distill = goals["Direct Distill ≥ 2x DiffSynth's step speed at no more memory"]
+    assert distill["verdict"] == "missed"  # 1.8x at batch 1 with 10% more memory; 2.25x per image at batch 4, 3x the memory
+    assert "speed 1.80x of the 2x needed (1.11x short)" in distill["detail"] and "(10% more)" in distill["detail"]
+    lora = goals["Qwen-Image LoRA faster than DiffSynth at no more memory"]
+    assert lora["verdict"] == "met" and lora["measured"] == pytest.approx(1.2)
+    assert goals["Qwen-Image LoRA faster than ComfyUI's Train LoRA at no more memory"]["verdict"] == "not measured"
+    md = (tmp_path / "out" / "gpu_summary.md").read_text()
+    assert md.startswith("# GPU run on NVIDIA H100 80GB HBM3") and "| train | ok | 50 | 100 |" in md
+    assert "## Step `distill`" in md and (tmp_path / "out" / "gpu_summary.json").is_file()
