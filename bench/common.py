@@ -259,7 +259,7 @@ def run_side(script: str | Path, side: str, settings: dict, fn: Callable[[dict],
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout, check=False)
             stdout, stderr, problem = proc.stdout, proc.stderr, f"side {side} exited with {proc.returncode} and no result"
         except subprocess.TimeoutExpired as exc:  # POSIX: the output so far, as bytes
-            stdout, stderr, problem = _text(exc.stdout), _text(exc.stderr), f"side {side} ran past {timeout} s"
+            stdout, stderr, problem = _text(exc.stdout), _text(exc.stderr), f"side {side} ran past {timeout:.1f} s"
         lines = [l for l in stdout.splitlines() if l.startswith(RESULT_PREFIX)]
         if lines:
             out = json.loads(lines[-1][len(RESULT_PREFIX):])
