@@ -111,6 +111,13 @@ def _accelerator(job: TrainJob):
 
     cuda = torch.cuda.is_available()
     precision = job.mixed_precision if job.mixed_precision != "auto" else ("bf16" if cuda else "no")
+    # accelerate keeps one process-wide state and refuses a second Accelerator with other settings. ComfyUI runs
+    # many jobs in one process, so a later job's own precision replaces the earlier one's (the process group of a
+    # multi-process launch, PartialState, is kept).
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
     # find_unused_parameters is decided once the model is known (see Trainer.run)
     return Accelerator(mixed_precision=precision, cpu=not cuda, kwargs_handlers=[DistributedDataParallelKwargs()])
 
