@@ -81,7 +81,7 @@ class LatentCache:
         self.codec_identity, self.encoder_identity = codec_identity, encoder_identity
         self.resolution, self.hash_contents = resolution, hash_contents
         self._index: dict[str, tuple[Path, dict]] = {}
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, tuple] = {}  # shard -> (open safetensors handle, its tensor names)
         self.refresh()
 
     # -- keys and index
@@ -133,15 +133,17 @@ class LatentCache:
         except KeyError:
             raise DistilleryError("cache", key, "this item is not in the cache.",
                                   "build the cache for these rows (build_cache) before training.") from None
-        handle = self._handles.get(shard)
-        if handle is None:
-            handle = self._handles[shard] = safe_open(str(shard), framework="pt")
+        handle, names = self._handles.get(shard) or (None, None)
+        if handle is None:  # the name set once per shard: `keys()` builds a list of every tensor name each call
+            handle = safe_open(str(shard), framework="pt")
+            names = set(handle.keys())
+            self._handles[shard] = (handle, names)
         target = f"{key}.target_latents"
         return {
             "latents": handle.get_tensor(f"{key}.latents").float(),
             "embeds": handle.get_tensor(f"{key}.embeds"),
             "mask": handle.get_tensor(f"{key}.mask").bool(),
-            "target_latents": handle.get_tensor(target).float() if target in handle.keys() else None,
+            "target_latents": handle.get_tensor(target).float() if target in names else None,
         }
 
     def cached_rows(self, rows: Iterable[Row]) -> list[Row]:
