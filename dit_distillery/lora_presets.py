@@ -10,25 +10,11 @@ import re
 
 import torch
 
+from . import families
 from .errors import DistilleryError
 
-LORA_PRESETS: dict[str, list[str]] = {
-    # DiffSynth-Studio's Qwen-Image LoRA recipes (examples/qwen_image/model_training/lora/*.sh, Distill-LoRA included).
-    "qwen_image": ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
-                   "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1"],
-    # Attention projections only: about a third of the adapter size, for small datasets.
-    "qwen_image_attn": ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out"],
-    # Every Linear inside the blocks (DiffSynth's list plus the MLP input projections).
-    "qwen_image_all": ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
-                       "img_mlp.net.0.proj", "img_mlp.net.2", "img_mod.1", "txt_mlp.net.0.proj", "txt_mlp.net.2",
-                       "txt_mod.1"],
-    # Every Linear inside an AAADiT block.
-    "aaadit": ["to_q", "to_k", "to_v", "to_out", "ff.0", "ff.2", "to_gate"],
-    "aaadit_attn": ["to_q", "to_k", "to_v", "to_out"],
-}
-
-# The preset used when none is given, per family.
-DEFAULT_PRESET = {"qwen_image": "qwen_image", "aaadit": "aaadit"}
+# Every family's presets (`Family.lora_presets`, each family's default is its `default_lora_preset`).
+LORA_PRESETS: dict[str, list[str]] = families.lora_presets()
 
 
 def parse_targets(targets: str | list[str] | tuple[str, ...]) -> list[str]:

@@ -31,8 +31,9 @@ from .conditioning import TextEmbeds
 from .errors import DistilleryError
 from .noise import initial_noise
 from .sampling import euler_denoise
-from .schedule import TRAINING_MU, mu_for, sigmas, template_for, training_schedule
-from .velocity import family_of, predict_velocity
+from . import families
+from .schedule import TRAINING_MU, mu_for, sigmas, training_schedule
+from .velocity import predict_velocity
 
 
 class SampleRNG:
@@ -46,12 +47,6 @@ class SampleRNG:
         sample would keep a GPU waiting at large batch sizes). Draws differ between device types."""
         key = f"{self.seed}/{self.step}/{self.sample_ids[i]}/{purpose}".encode()
         return torch.Generator(device).manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
-
-
-def image_seq_len(family: str, latents: torch.Tensor) -> int:
-    """Image tokens the DiT sees for these latents (Qwen-Image packs 2x2 latent pixels into a token)."""
-    h, w = latents.shape[-2:]
-    return h * w // 4 if family == "qwen_image" else h * w
 
 
 def drop_captions(text: TextEmbeds, empty: TextEmbeds | None, rng: SampleRNG, p: float) -> TextEmbeds:
@@ -90,12 +85,13 @@ class FlowMatchingLoss:
             raise DistilleryError("loss.min_sigma/max_sigma", (self.min_sigma, self.max_sigma),
                                   "need 0 <= min < max <= 1.", "use 0 and 1 for the whole range.")
 
-    def _schedule(self, family: str, latents: torch.Tensor):
-        template = self.template or template_for(family)
+    def _schedule(self, family, latents: torch.Tensor):
+        family = families.get(family)
+        template = self.template or family.schedule_template
         if self.mu == "diffsynth":
             mu = TRAINING_MU
         elif self.mu == "resolution":
-            mu = mu_for(template, image_seq_len(family, latents), 1000)
+            mu = mu_for(template, family.image_tokens(*latents.shape[-2:]), 1000)
         else:
             mu = float(self.mu)
         return training_schedule(template, mu=mu)
@@ -104,7 +100,7 @@ class FlowMatchingLoss:
                  caption_dropout: float = 0.0):
         x0 = batch["latents"].float()
         b = x0.shape[0]
-        family = family_of(dit)
+        family = families.of_model(dit)
         schedule = self._schedule(family, x0)
         sig, noise = [], []
         for i in range(b):
@@ -153,12 +149,14 @@ class DirectDistillLoss:
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise DistilleryError("loss.steps", self.steps, "must be a whole number >= 1.", "use e.g. 4.")
 
-    def student_sigmas(self, family: str, steps: int, latents: torch.Tensor) -> list[float]:
-        template = self.template or template_for(family)
+    def student_sigmas(self, family, steps: int, latents: torch.Tensor) -> list[float]:
+        """The student's schedule (`family`: a name or a `families.Family`)."""
+        family = families.get(family)
+        template = self.template or family.schedule_template
         if self.mu == "diffsynth":
             return sigmas(template, steps, mu=TRAINING_MU)
         if self.mu == "resolution":
-            return sigmas(template, steps, image_seq_len=image_seq_len(family, latents))
+            return sigmas(template, steps, image_seq_len=family.image_tokens(*latents.shape[-2:]))
         return sigmas(template, steps, mu=float(self.mu))
 
     def row_settings(self, batch: dict, i: int) -> tuple[int, float]:
@@ -179,7 +177,7 @@ class DirectDistillLoss:
                  caption_dropout: float = 0.0):
         target = self.targets(batch)
         b = target.shape[0]
-        family = family_of(dit)
+        family = families.of_model(dit)
         seeds = batch.get("seed") or [None] * b
         if any(s is None for s in seeds):
             raise DistilleryError("dataset", [w for w, s in zip(batch["where"], seeds) if s is None][:3],

@@ -20,42 +20,21 @@ included, against the autograd graph of a real CPU forward (whose SDPA runs PyTo
 from __future__ import annotations
 
 import contextlib
-import inspect
-import json
-import os
 import unittest.mock
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from . import families
 from .errors import DistilleryError
-from .formats import TensorSource
-from .lora_presets import DEFAULT_PRESET, LORA_PRESETS, lora_parameter_count, parse_targets, resolve_targets
-from .models import aaadit, qwen_image, registry
+from .lora_presets import LORA_PRESETS, lora_parameter_count, parse_targets, resolve_targets
+from .models import registry
 
 GIB = 1024 ** 3
 
-# Named configurations the report (and its CLI) accepts instead of a file.
-PRESETS = {
-    "qwen-image": ("qwen_image", qwen_image.QWEN_IMAGE_CONFIG),
-    "qwen-image-tiny": ("qwen_image", qwen_image.tiny_config()),
-    "aaadit": ("aaadit", aaadit.TUTORIAL_CONFIG),
-    "aaadit-tiny": ("aaadit", aaadit.tiny_config()),
-}
-
-# Text length assumed when none is given. AAADiT: the tutorial pads every prompt to 128 Qwen3 tokens.
-# Qwen-Image: prompts are not padded; 256 tokens covers long captions (DiffSynth trains up to 512).
-DEFAULT_TEXT_TOKENS = {"qwen_image": 256, "aaadit": 128}
-
-# Per family: the blocks' ModuleList, the output head's parameter prefixes, and pixels per token side
-# (Qwen-Image: VAE /8 then 2x2 patches; AAADiT: Flux2 VAE /16, one token per latent pixel).
-_LAYOUT = {
-    "qwen_image": {"blocks": "transformer_blocks", "head": ("norm_out.", "proj_out."), "pixels_per_token": 16},
-    "aaadit": {"blocks": "blocks", "head": ("proj_out.",), "pixels_per_token": 16},
-}
-_OVERRIDE_KEYS = {"qwen_image": ("num_layers", "num_attention_heads"), "aaadit": ("num_blocks", "num_heads")}
+# Named configurations the report (and its CLI) accepts instead of a file: every family's (`Family.presets`).
+PRESETS = families.presets()
 
 COMPUTE_DTYPE = torch.bfloat16
 ASSUMPTIONS = [
@@ -76,75 +55,32 @@ ASSUMPTIONS = [
 # ----------------------------------------------------------------------------------------------------------
 # What to report on
 
-def _families():
-    return {qwen_image.FAMILY: qwen_image, aaadit.FAMILY: aaadit}
-
-
-def _constructor_keys(family: str) -> set[str]:
-    params = inspect.signature(_families()[family].model_class().__init__).parameters
-    return {k for k in params if k != "self"}
-
-
-def _config_from_json(path: Path, field: str) -> tuple[str, dict]:
-    """(family, config) from a diffusers config.json, our {"family", "config"} form, or bare constructor args."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DistilleryError(field, str(path), f"unreadable JSON ({exc}).", "give a valid config JSON file.") from exc
-    if not isinstance(raw, dict):
-        raise DistilleryError(field, str(path), "the JSON is not an object.", "give a model config JSON object.")
-    if isinstance(raw.get("config"), dict) and raw.get("family") in _families():
-        return raw["family"], dict(raw["config"])
-    by_class = {fam.model_class().__name__: name for name, fam in _families().items()}
-    family = by_class.get(raw.get("_class_name"))
-    args = {k: v for k, v in raw.items() if not k.startswith("_")}
-    if family is None:
-        fitting = [name for name in _families() if args and set(args) <= _constructor_keys(name)]
-        if len(fitting) != 1:
-            raise DistilleryError(field, str(path), "cannot tell which DiT family this config describes.",
-                                  'add "_class_name" (QwenImageTransformer2DModel or AAADiT) or use '
-                                  '{"family": "qwen_image"|"aaadit", "config": {...}}.')
-        family = fitting[0]
-    # diffusers configs carry keys of older versions (Qwen-Image's pooled_projection_dim): keep the constructor's.
-    keys = _constructor_keys(family)
-    return family, {k: v for k, v in args.items() if k in keys}
-
-
 def resolve_spec(spec, field: str = "model") -> tuple[str, dict, str]:
-    """(family, config, source description) of a model instance, a (family, config) pair, a preset name, a
-    JSON config, a diffusers folder or a safetensors file (only its header is read)."""
-    if isinstance(spec, torch.nn.Module):
-        return registry.family_of(spec), registry.model_config(spec), type(spec).__name__
-    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict):
-        if spec[0] not in _families():
-            raise DistilleryError(field, spec[0], "unknown DiT family.", f"use one of {sorted(_families())}.")
-        return spec[0], dict(spec[1]), f"{spec[0]} config"
-    if not isinstance(spec, (str, os.PathLike)):
-        raise DistilleryError(field, type(spec).__name__, "not a model, config, path or preset name.",
-                              f"give a path or one of {sorted(PRESETS)}.")
-    path = Path(spec)
-    preset = str(spec).strip().lower().replace("_", "-")
-    if preset in PRESETS and not path.exists():
-        family, config = PRESETS[preset]
-        return family, dict(config), f"preset {preset}"
-    if path.is_file() and path.suffix == ".json" and not path.name.endswith(".index.json"):
-        return (*_config_from_json(path, field), str(path))
-    if path.is_dir():
-        for candidate in (path / "config.json", path / "transformer" / "config.json"):
-            if candidate.is_file():  # exact config (head count included) without touching the weights
-                return (*_config_from_json(candidate, field), str(path))
-    if path.exists():
-        with TensorSource(path, field) as src:
-            family, config = registry.detect(src)
-        return family, config, str(path)
-    raise DistilleryError(field, str(spec), "no such file or folder, and not a preset name.",
-                          f"give a .safetensors file, a diffusers folder, a config JSON, or one of {sorted(PRESETS)}.")
+    """(family, config, source description) of a model, a (family, config) pair, a preset name, a JSON config, a
+    diffusers folder or a safetensors file (only its header is read): `families.detect`, the one resolver."""
+    return families.detect(spec, field)
+
+
+def _pixels_per_latent(family) -> int:
+    return families.get(family).vae_factor
+
+
+def _pixels_per_token(family) -> int:
+    spec = families.get(family)
+    return spec.vae_factor * spec.patch
+
+
+def _all_blocks(model: torch.nn.Module, family) -> list[torch.nn.Module]:
+    """Every transformer block of every group, in the family's group order."""
+    return [block for group in families.get(family).block_groups() for block in getattr(model, group.attr)]
 
 
 def with_overrides(family: str, config: dict, layers: int | None = None, heads: int | None = None) -> dict:
-    """The config with another block count and/or head count (Qwen-Image: width = heads x head dim)."""
+    """The config with another block count (of the main block group) and/or head count (Qwen-Image: width =
+    heads x head dim)."""
+    spec = families.get(family)
     config = dict(config)
-    for option, value, key in (("layers", layers, _OVERRIDE_KEYS[family][0]), ("heads", heads, _OVERRIDE_KEYS[family][1])):
+    for option, value, key in (("layers", layers, spec.main_group().count_key), ("heads", heads, spec.heads_key)):
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -155,10 +91,10 @@ def with_overrides(family: str, config: dict, layers: int | None = None, heads: 
 
 def build_meta(family: str, config: dict, field: str = "config") -> torch.nn.Module:
     """The model on the meta device (no memory); a config the class rejects becomes a DistilleryError."""
-    unknown = set(config) - _constructor_keys(family)
+    allowed = families.constructor_keys(family)
+    unknown = set(config) - allowed
     if unknown:
-        raise DistilleryError(field, sorted(unknown), f"not {family} config keys.",
-                              f"use keys among {sorted(_constructor_keys(family))}.")
+        raise DistilleryError(field, sorted(unknown), f"not {family} config keys.", f"use keys among {sorted(allowed)}.")
     try:
         return registry.build_empty(family, config, "meta")
     except DistilleryError:
@@ -172,16 +108,22 @@ def build_meta(family: str, config: dict, field: str = "config") -> torch.nn.Mod
 # Parameters
 
 def parameter_counts(model: torch.nn.Module, family: str) -> dict:
-    """Parameters in total and by part: embedders (everything before the blocks), blocks (and each), head."""
-    layout = _LAYOUT[family]
-    prefix = layout["blocks"] + "."
-    per_block = [0] * len(getattr(model, layout["blocks"]))
+    """Parameters in total and by part: embedders (everything outside the blocks and the head), blocks (and each,
+    over every block group in order), head."""
+    spec = families.get(family)
+    groups = spec.block_groups()
+    start, offset = {}, 0
+    for group in groups:
+        start[group.prefix] = offset
+        offset += len(getattr(model, group.attr))
+    per_block = [0] * offset
     parts = {"embedders": 0, "blocks": 0, "head": 0}
     for name, p in model.named_parameters():
-        if name.startswith(prefix):
-            per_block[int(name[len(prefix):].split(".", 1)[0])] += p.numel()
+        prefix = next((g.prefix for g in groups if name.startswith(g.prefix)), None)
+        if prefix is not None:
+            per_block[start[prefix] + int(name[len(prefix):].split(".", 1)[0])] += p.numel()
             parts["blocks"] += p.numel()
-        elif name.startswith(layout["head"]):
+        elif name.startswith(spec.head_prefixes):
             parts["head"] += p.numel()
         else:
             parts["embedders"] += p.numel()
@@ -335,16 +277,9 @@ def measure_saved_activations(model: torch.nn.Module, blocks: torch.nn.ModuleLis
 def example_inputs(family: str, config: dict, *, batch: int, height: int, width: int, text_tokens: int,
                    device="meta", dtype=COMPUTE_DTYPE) -> dict:
     """Forward kwargs of the right shapes for an image of height x width (no data on meta)."""
-    step = _LAYOUT[family]["pixels_per_token"]
-    h, w = height // step, width // step
-    kw = {"device": device, "dtype": dtype}
-    timestep = torch.full((batch,), 500.0, device=device)
-    if family == "qwen_image":
-        return {"hidden_states": torch.randn(batch, h * w, config["in_channels"], **kw),
-                "encoder_hidden_states": torch.randn(batch, text_tokens, config["joint_attention_dim"], **kw),
-                "timestep": timestep, "img_shapes": [(1, h, w)] * batch, "return_dict": False}
-    return {"latents": torch.randn(batch, config["latent_channels"], h, w, **kw),
-            "prompt_embeds": torch.randn(batch, text_tokens, config["text_width"], **kw), "timestep": timestep}
+    step = _pixels_per_latent(family)
+    return families.get(family).example_inputs(config, batch=batch, h=height // step, w=width // step,
+                                               text_tokens=text_tokens, device=device, dtype=dtype)
 
 
 def _measure(family: str, config: dict, inputs: dict, lora: tuple[list[str], int] | None,
@@ -358,24 +293,20 @@ def _measure(family: str, config: dict, inputs: dict, lora: tuple[list[str], int
         with torch.device("meta"):
             inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=names), model)
     torch.nn.Module.to(model, COMPUTE_DTYPE)  # nn.Module.to: diffusers' .to warns about fp32 modules
-    return measure_saved_activations(model, getattr(model, _LAYOUT[family]["blocks"]), inputs, flash_attention)
+    return measure_saved_activations(model, _all_blocks(model, family), inputs, flash_attention)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Closed-form lower bounds, cheap enough to check before every sample and training run
 
-# Bytes autograd saves per block, per token and per unit of width, in bf16: the meta measurement above gives 56
-# (Qwen-Image, 4x FFN and dual-stream modulation) and 36 (AAADiT, 3x FFN) at every size and resolution tried;
-# these are rounded down so the estimate stays a lower bound (tests/test_faults_weights.py holds them to it).
-SAVED_PER_TOKEN_WIDTH = {"qwen_image": 48, "aaadit": 32}
+# Bytes autograd saves per block, per token and per unit of width, in bf16, are each family's
+# `saved_per_token_width`: the meta measurement above at every size and resolution tried, rounded down so the
+# estimate stays a lower bound (tests/test_faults_weights.py holds them to it).
 
 
 def dit_dims(family: str, config: dict) -> tuple[int, int, int]:
     """(width, blocks, FFN hidden width) of a DiT config."""
-    if family == "qwen_image":
-        width = config["num_attention_heads"] * config["attention_head_dim"]
-        return width, config["num_layers"], 4 * width
-    return config["width"], config["num_blocks"], config.get("ffn_ratio", 3) * config["width"]
+    return tuple(families.get(family).dims(config))
 
 
 def inference_bytes(family: str, config: dict, *, batch: int, tokens: int, dtype_bytes: int) -> int:
@@ -392,7 +323,7 @@ def training_activation_bytes(family: str, config: dict, *, batch: int, tokens: 
     `measure_saved_activations`): per block SAVED_PER_TOKEN_WIDTH x tokens x width bytes in bf16; with gradient
     checkpointing, every block's input plus one block recomputed at a time."""
     width, blocks, _ = dit_dims(family, config)
-    per_block = SAVED_PER_TOKEN_WIDTH[family] * batch * tokens * width * dtype_bytes // 2
+    per_block = families.get(family).saved_per_token_width * batch * tokens * width * dtype_bytes // 2
     if checkpointing:
         return blocks * batch * tokens * width * dtype_bytes + per_block
     return blocks * per_block
@@ -414,19 +345,19 @@ def size_report(spec, *, height: int = 1024, width: int = 1024, batch: int = 1, 
     `spec`: a model, (family, config), a preset name (`PRESETS`), a JSON config, a diffusers folder or a
     safetensors file. Sizes are in bytes; `summary_lines` turns the report into readable text.
     """
-    family, config, source = resolve_spec(spec)
-    step = _LAYOUT[family]["pixels_per_token"]
+    family, config, source = families.detect(spec)
+    step = _pixels_per_token(family)
     _check_size("height", height, step)
     _check_size("width", width, step)
     _check_size("batch", batch)
     _check_size("lora_rank", lora_rank)
-    text_tokens = DEFAULT_TEXT_TOKENS[family] if text_tokens is None else text_tokens
+    text_tokens = families.get(family).report_text_tokens if text_tokens is None else text_tokens
     _check_size("text_tokens", text_tokens)
 
     model = build_meta(family, config)
     counts = parameter_counts(model, family)
     params = counts["params"]
-    preset = lora_targets or DEFAULT_PRESET[family]
+    preset = lora_targets or families.get(family).default_lora_preset
     lora_names = resolve_targets(model, preset)
     lora_params = lora_parameter_count(model, lora_names, lora_rank)
 
@@ -441,7 +372,8 @@ def size_report(spec, *, height: int = 1024, width: int = 1024, batch: int = 1, 
                  "activations_bytes": acts.total(gradient_checkpointing)}
         return {"trainable_params": trainable, **parts, "total_bytes": sum(parts.values())}
 
-    image_tokens = (height // step) * (width // step)
+    per_latent = _pixels_per_latent(family)
+    image_tokens = families.get(family).image_tokens(height // per_latent, width // per_latent)
     return {
         "family": family,
         "config": config,

@@ -10,6 +10,10 @@ stretched to a terminal sigma:
 | "Qwen-Image-Lightning" | ln 3 whatever L | none |
 | "FLUX.2" | diffusers' `compute_empirical_mu(L, N)` | none |
 
+A family may add templates of its own (`Family.schedule_templates`: scheduler settings, and "mu_rule":
+"empirical" for FLUX.2's rule, else diffusers' `calculate_shift`); `template_for(family)` is the one it was
+trained with.
+
 Without a resolution DiffSynth uses mu = 0.8 ("it yields better training results"): that is what its training
 grid and its Direct Distill student schedule use. Here the caller picks: `mu=`, `image_seq_len=` (the
 resolution's own mu, what inference uses), or `training=True` (DiffSynth's fixed 0.8).
@@ -28,8 +32,7 @@ import torch
 
 from .errors import DistilleryError
 
-TEMPLATES = ("Qwen-Image", "Qwen-Image-Lightning", "FLUX.2")
-FAMILY_TEMPLATES = {"qwen_image": "Qwen-Image", "aaadit": "FLUX.2"}
+TEMPLATES = ("Qwen-Image", "Qwen-Image-Lightning", "FLUX.2")  # built in; families may add more (`templates()`)
 TRAINING_MU = 0.8  # DiffSynth's mu whenever no resolution is given (training grid, Direct Distill student)
 TRAIN_STEPS = 1000
 MU_POLICIES = ("diffsynth", "resolution")
@@ -39,45 +42,68 @@ _QWEN = dict(base_image_seq_len=256, max_image_seq_len=8192, base_shift=0.5, max
 SCHEDULER_CONFIGS = {
     "Qwen-Image": dict(_QWEN),
     "Qwen-Image-Lightning": dict(_QWEN, base_shift=math.log(3), max_shift=math.log(3), shift_terminal=None),
-    "FLUX.2": dict(_QWEN, shift_terminal=None),  # base/max shift unused: FLUX.2's mu is empirical
+    # base/max shift unused: FLUX.2's mu is empirical
+    "FLUX.2": dict(_QWEN, shift_terminal=None, mu_rule="empirical"),
 }
 _COMMON = dict(num_train_timesteps=1000, shift=1.0, time_shift_type="exponential", use_dynamic_shifting=True)
 
 
+def _templates() -> dict[str, dict]:
+    """Every template: the built-in ones, then those the families add."""
+    from . import families
+
+    table = dict(SCHEDULER_CONFIGS)
+    for family in families.all():
+        for name, config in family.schedule_templates.items():
+            table.setdefault(name, dict(config))
+    return table
+
+
+def templates() -> tuple[str, ...]:
+    """Names of every sigma schedule template."""
+    return tuple(_templates())
+
+
+def _config(template: str) -> dict:
+    table = _templates()
+    if template not in table:
+        raise DistilleryError("template", template, "unknown sigma schedule template.", f"use one of {list(table)}.")
+    return dict(_COMMON, **table[template])
+
+
 def _check_template(template: str) -> str:
-    if template not in SCHEDULER_CONFIGS:
-        raise DistilleryError("template", template, "unknown sigma schedule template.", f"use one of {list(TEMPLATES)}.")
+    _config(template)
     return template
 
 
 def template_for(family: str) -> str:
-    """The schedule a DiT family was trained with (qwen_image -> "Qwen-Image", aaadit -> "FLUX.2")."""
-    try:
-        return FAMILY_TEMPLATES[family]
-    except KeyError:
-        raise DistilleryError("family", family, "no sigma schedule for this family.",
-                              f"use one of {sorted(FAMILY_TEMPLATES)}.") from None
+    """The schedule a DiT family was trained with (its `Family.schedule_template`)."""
+    from . import families
+
+    return families.get(family).schedule_template
 
 
 def scheduler(template: str):
     """A diffusers `FlowMatchEulerDiscreteScheduler` configured as the template (what a diffusers folder saves)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(**_COMMON, **SCHEDULER_CONFIGS[_check_template(template)])
+    config = _config(template)
+    config.pop("mu_rule", None)
+    return FlowMatchEulerDiscreteScheduler(**config)
 
 
 def mu_for(template: str, image_seq_len: int, num_steps: int) -> float:
     """The resolution-dependent shift DiffSynth and diffusers use at inference (`image_seq_len` = packed tokens)."""
-    _check_template(template)
-    if template == "FLUX.2":
+    c = _config(template)
+    if c.get("mu_rule") == "empirical":
         from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
         return float(compute_empirical_mu(int(image_seq_len), int(num_steps)))
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
-    c = SCHEDULER_CONFIGS[template]
-    return float(calculate_shift(int(image_seq_len), c["base_image_seq_len"], c["max_image_seq_len"],
-                                 c["base_shift"], c["max_shift"]))
+    # (a template without these settings gets diffusers' scheduler defaults; with a static shift, mu is unused)
+    return float(calculate_shift(int(image_seq_len), c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                 c.get("base_shift", 0.5), c.get("max_shift", 1.15)))
 
 
 def training_mu(policy: str, template: str, image_seq_len: int | None = None, num_steps: int = TRAIN_STEPS) -> float:

@@ -10,10 +10,11 @@ or fully trained student) and optionally a LoRA on top, at a strength:
 The base is never modified: a pipeline passed in is copied before anything is merged (ComfyUI caches node outputs
 and shares them between graphs).
 
-Qwen-Image students also export to one safetensors file with bare diffusers keys, which stock ComfyUI's
-UNETLoader loads when the student keeps Qwen-Image's width (24 heads x 128, text width 3584): ComfyUI reads only
-the block count and input channels from the file and takes the rest from its defaults (comfyui-facts.md A5).
-Width-shrunk students need the pack's Load Student node, which builds the model from our metadata.
+Students also export to one safetensors file under the names stock ComfyUI reads for their family
+(`Family.to_comfy`); whether its UNETLoader loads a shrunk student is the family's to say (`Family.comfy_loadable`:
+Qwen-Image keeps loading while the student keeps its width, since ComfyUI reads only the block count and input
+channels from the file, comfyui-facts.md A5). The others need the pack's Load Student node, which builds the model
+from our metadata.
 """
 
 from __future__ import annotations
@@ -24,31 +25,13 @@ from pathlib import Path
 
 import torch
 
+from . import families
 from .errors import DistilleryError
-from .models.qwen_image import QWEN_IMAGE_CONFIG
-
-COMFY_FIXED = ("num_attention_heads", "attention_head_dim", "joint_attention_dim", "axes_dims_rope", "patch_size")
 
 
 def comfy_loadable(family: str, config: dict) -> tuple[bool, str]:
     """Whether stock ComfyUI's UNETLoader can load a DiT with this config, and why not."""
-    if family != "qwen_image":
-        return False, f"ComfyUI has no {family} architecture; load it with the pack's Load Student node."
-    for key in COMFY_FIXED:
-        have, want = config.get(key), QWEN_IMAGE_CONFIG[key]
-        if (list(have) if isinstance(have, (list, tuple)) else have) != want:
-            return False, (f"{key}={have} differs from Qwen-Image's {want}; ComfyUI's UNETLoader assumes the latter. "
-                           "Load it with the pack's Load Student node.")
-    return True, "loads in stock UNETLoader (models/diffusion_models)"
-
-
-def _copy_pipeline(pipe):
-    """A copy whose DiT can be changed; the prompt encoder and codec (never modified) are shared."""
-    from .pipelines import TextToImagePipeline
-
-    dit = copy.deepcopy(pipe.dit)
-    return TextToImagePipeline(dit, pipe.prompt_encoder, pipe.codec, pipe.family, template=pipe.template,
-                               defaults=pipe.defaults)
+    return families.get(family).comfy_loadable(config)
 
 
 def load_student(base, *, weights: str | os.PathLike | None = None, lora: str | os.PathLike | None = None,
@@ -69,11 +52,9 @@ def load_student(base, *, weights: str | os.PathLike | None = None, lora: str | 
     if isinstance(base, TextToImagePipeline):
         pipe = base
         if weights is not None:
-            dit = load_dit(weights, dtype=dtype or pipe.dtype, device=pipe.device, field="weights")
-            pipe = TextToImagePipeline(dit, pipe.prompt_encoder, pipe.codec, template=pipe.template,
-                                       defaults=pipe.defaults)
-        elif lora is not None:
-            pipe = _copy_pipeline(pipe)
+            pipe = pipe.with_dit(load_dit(weights, dtype=dtype or pipe.dtype, device=pipe.device, field="weights"))
+        elif lora is not None:  # a copy whose DiT can be changed (the base is never modified)
+            pipe = pipe.with_dit(copy.deepcopy(pipe.dit))
     else:
         pipe = load_pipeline(base, dit=weights, device=device or "cpu", dtype=dtype)
     if lora is not None:
@@ -94,12 +75,13 @@ def load_student(base, *, weights: str | os.PathLike | None = None, lora: str | 
 
 def export_comfy(pipe_or_dit, path: str | os.PathLike, *, dtype: torch.dtype | None = torch.bfloat16,
                  provenance: dict | None = None) -> dict:
-    """Write the student's DiT (LoRA merged) as one safetensors file with bare diffusers keys and our metadata.
+    """Write the student's DiT (LoRA merged) as one safetensors file (`registry.save_dit`: the names stock ComfyUI
+    reads for its family, and our metadata).
 
     Returns {"path", "family", "comfy_loadable", "note"}. Unmerged peft adapters are merged into a copy first.
     """
     from .lora import lora_layers, lora_weights_of, merge_lora
-    from .models.registry import family_of, model_config, save_dit
+    from .models.registry import model_config, save_dit
     from .velocity import base_model
 
     dit = base_model(getattr(pipe_or_dit, "dit", pipe_or_dit))
@@ -111,7 +93,7 @@ def export_comfy(pipe_or_dit, path: str | os.PathLike, *, dtype: torch.dtype | N
             module.alpha = scales[name] * module.rank
         merge_lora(clean, weights, 1.0)
         dit = clean
-    family = family_of(dit)
+    family = families.of_model(dit).name
     loadable, note = comfy_loadable(family, model_config(dit))
     out = save_dit(dit, Path(path), provenance=provenance, dtype=dtype)
     return {"path": str(out), "family": family, "comfy_loadable": loadable, "note": note}

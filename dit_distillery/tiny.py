@@ -159,8 +159,8 @@ def tiny_flux2_vae(seed: int = 0):
 
 
 def tiny_qwen_image_dit(joint_attention_dim: int = 32, num_layers: int = 2, seed: int = 0, **kwargs):
-    """diffusers' QwenImageTransformer2DModel with `models.qwen_image.tiny_config`."""
-    from .models import qwen_image
+    """diffusers' QwenImageTransformer2DModel with `families.qwen_image.tiny_config`."""
+    from .families import qwen_image
 
     config = qwen_image.tiny_config(num_layers=num_layers, joint_attention_dim=joint_attention_dim, **kwargs)
     with seeded(seed):
@@ -168,7 +168,7 @@ def tiny_qwen_image_dit(joint_attention_dim: int = 32, num_layers: int = 2, seed
 
 
 def tiny_aaadit(text_width: int = 32, latent_channels: int = 128, seed: int = 0, **overrides):
-    """Our AAADiT with `models.aaadit.tiny_config` (overrides: any AAADiT argument, e.g. width, num_blocks)."""
+    """Our AAADiT with `families.aaadit.tiny_config` (overrides: any AAADiT argument, e.g. width, num_blocks)."""
     from .models import aaadit
 
     config = aaadit.tiny_config(latent_channels=latent_channels, text_width=text_width)
@@ -181,23 +181,11 @@ TINY_DEFAULTS = dict(steps=8, cfg_scale=1.0, height=32, width=32)
 
 
 def tiny_pipeline(family: str = "aaadit", seed: int = 0):
-    """A complete tiny text-to-image pipeline of a family, with its real codec and prompt-encoder classes."""
-    from .codecs import Flux2VAECodec, QwenImageVAECodec
-    from .errors import DistilleryError
-    from .pipelines import TextToImagePipeline
-    from .text import Qwen3PromptEncoder, QwenImagePromptEncoder
+    """A complete tiny text-to-image pipeline of a family, with its real codec and prompt-encoder classes (each
+    family composes its own from the builders above: `Family.tiny_pipeline`)."""
+    from . import families
 
-    tokenizer = tiny_tokenizer()
-    if family == "qwen_image":
-        encoder = QwenImagePromptEncoder(tiny_qwen25vl_encoder(tokenizer, seed=seed + 1), tokenizer)
-        return TextToImagePipeline(tiny_qwen_image_dit(encoder.width, seed=seed), encoder,
-                                   QwenImageVAECodec(tiny_qwen_image_vae(seed=seed + 2)), family, defaults=TINY_DEFAULTS)
-    if family == "aaadit":
-        encoder = Qwen3PromptEncoder(tiny_qwen3_encoder(tokenizer, seed=seed + 1), tokenizer, max_length=32)
-        codec = Flux2VAECodec(tiny_flux2_vae(seed=seed + 2))
-        return TextToImagePipeline(tiny_aaadit(encoder.width, codec.latent_channels, seed=seed), encoder, codec, family,
-                                   defaults=TINY_DEFAULTS)
-    raise DistilleryError("family", family, "no tiny pipeline for this family.", "use 'aaadit' or 'qwen_image'.")
+    return families.get(family).tiny_pipeline(seed)
 
 
 # The demo's default, sized for CPUs: with batch 32, lr 1e-3 and DiffSynth's loss weights, 5 minutes of training
@@ -222,4 +210,4 @@ def embedded_default_pipeline(seed: int = 0):
                                  tokenizer, max_length=DEFAULT_TEXT_TOKENS)
     codec = PixelCodec(DEFAULT_PIXEL_PATCH)
     dit = tiny_aaadit(encoder.width, codec.latent_channels, seed=seed, **DEFAULT_DIT)
-    return TextToImagePipeline(dit, encoder, codec, "aaadit", defaults=DEFAULT_SAMPLING)
+    return TextToImagePipeline(dit, encoder, codec, defaults=DEFAULT_SAMPLING)

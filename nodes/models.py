@@ -66,9 +66,6 @@ class BuildAAADiT:
     def build(self, preset, width, num_blocks, num_heads, ffn_ratio, latent_channels, text_width, pos_grid,
               use_text_mask, seed, dtype, name, overwrite):
         from dit_distillery.commands.build_aaadit import parse_grid
-        from dit_distillery.models import aaadit, registry
-        from dit_distillery.report import build_meta
-        from dit_distillery.tiny import seeded
 
         config = aaadit_presets.preset_config(preset)  # refuses an unknown preset
         for key, value in zip(_AAADIT_FIELDS, (width, num_blocks, num_heads, ffn_ratio, latent_channels, text_width)):
@@ -77,32 +74,15 @@ class BuildAAADiT:
         if str(pos_grid).strip():
             config["pos_grid"] = parse_grid(pos_grid)
         config["use_text_mask"] = bool(use_text_mask) or config.get("use_text_mask", False)
-        build_meta(aaadit.FAMILY, config)  # checks the config (heads divide width...) before anything is written
+        aaadit_presets.check_config(config)  # (heads divide width...) before anything is written
         out = path_inside(model_write_dir("diffusion_models"), name, "name", ".safetensors")
         provenance = {"built_by": "DiT Distillery Build AAADiT", "preset": preset, "seed": int(seed), "dtype": dtype,
                       "config": config}
-        reused = _same_provenance(out, provenance)
-        if out.exists() and not reused and not overwrite:
-            raise DistilleryError("name", name, f"{out} already exists and was made with other settings.",
-                                  "choose another name, or turn on overwrite.")
-        if not reused:
-            with torch.inference_mode(False), seeded(int(seed)):
-                model = aaadit.AAADiT(**config)
-            torch.nn.Module.to(model, DTYPES[dtype])  # diffusers' ModelMixin.to warns on every dtype cast
-            registry.save_dit(model, out, provenance=provenance)
+        reused = aaadit_presets.build_file(out, config, seed=int(seed), dtype=DTYPES[dtype], provenance=provenance,
+                                           overwrite=bool(overwrite), field="name")
         ref = DitRef.from_path(out, "name")
         summary = f"{ref.describe()}\n{'reused' if reused else 'wrote'} {out}\nconfig: {json.dumps(config)}"
         return (ref, summary)
-
-
-def _same_provenance(path: Path, provenance: dict) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        existing = DitRef.from_path(path, "name").provenance
-    except DistilleryError:
-        return False
-    return json.loads(json.dumps(existing, sort_keys=True)) == json.loads(json.dumps(provenance, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,9 +150,7 @@ class ShrinkDiT:
     def shrink(self, source, target_blocks, strategy, block_list, keep_first, heads, width_method,
                calibration_prompts, calibration_size, calibration_seed, dtype, name, overwrite, dit=None,
                pipeline=None, unique_id=None):
-        from dit_distillery.formats import TensorSource, dtype_from_name
-        from dit_distillery.models.registry import META_PROVENANCE
-        from dit_distillery.shrink import plan_shrink, shrink
+        from dit_distillery.shrink import shrink
 
         if dit is not None:
             src = Path(dit.path)
@@ -196,20 +174,9 @@ class ShrinkDiT:
                                       "with the seeded proxy.")
             calibration = _calibration(pipeline, prompts, int(calibration_size), int(calibration_seed))
         progress = Progress(100, unique_id)
-        report = None
-        with user_errors(progress):
-            if out.exists():
-                plan = plan_shrink(src, calibration=calibration, progress=progress, stop=progress.stop, **options)
-                with TensorSource(out, "name") as existing:
-                    same = (existing.metadata_value(META_PROVENANCE) == json.loads(json.dumps(plan.provenance()))
-                            and (dtype == "keep" or existing.dtype("img_in.weight") == dtype_from_name(dtype)))
-                if not same and not overwrite:
-                    raise DistilleryError("name", name, f"{out} already exists and was made with other settings.",
-                                          "choose another name, or turn on overwrite.")
-                report = {"out": str(out), "reused": True, **plan.summary()} if same else None
-            if report is None:
-                report = shrink(src, out, dtype=dtype, calibration=calibration, progress=progress,
-                                stop=progress.stop, **options)
+        with user_errors(progress):  # the same settings reuse the file (the core checks it)
+            report = shrink(src, out, dtype=dtype, calibration=calibration, progress=progress, stop=progress.stop,
+                            reuse=True, overwrite=bool(overwrite), out_field="name", **options)
         ref = DitRef.from_path(out, "name")
         return (ref, _shrink_text(report) + "\n" + _size_text(ref))
 
@@ -341,8 +308,10 @@ class LoadPipeline:
         if device == "cuda" and not torch.cuda.is_available():
             raise DistilleryError("device", device, "no CUDA device is available.", "use auto or cpu.")
         if dit_path is not None:  # a file we cannot read, or of another family, fails here, not in a later node
+            from dit_distillery.pipelines.loading import source_family
+
             family = DitRef.from_path(dit_path, "dit").family
-            expected = _source_family(src)
+            expected = source_family(src)
             if expected is not None and family != expected:
                 raise DistilleryError("dit" if dit is not None else "dit_name", Path(dit_path).name,
                                       f"is a {family} DiT, but the {source} pipeline is {expected}: its text encoder "
@@ -351,19 +320,6 @@ class LoadPipeline:
         ref = PipelineRef(source=src, dit=dit_path, text_encoder=picked["text_encoders"], vae=picked["vae"],
                           text_max_length=text_max_length or None, device=device, dtype=dtype)
         return (ref, ref.describe())
-
-
-def _source_family(source: str) -> str | None:
-    """The DiT family a pipeline source is made for (None when its model_index does not say)."""
-    from dit_distillery.pipelines.loading import FAMILY_OF_PIPELINE, META_KEY, MODEL_INDEX
-
-    if source in BUILTIN_PIPELINES:
-        return "qwen_image" if source == "tiny:qwen_image" else "aaadit"
-    try:
-        index = json.loads((Path(source) / MODEL_INDEX).read_text())
-    except (OSError, ValueError):
-        return None
-    return index.get(META_KEY, {}).get("family") or FAMILY_OF_PIPELINE.get(index.get("_class_name"))
 
 
 def _diffusers_folder(name: str) -> Path:
@@ -425,14 +381,15 @@ class ModelSizeReport:
 
     def report(self, preset, layers, heads, height, width, batch, text_tokens, lora_rank, lora_targets,
                gradient_checkpointing, dit=None, pipeline=None):
-        from dit_distillery.report import resolve_spec, size_report, summary_lines, with_overrides
+        from dit_distillery import families
+        from dit_distillery.report import size_report, summary_lines, with_overrides
 
         if dit is not None:
             family, config, source = dit.family, dict(dit.config), Path(dit.path).name
         elif pipeline is not None:
             family, config, source = _pipeline_dit_spec(pipeline)
         else:
-            family, config, source = resolve_spec(preset, "preset")
+            family, config, source = families.detect(preset, "preset")
         config = with_overrides(family, config, layers=layers or None, heads=heads or None)
         report = size_report((family, config), height=height, width=width, batch=batch,
                              gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
@@ -444,19 +401,16 @@ class ModelSizeReport:
 
 
 def _pipeline_dit_spec(pipeline: PipelineRef) -> tuple[str, dict, str]:
-    from dit_distillery.models.registry import family_of, model_config
-    from dit_distillery.report import resolve_spec
+    from dit_distillery import families
 
     if pipeline.dit and not pipeline.loaded():
-        family, config, _ = resolve_spec(pipeline.dit, "pipeline")
+        family, config, _ = families.detect(pipeline.dit, "pipeline")
         return family, config, Path(pipeline.dit).name
     if pipeline.source not in BUILTIN_PIPELINES and not pipeline.loaded():
-        family, config, _ = resolve_spec(pipeline.source, "pipeline")
+        family, config, _ = families.detect(pipeline.source, "pipeline")
         return family, config, Path(pipeline.source).name
-    from dit_distillery.velocity import base_model
-
-    dit = base_model(pipeline.load().dit)  # a built-in pipeline (tiny) or one already in memory
-    return family_of(dit), model_config(dit), pipeline.describe()
+    family, config, _ = families.detect(pipeline.load().dit)  # a built-in pipeline (tiny) or one already in memory
+    return family, config, pipeline.describe()
 
 
 NODE_CLASS_MAPPINGS = {

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
+from dit_distillery import families
 from dit_distillery.errors import DistilleryError
 
 from .common import torch_device
 
-BUILTIN_PIPELINES = ("default", "tiny:aaadit", "tiny:qwen_image")
+BUILTIN_PIPELINES = ("default", *(f"tiny:{name}" for name in families.names()))
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 _load_lock = threading.RLock()  # ComfyUI runs one prompt at a time, but a direct caller might not
@@ -50,9 +51,7 @@ class DitRef:
     @classmethod
     def from_path(cls, path, field_name: str = "dit") -> "DitRef":
         """Read the family and config from the file's header (no weights are loaded)."""
-        from dit_distillery.report import resolve_spec
-
-        family, config, _ = resolve_spec(str(path), field_name)
+        family, config, _ = families.detect(str(path), field_name)
         provenance = {}
         p = Path(path)
         if p.is_file():
@@ -182,14 +181,11 @@ def training_pipeline(pipe, share_weights: bool = False):
     the original's parameters and buffers instead of duplicating them, so a 20B DiT is not held twice. Otherwise,
     or when they are inference tensors (autograd cannot save those for backward), every tensor is cloned.
     """
-    from dit_distillery.pipelines import TextToImagePipeline
-
     with torch.inference_mode(False):
         tensors = [*pipe.dit.parameters(), *pipe.dit.buffers()]
         share = share_weights and not any(t.is_inference() for t in tensors)
         dit = copy.deepcopy(pipe.dit, {id(t): t for t in tensors} if share else {})
-    return TextToImagePipeline(dit, pipe.prompt_encoder, pipe.codec, pipe.family, template=pipe.template,
-                               defaults=dict(pipe.defaults))
+    return pipe.with_dit(dit)
 
 
 @dataclass(eq=False)

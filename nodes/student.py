@@ -1,9 +1,10 @@
 """Student nodes: Load Student (base + full weights and/or LoRA -> our pipeline and a ComfyUI MODEL) and Sample.
 
 Sample draws with our pipeline, so it works for every family, AAADiT included (ComfyUI's KSampler has no AAADiT).
-Load Student's MODEL output is for Qwen-Image students in stock samplers: a depth-shrunk student is loaded exactly
-as UNETLoader loads a file; a width-shrunk one (fewer heads than Qwen-Image's 24, which ComfyUI's detector assumes)
-is built from an explicit config (comfyui-facts.md A5). It is built only when something reads it.
+Load Student's MODEL output is for students of the families ComfyUI knows (Qwen-Image), in stock samplers: one
+stock ComfyUI loads (`Family.comfy_loadable`, e.g. a depth-shrunk Qwen-Image) is loaded exactly as UNETLoader loads a
+file; another (a width-shrunk Qwen-Image: fewer heads than the 24 ComfyUI's detector assumes) is built from an
+explicit config (`Family.comfy_model_config`, comfyui-facts.md A5). It is built only when something reads it.
 
 Input names and their order are part of every saved workflow: never rename, remove or reorder them; add new inputs
 at the end of "optional".
@@ -74,8 +75,8 @@ class LoadStudent:
 
     def load(self, pipeline, weights, lora, strength, export_name, dit=None, trained_weights=None, unique_id=None,
              prompt=None):
-        from dit_distillery.models.registry import family_of, model_config
-        from dit_distillery.student import comfy_loadable, export_comfy
+        from dit_distillery import families
+        from dit_distillery.student import export_comfy
         from dit_distillery.velocity import base_model
 
         ref = pipeline
@@ -98,8 +99,9 @@ class LoadStudent:
         with user_errors():
             pipe = ref.load()
             dit_module = base_model(pipe.dit)
-            family, config = family_of(dit_module), model_config(dit_module)
-            loadable, note = comfy_loadable(family, config)
+            family, config, _ = families.detect(dit_module)
+            spec = families.get(family)
+            loadable, note = spec.comfy_loadable(config)
             lines = [ref.describe(), f"{family}, {sum(p.numel() for p in dit_module.parameters()):,} parameters"]
             if exported is not None:
                 info = export_comfy(pipe, exported, provenance={"exported_by": "DiT Distillery Load Student",
@@ -109,7 +111,7 @@ class LoadStudent:
                 lines.append(note)
             model = None
             if output_connected(prompt, unique_id, MODEL_SLOT):
-                if family != "qwen_image":
+                if spec.comfy_model_config(config) is None:
                     raise DistilleryError("model", family, "ComfyUI has no model class for this family, so the MODEL "
                                           "output cannot be made.",
                                           "disconnect the MODEL output and draw images with the Sample node.")
@@ -135,25 +137,28 @@ def _trained_file(path: str) -> tuple[str, str]:
 
 
 def comfy_model(dit: torch.nn.Module, config: dict, loadable: bool):
-    """A ComfyUI ModelPatcher for a Qwen-Image DiT (module docstring); our module is only read, never shared."""
+    """A ComfyUI ModelPatcher for a DiT of a family ComfyUI knows (module docstring); our module is only read,
+    never shared. Its tensor names and ComfyUI model class are the family's (`Family.to_comfy`,
+    `Family.comfy_model_config`)."""
+    from dit_distillery import families
+
+    family = families.of_model(dit)
     sd_module = comfy_module("comfy.sd")
     if sd_module is None:
         raise DistilleryError("model", "MODEL", "only ComfyUI can make a MODEL.", "run this node inside ComfyUI.")
-    state = {k: v.detach() for k, v in dit.state_dict().items()}  # ComfyUI copies these into its own model
+    # ComfyUI copies these into its own model
+    state = family.to_comfy({k: v.detach() for k, v in dit.state_dict().items()})
     if loadable:
         model = sd_module.load_diffusion_model_state_dict(state)  # exactly what UNETLoader does with a file
         if model is None:
-            raise DistilleryError("model", "qwen_image", "ComfyUI did not recognise the student.",
-                                  "update ComfyUI (Qwen-Image support arrived in 0.3.4x).")
+            raise DistilleryError("model", family.name, "ComfyUI did not recognise the student.",
+                                  f"update ComfyUI to a version that knows {family.title}.")
         return model
     mm = comfy_module("comfy.model_management")
     supported = comfy_module("comfy.supported_models")
     patcher = comfy_module("comfy.model_patcher")
-    keys = ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim", "num_attention_heads",
-            "joint_attention_dim")
-    unet_config = {"image_model": "qwen_image", **{k: config[k] for k in keys},
-                   "axes_dims_rope": tuple(config["axes_dims_rope"])}
-    model_config = supported.QwenImage(unet_config)
+    class_name, unet_config = family.comfy_model_config(config)
+    model_config = getattr(supported, class_name)(unet_config)
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     params = sum(v.numel() for v in state.values())
     weight_dtype = next(iter(state.values())).dtype

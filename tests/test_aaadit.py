@@ -7,6 +7,7 @@ import torch
 from diffusers.models.embeddings import get_timestep_embedding
 from einops import rearrange, repeat
 
+from dit_distillery import families
 from dit_distillery.errors import DistilleryError
 from dit_distillery.formats import TensorSource, save_safetensors
 from dit_distillery.models import aaadit, registry
@@ -99,8 +100,9 @@ def test_default_is_the_tutorial_model_with_diffsynth_names():
 def test_config_from_shapes_reads_the_tutorial_back():
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in AAADiT().state_dict().items()}
-    assert aaadit.is_family(shapes)
-    assert aaadit.config_from_shapes(shapes.__getitem__, shapes) == aaadit.TUTORIAL_CONFIG
+    family = families.get("aaadit")
+    assert family.is_family(shapes)
+    assert family.config_from_shapes(shapes.__getitem__, shapes) == aaadit.TUTORIAL_CONFIG
 
 
 def test_timestep_embedding_is_diffsynths():

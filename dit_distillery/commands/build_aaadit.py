@@ -117,19 +117,15 @@ def run(args) -> dict:
     import torch
 
     from ..formats import dtype_from_name
-    from ..models import aaadit, registry
+    from ..models import registry
+    from ..models.aaadit_presets import build
 
     config = config_from_args(args)
     out = Path(args.out) if args.out else None
     single = Path(args.single_file) if args.single_file else None
     _check_outputs(out, single, args.overwrite)
-    with torch.device("meta"):
-        aaadit.AAADiT(**config)  # validates the config before any time is spent on initialisation
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        model = aaadit.AAADiT(**config)
     dtype = dtype_from_name(args.dtype)
-    torch.nn.Module.to(model, dtype)  # diffusers' ModelMixin.to warns on every dtype cast
+    model = build(config, seed=args.seed, dtype=dtype)  # the Build AAADiT node's builder
     if out is not None:
         save_folder(model, out)
     if single is not None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from .. import families
+
 HELP = "Size and training-memory report of a DiT (safetensors file, diffusers folder, config JSON or preset)."
 
-# Names only, for the help text: the tables (`report.PRESETS`, `lora_presets.LORA_PRESETS`) live beside torch,
-# which `--help` must not import. tests/test_cli_fast.py checks these against them.
-MODEL_PRESETS = ("qwen-image", "qwen-image-tiny", "aaadit", "aaadit-tiny")
-LORA_PRESET_NAMES = ("qwen_image", "qwen_image_attn", "qwen_image_all", "aaadit", "aaadit_attn")
+# Names for the help text, from the family registry (which imports no torch: `--help` stays instant).
+MODEL_PRESETS = tuple(families.presets())
+LORA_PRESET_NAMES = tuple(families.lora_presets())
 
 
 def add_arguments(p) -> None:
@@ -18,7 +19,8 @@ def add_arguments(p) -> None:
     p.add_argument("--height", type=int, default=1024, help="training image height in pixels")
     p.add_argument("--width", type=int, default=1024, help="training image width in pixels")
     p.add_argument("--batch", type=int, default=1, help="training batch size")
-    p.add_argument("--text-tokens", type=int, help="prompt length in tokens (default: 256 Qwen-Image, 128 AAADiT)")
+    p.add_argument("--text-tokens", type=int, help="prompt length in tokens (default: "
+                   + ", ".join(f"{f.report_text_tokens} {f.title}" for f in families.all()) + ")")
     p.add_argument("--lora-rank", type=int, default=32, help="LoRA rank for the LoRA estimate")
     p.add_argument("--lora-targets", help=f"LoRA preset ({', '.join(LORA_PRESET_NAMES)}) or comma-separated module names "
                                           "(default: the family's preset)")
@@ -26,9 +28,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> dict:
-    from ..report import resolve_spec, size_report, summary_lines, with_overrides
+    from ..report import size_report, summary_lines, with_overrides
 
-    family, config, source = resolve_spec(args.model)
+    family, config, source = families.detect(args.model)
     config = with_overrides(family, config, layers=args.layers, heads=args.heads)
     report = size_report((family, config), height=args.height, width=args.width, batch=args.batch,
                          gradient_checkpointing=not args.no_checkpointing, lora_rank=args.lora_rank,

@@ -67,7 +67,7 @@ def untrained_warning(pipeline: str, dit: str | None) -> str | None:
     The built-ins ('default', 'tiny', ...) are untrained: their images are noise. Saying so, and where a trained
     DiT for 'default' comes from, saves a newcomer from concluding the tool is broken.
     """
-    if dit or str(pipeline) not in ("default", "tiny", "tiny:aaadit", "tiny:qwen_image"):
+    if dit or not (str(pipeline) in ("default", "tiny") or str(pipeline).startswith("tiny:")):
         return None
     text = (f"the built-in '{pipeline}' pipeline has random, untrained weights: its images are noise. ")
     if str(pipeline) == "default":

@@ -1,6 +1,6 @@
-"""The DiT families we shrink, build and train.
+"""Models and model files.
 
-Each family module (`qwen_image`, `aaadit`) exposes: `FAMILY` (its name), `model_class()` (a diffusers
-`ModelMixin`/`ConfigMixin` class), `is_family(keys)` and `config_from_shapes(shape_of, keys)` so a stored model
-is recognised and rebuilt from its tensors alone. `registry` saves and loads them in our single-file format.
+`aaadit` is the one model written here (no library ships it); `registry` saves and loads DiTs of every family in
+our single-file format; `aaadit_presets` builds fresh AAADiTs (the CLI's `build-aaadit` and the Build AAADiT node).
+What a DiT family is (configs, detection, calling, layout, components) lives in `dit_distillery.families`.
 """

@@ -26,31 +26,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
 from ..errors import DistilleryError
-
-FAMILY = "aaadit"
-
-# The tutorial's model (DiffSynth `AAADiT()`): 10 blocks, 1024 wide, 32 heads of 32, Flux2-VAE latents (128
-# channels at 1/16), Qwen3-0.6B text (1024 wide), a 16x16 learned position grid.
-TUTORIAL_CONFIG = {
-    "width": 1024, "num_blocks": 10, "num_heads": 32, "ffn_ratio": 3, "latent_channels": 128,
-    "text_width": 1024, "pos_grid": [16, 16], "timestep_channels": 256, "use_text_mask": False,
-}
-TUTORIAL_PARAMS = 128_824_448
-# The tutorial's heads are 32 wide; the head count is not stored in the weights, so files without our
-# metadata are read back with this head size.
-DEFAULT_HEAD_DIM = 32
-
-SIGNATURE_KEYS = ("pos_embedder.image_emb", "pos_embedder.text_emb", "timestep_embedder.timestep_embedder.0.weight",
-                  "image_embedder.0.weight", "text_embedder.0.weight", "proj_out.weight")
-BLOCK_PREFIX = "blocks."
-
-
-def tiny_config(width: int = 64, num_blocks: int = 2, num_heads: int = 2, latent_channels: int = 16,
-                text_width: int = 32, pos_grid=(4, 4), use_text_mask: bool = False) -> dict:
-    """A small AAADiT config for tests and demos (same structure, a few hundred thousand parameters)."""
-    return {"width": width, "num_blocks": num_blocks, "num_heads": num_heads, "ffn_ratio": 3,
-            "latent_channels": latent_channels, "text_width": text_width, "pos_grid": list(pos_grid),
-            "timestep_channels": 32, "use_text_mask": use_text_mask}
+# The configs and how checkpoints are recognised live with the family (families/aaadit.py); tests and the
+# benchmarks import the configs from here too.
+from ..families.aaadit import DEFAULT_HEAD_DIM, TUTORIAL_CONFIG, TUTORIAL_PARAMS, tiny_config  # noqa: F401
 
 
 def _check_positive(field: str, value) -> None:
@@ -218,57 +196,3 @@ class AAADiT(ModelMixin, ConfigMixin):
         out = rearrange(out, "B (H W) C -> B C H W", W=width).to(out_dtype)
         return Transformer2DModelOutput(sample=out) if return_dict else out
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Family interface (models/registry.py)
-
-def model_class():
-    return AAADiT
-
-
-def is_family(keys) -> bool:
-    keys = set(keys)
-    return all(k in keys for k in SIGNATURE_KEYS)
-
-
-def block_indices(keys) -> list[int]:
-    """Sorted indices of the blocks present in a key set."""
-    return sorted({int(k[len(BLOCK_PREFIX):].split(".", 1)[0]) for k in keys if k.startswith(BLOCK_PREFIX)})
-
-
-def config_from_shapes(shape_of, keys) -> dict:
-    """Rebuild the config from tensor shapes (`shape_of(key) -> tuple`) and the key set.
-
-    Everything but the head count is in the shapes. Heads are not (the attention weights are [width, width]
-    whatever the split), so files without our metadata are read with the tutorial's head size of 32
-    (`width // 32` heads); DiT Distillery's own files carry the config in their metadata, which the registry
-    reads first. `use_text_mask` is a behaviour, not a weight: such files get the tutorial's False.
-    """
-    keys = list(keys)
-    if not is_family(keys):
-        missing = [k for k in SIGNATURE_KEYS if k not in set(keys)]
-        raise DistilleryError("source", f"{len(keys)} tensors", f"not an AAADiT (missing {missing}).",
-                              "give an AAADiT file (DiffSynth's AAAMyModel checkpoints or one built by Build AAADiT).")
-    blocks = block_indices(keys)
-    if blocks != list(range(len(blocks))):
-        raise DistilleryError("source", f"blocks {blocks[:5]}...", "block indices are not contiguous from 0.",
-                              "renumber the blocks 0..N-1.")
-    _, width, grid_h, grid_w = shape_of("pos_embedder.image_emb")
-    if width % DEFAULT_HEAD_DIM:
-        raise DistilleryError("source", f"width {width}",
-                              f"the head count is not stored in the weights and the width is not a multiple of "
-                              f"{DEFAULT_HEAD_DIM} (the tutorial's head size) to guess it from.",
-                              "load the model through its diffusers folder (config.json) or re-save it with DiT "
-                              "Distillery, which records the config.")
-    ffn_ratio = shape_of("blocks.0.ff.0.weight")[0] / width if blocks else TUTORIAL_CONFIG["ffn_ratio"]
-    return {
-        "width": width,
-        "num_blocks": len(blocks),
-        "num_heads": width // DEFAULT_HEAD_DIM,
-        "ffn_ratio": int(ffn_ratio) if float(ffn_ratio).is_integer() else ffn_ratio,
-        "latent_channels": shape_of("image_embedder.0.weight")[1],
-        "text_width": shape_of("text_embedder.0.weight")[1],
-        "pos_grid": [grid_h, grid_w],
-        "timestep_channels": shape_of("timestep_embedder.timestep_embedder.0.weight")[1],
-        "use_text_mask": False,
-    }

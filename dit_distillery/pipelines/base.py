@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import families
 from .. import noise as noise_mod
 from .. import schedule
 from ..codecs import Codec
@@ -21,15 +22,9 @@ from ..conditioning import TextEmbeds
 from ..errors import DistilleryError
 from ..sampling import euler_denoise
 from ..text import PromptEncoder
-from ..velocity import base_model, family_of, model_dtype, predict_velocity
+from ..velocity import base_model, model_dtype, predict_velocity
 
 OUTPUTS = ("image", "latent", "both")
-# When the caller does not say: DiffSynth's documented settings (Direct Distill's Qwen-Image teacher: 50 steps,
-# cfg 4, 1328x1328; the AAA tutorial's inference: 30 steps, cfg 10, 256x256).
-FAMILY_DEFAULTS = {
-    "qwen_image": dict(steps=50, cfg_scale=4.0, height=1328, width=1328),
-    "aaadit": dict(steps=30, cfg_scale=10.0, height=256, width=256),
-}
 
 
 def to_pil(pixels: torch.Tensor) -> list:
@@ -65,21 +60,29 @@ class TextToImagePipeline:
 
     def __init__(self, dit: torch.nn.Module, prompt_encoder: PromptEncoder, codec: Codec, family: str | None = None,
                  template: str | None = None, defaults: dict | None = None):
-        actual = family_of(dit)
-        if family is not None and family != actual:
-            raise DistilleryError("family", family, f"the DiT is a {actual} model.", f"use family '{actual}' or omit it.")
-        self.dit, self.prompt_encoder, self.codec, self.family = dit, prompt_encoder, codec, actual
-        self.template = template or schedule.template_for(actual)
-        self.patch = 2 if actual == "qwen_image" else 1  # Qwen-Image packs 2x2 latent patches into one token
-        self.defaults = dict(FAMILY_DEFAULTS[actual], **(defaults or {}))
+        spec = families.of_model(dit)
+        if family is not None and family != spec.name:
+            raise DistilleryError("family", family, f"the DiT is a {spec.name} model.",
+                                  f"use family '{spec.name}' or omit it.")
+        self.dit, self.prompt_encoder, self.codec, self.family = dit, prompt_encoder, codec, spec.name
+        self.family_spec = spec  # what the family is (dit_distillery.families); `family` is its name
+        self.template = template or spec.schedule_template
+        self.patch = spec.patch  # latent pixels per token side
+        # When the caller does not say: the family's documented settings.
+        self.defaults = dict(spec.sampling_defaults, **(defaults or {}))
         self._check_compatible()
 
+    def with_dit(self, dit: torch.nn.Module) -> "TextToImagePipeline":
+        """This pipeline with another DiT (a student, a copy to train, weights from a file): the prompt encoder
+        and codec, never modified, are shared; the schedule template (when the family is the same) and the
+        sampling defaults are kept. The DiT must fit the encoder and codec (checked)."""
+        same = families.of_model(dit) is self.family_spec
+        return TextToImagePipeline(dit, self.prompt_encoder, self.codec, template=self.template if same else None,
+                                   defaults=dict(self.defaults))
+
     def _check_compatible(self) -> None:
-        config = base_model(self.dit).config
-        if self.family == "qwen_image":
-            channels, text_width = config.in_channels // 4, config.joint_attention_dim
-        else:
-            channels, text_width = config.latent_channels, config.text_width
+        config = families.detect(self.dit)[1]
+        channels, text_width = self.family_spec.latent_channels(config), self.family_spec.text_width(config)
         if channels != self.codec.latent_channels:
             raise DistilleryError("vae", self.codec.identity, f"gives {self.codec.latent_channels} latent channels; "
                                   f"the DiT takes {channels}.", "use the VAE/codec the DiT was trained with.")
@@ -124,7 +127,7 @@ class TextToImagePipeline:
     def image_seq_len(self, height: int, width: int) -> int:
         """Image tokens the DiT sees (DiffSynth's `dynamic_shift_len`, e.g. (H/16) * (W/16))."""
         _, h, w = self.latent_shape(height, width)
-        return (h // self.patch) * (w // self.patch)
+        return self.family_spec.image_tokens(h, w)
 
     def memory_needed(self, count: int, batch_size: int, height: int, width: int, guided: bool,
                       output: str = "image") -> dict[str, int]:

@@ -9,7 +9,8 @@ Sources:
   or the original Wan/LDM layouts converted with diffusers' own converters) and the text encoder
   (`models/text_encoders`: a transformers checkpoint file, which needs its `config.json` folder beside it;
   transformers has no single-file loader);
-* "tiny", "tiny:qwen_image", "default": the built-in random pipelines of `tiny`.
+* "default" (the demo's), "tiny" (= "tiny:aaadit") and "tiny:<family>": the built-in random pipelines (`tiny`,
+  `Family.tiny_pipeline`).
 
 Only safetensors are read (`use_safetensors=True` everywhere). Anything missing raises a DistilleryError naming it.
 """
@@ -24,21 +25,43 @@ from pathlib import Path
 
 import torch
 
-from .. import schedule
-from ..codecs import Codec, Flux2VAECodec, PixelCodec, QwenImageVAECodec
+from .. import families, schedule
+from ..codecs import Codec, PixelCodec
 from ..errors import DistilleryError
 from ..formats import give_usual_permissions
-from ..text import PromptEncoder, Qwen3PromptEncoder, QwenImagePromptEncoder
-from ..velocity import base_model, family_of
+from ..text import PromptEncoder, Qwen3PromptEncoder
+from ..velocity import base_model
 from .base import TextToImagePipeline
 
 MODEL_INDEX = "model_index.json"
 META_KEY = "_dit_distillery"  # leading underscore: diffusers' from_pretrained skips it
-PIPELINE_CLASSES = {"qwen_image": "QwenImagePipeline", "aaadit": "AAAImagePipeline"}
-FAMILY_OF_PIPELINE = {v: k for k, v in PIPELINE_CLASSES.items()}
-VAE_CLASSES = {"qwen_image": "AutoencoderKLQwenImage", "aaadit": "AutoencoderKLFlux2"}
-TEXT_ENCODER_CLASSES = {"qwen_image": "Qwen2_5_VLForConditionalGeneration", "aaadit": "Qwen3Model"}
-BUILTIN = ("tiny", "tiny:aaadit", "tiny:qwen_image", "default")
+TINY_DEFAULT_FAMILY = "aaadit"  # what plain "tiny" builds (the first built-in, kept for saved jobs)
+
+
+def builtin_names() -> tuple[str, ...]:
+    """The built-in pipeline names: "tiny", "default" and "tiny:<family>" for every family."""
+    return ("tiny", *(f"tiny:{name}" for name in families.names()), "default")
+
+
+def source_family(source) -> str | None:
+    """The DiT family a pipeline source (built-in name or diffusers folder) is made for; None when its
+    model_index.json does not say (or cannot be read)."""
+    source = str(source)
+    if source in builtin_names():
+        return TINY_DEFAULT_FAMILY if ":" not in source else source.split(":", 1)[1]
+    try:
+        index = json.loads((Path(source) / MODEL_INDEX).read_text())
+    except (OSError, ValueError):
+        return None
+    return _index_family(index)
+
+
+def _index_family(index: dict) -> str | None:
+    """The family a model_index.json names: our own key, else its diffusers pipeline class."""
+    named = index.get(META_KEY, {}).get("family")
+    if named:
+        return named
+    return next((f.name for f in families.all() if f.pipeline_class == index.get("_class_name")), None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -67,12 +90,12 @@ def save_pipeline(pipe: TextToImagePipeline, folder: str | os.PathLike, *, overw
         if vae is not None:
             vae.save_pretrained(tmp / "vae", safe_serialization=True)
         index = {
-            "_class_name": PIPELINE_CLASSES[pipe.family],
+            "_class_name": pipe.family_spec.pipeline_class,
             "_diffusers_version": diffusers.__version__,
             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
             "text_encoder": ["transformers", type(encoder.text_encoder).__name__],
             "tokenizer": ["transformers", type(encoder.tokenizer).__name__],
-            "transformer": ["diffusers" if pipe.family == "qwen_image" else "dit_distillery", type(dit).__name__],
+            "transformer": [pipe.family_spec.transformer_library, type(dit).__name__],
             "vae": ["diffusers", type(vae).__name__] if vae is not None else [None, None],
             META_KEY: {
                 "family": pipe.family, "template": pipe.template, "defaults": pipe.defaults,
@@ -128,14 +151,9 @@ def load_dit(path, *, dtype=None, device="cpu", field: str = "dit") -> torch.nn.
     path = _exists(path, field)
     config = path / "config.json"
     if path.is_dir() and config.is_file():
-        name = json.loads(config.read_text()).get("_class_name")
-        families = registry._families()
-        classes = {fam.model_class().__name__: fam.model_class() for fam in families.values()}
-        if name not in classes:
-            raise DistilleryError(field, str(path), f"holds a {name}, not a DiT this pack knows.",
-                                  f"use one of {sorted(classes)}.")
-        _check_folder_shapes(classes[name], path, field)
-        model = classes[name].from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
+        cls = families.get(families.detect(config, field)[0]).model_class()
+        _check_folder_shapes(cls, path, field)
+        model = cls.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
         from ..weights_check import check_finite
 
         for key, tensor in model.state_dict().items():
@@ -180,18 +198,19 @@ def load_text_encoder(path, family: str, *, config_dir=None, dtype=None, device=
     """A transformers text encoder from its folder, or from a single safetensors file plus a config.json folder."""
     import transformers
 
+    spec = families.get(family)
     path = _exists(path, field)
     if path.is_file():
         return _text_encoder_from_file(path, family, config_dir, dtype, device, field)
     config = path / "config.json"
     if not config.is_file():
         raise DistilleryError(field, str(path), "has no config.json.", "give a transformers model folder.")
-    arch = (json.loads(config.read_text()).get("architectures") or [TEXT_ENCODER_CLASSES[family]])[0]
+    arch = (json.loads(config.read_text()).get("architectures") or [spec.text_encoder_class])[0]
     # Qwen3 checkpoints are usually Qwen3ForCausalLM: we only need the hidden states, so skip the LM head.
     arch = {"Qwen3ForCausalLM": "Qwen3Model"}.get(arch, arch)
-    if arch not in TEXT_ENCODER_CLASSES.values():
+    if arch not in {f.text_encoder_class for f in families.all()}:
         raise DistilleryError(field, str(path), f"holds a {arch}.",
-                              f"use {TEXT_ENCODER_CLASSES[family]} for a {family} pipeline.")
+                              f"use {spec.text_encoder_class} for a {family} pipeline.")
     cls = getattr(transformers, arch)
     return cls.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()
 
@@ -223,8 +242,9 @@ def load_vae(path, family: str, *, config_dir=None, dtype=None, device="cpu", fi
     """A diffusers VAE from its folder, or from one safetensors file (diffusers, Wan or LDM key layout)."""
     import diffusers
 
+    spec = families.get(family)
     path = _exists(path, field)
-    cls = getattr(diffusers, VAE_CLASSES[family])
+    cls = getattr(diffusers, spec.vae_class)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise DistilleryError(field, str(path), "has no config.json.", "give a diffusers vae/ folder or a .safetensors file.")
@@ -239,8 +259,9 @@ def load_vae(path, family: str, *, config_dir=None, dtype=None, device="cpu", fi
     else:
         vae = cls()  # the class defaults are the real model's config (Qwen-Image's / FLUX.2's VAE)
     expected = set(vae.state_dict())
-    if not expected <= set(state):
-        state = _convert_vae_state(state, family, dict(vae.config))
+    if not expected <= set(state):  # the original layout (ComfyUI's files): diffusers' own converters
+        # (they expect the real models' block layout, the class defaults, not arbitrary sizes)
+        state = spec.convert_vae_state(state, dict(vae.config))
     missing = sorted(expected - set(state))
     if missing:
         raise DistilleryError(field, str(path), f"does not hold a {cls.__name__} (missing {missing[:3]}).",
@@ -256,32 +277,13 @@ def load_vae(path, family: str, *, config_dir=None, dtype=None, device="cpu", fi
     return vae.to(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}).eval()
 
 
-def _convert_vae_state(state: dict, family: str, config: dict) -> dict:
-    """Original-layout VAE files -> diffusers keys with diffusers' single-file converters."""
-    from diffusers.loaders import single_file_utils as sfu
-
-    # Both converters expect the real models' block layout (the class defaults), not arbitrary sizes.
-    if family == "qwen_image":  # ComfyUI's qwen_image_vae.safetensors keeps Wan 2.1's layout (same modules)
-        return sfu.convert_wan_vae_to_diffusers(state)
-    converted = sfu.convert_ldm_vae_checkpoint(state, config)  # FLUX.2's VAE is an LDM VAE + BatchNorm stats
-    converted.update({k: v for k, v in state.items() if k.startswith("bn.")})
-    return converted
-
-
-def _codec(meta: dict, vae) -> Codec:
+def _codec(family: str, meta: dict, vae) -> Codec:
     if meta.get("kind") == "pixel":
         return PixelCodec(int(meta.get("patch", 4)))
     if vae is None:
         raise DistilleryError("vae", None, "this pipeline needs a VAE and none was found.",
                               "give the vae/ folder or a VAE .safetensors file.")
-    return QwenImageVAECodec(vae) if type(vae).__name__ == "AutoencoderKLQwenImage" else Flux2VAECodec(vae)
-
-
-def _prompt_encoder(family: str, meta: dict, text_encoder, tokenizer) -> PromptEncoder:
-    if family == "qwen_image":
-        return QwenImagePromptEncoder(text_encoder, tokenizer, max_length=int(meta.get("max_length", 1024)))
-    return Qwen3PromptEncoder(text_encoder, tokenizer, max_length=int(meta.get("max_length", 128)),
-                              hidden_layers=tuple(meta.get("hidden_layers", (-1,))))
+    return families.get(family).codec(vae)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,20 +294,19 @@ def load_pipeline(source: str | os.PathLike | None = None, *, dit=None, text_enc
                   dtype: torch.dtype | None = None, seed: int = 0) -> TextToImagePipeline:
     """A pipeline from a diffusers folder / built-in name, with any component replaced by a file or folder.
 
-    source: a diffusers-layout folder, "tiny", "tiny:qwen_image", "default", or None (then give every component).
+    source: a diffusers-layout folder, a built-in name (`builtin_names()`), or None (then give every component).
     dit: a DiT file (ComfyUI diffusion_models, our trained students) or transformer folder.
     text_encoder (+ text_encoder_config, a folder with its config.json), tokenizer, vae (+ vae_config): likewise.
     text_max_length: prompt tokens (default: the folder's setting, else 1024 Qwen-Image / 128 AAADiT). It matters
     for AAADiT, which attends to the padding: use the length the DiT was trained with.
     """
-    if source is not None and str(source) in BUILTIN:
+    if source is not None and str(source) in builtin_names():
         if any(x is not None for x in (text_encoder, tokenizer, vae)):
             raise DistilleryError("source", str(source), "built-in pipelines only take a replacement DiT.",
                                   "save the built-in pipeline with save_pipeline, then replace components of the folder.")
         pipe = _builtin(str(source), seed)
         if dit is not None:
-            pipe = TextToImagePipeline(load_dit(dit, dtype=dtype), pipe.prompt_encoder, pipe.codec,
-                                       defaults=pipe.defaults)
+            pipe = pipe.with_dit(load_dit(dit, dtype=dtype))
         return pipe.to(device=device, dtype=dtype)
 
     root = None if source is None else _exists(source, "pipeline")
@@ -333,8 +334,8 @@ def load_pipeline(source: str | os.PathLike | None = None, *, dit=None, text_enc
                               f"give the {what} (a file or folder), or a diffusers folder that contains {sub}/.")
 
     model = load_dit(part(dit, "transformer", "dit"), dtype=dtype, device=device)
-    family = family_of(model)
-    expected = meta.get("family") or FAMILY_OF_PIPELINE.get(index.get("_class_name"))
+    family = families.of_model(model).name
+    expected = _index_family(index)
     if dit is None and expected and expected != family:
         raise DistilleryError("pipeline", str(root), f"model_index says {expected} but the transformer is {family}.",
                               "the folder is inconsistent; re-save it.")
@@ -348,8 +349,8 @@ def load_pipeline(source: str | os.PathLike | None = None, *, dit=None, text_enc
         codec_meta = {"kind": "vae"} if vae is not None else codec_meta
         vae_cfg = vae_config or (root / "vae" if root is not None and (root / "vae" / "config.json").is_file() else None)
         vae_model = load_vae(part(vae, "vae", "vae"), family, config_dir=vae_cfg, dtype=dtype, device=device)
-    pipe = TextToImagePipeline(model, _prompt_encoder(family, encoder_meta, encoder_model, tok),
-                               _codec(codec_meta, vae_model), family, template=meta.get("template"),
+    pipe = TextToImagePipeline(model, families.get(family).prompt_encoder(encoder_model, tok, encoder_meta),
+                               _codec(family, codec_meta, vae_model), family, template=meta.get("template"),
                                defaults=meta.get("defaults"))
     return pipe
 
@@ -359,4 +360,4 @@ def _builtin(name: str, seed: int) -> TextToImagePipeline:
 
     if name == "default":
         return tiny.embedded_default_pipeline(seed)
-    return tiny.tiny_pipeline(name.split(":", 1)[1] if ":" in name else "aaadit", seed)
+    return families.get(source_family(name), "pipeline").tiny_pipeline(seed)

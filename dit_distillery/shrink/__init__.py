@@ -1,4 +1,5 @@
-"""Shrink DiT: a smaller Qwen-Image DiT made of exact slices of the source's weights, written by streaming.
+"""Shrink DiT: a smaller DiT made of exact slices of the source's weights, written by streaming (the families with
+a `WidthLayout`: Qwen-Image; the tensors it slices are the family's, families/qwen_image.py).
 
 Depth keeps N of the source's blocks (renumbered 0..N-1, in source order); width keeps H of the heads in every
 block, which narrows the residual stream to H x head_dim and the FFNs to 4x that. What is kept is decided in
@@ -22,7 +23,7 @@ from ..errors import DistilleryError
 from ..formats import dtype_from_name, dtype_name
 from .importance import Calibration, check_calibration, magnitude_scores, proxy_calibration, run_calibration
 from .plan import STRATEGIES, WIDTH_METHODS, ShrinkPlan, WidthPlan, check_layers, select_blocks, select_width
-from .stream import SourceModel, expected_shapes, student_config, write_diffusers_folder, write_student
+from .stream import SourceModel, expected_shapes, student_config, student_tensors, write_diffusers_folder, write_student
 
 __all__ = ["shrink", "plan_shrink", "Calibration", "proxy_calibration", "ShrinkPlan", "WidthPlan", "STRATEGIES",
            "WIDTH_METHODS", "OUTPUT_DTYPES"]
@@ -45,7 +46,7 @@ def plan_shrink(source, *, layers=None, strategy="uniform", keep_blocks=None, ke
 
 def shrink(source, out, *, layers=None, strategy="uniform", keep_blocks=None, keep_first=None, heads=None,
            width_method="magnitude", calibration=None, dtype=None, diffusers_folder=None, device=None,
-           progress=None, stop=None) -> dict:
+           progress=None, stop=None, reuse=False, overwrite=True, out_field="out") -> dict:
     """Write a shrunk copy of the Qwen-Image DiT `source` to `out` (one safetensors file) and return a report.
 
     `layers`: blocks to keep (default all); `strategy`: uniform | first | interval | list | importance;
@@ -54,9 +55,14 @@ def shrink(source, out, *, layers=None, strategy="uniform", keep_blocks=None, ke
     only when a strategy needs scores); `dtype`: None/'keep', 'bf16', 'fp16', 'fp32' or 'fp8' (e4m3fn weight
     matrices); `diffusers_folder`: also write config.json + weights there; `device`: where calibration runs;
     `progress(done, total, stage=...)`, `stop()`: as for every long job (stopping leaves nothing on disk).
+
+    An existing `out`: with `reuse`, a student made from the same plan (same source, blocks, heads, calibration)
+    in the same dtype is kept as it is (the report says `reused: True`; nothing is written); otherwise it is
+    replaced when `overwrite`, else refused before anything is written. `out_field` names `out` in errors (the
+    node's file name).
     """
     start = time.perf_counter()
-    out = _check_out(out, source)
+    out = _check_out(out, source, out_field)
     target = dtype_from_name(dtype)
     if target is not None and target not in OUTPUT_DTYPES:
         raise DistilleryError("dtype", dtype, "not an output dtype Shrink DiT writes.", "use keep, bf16, fp16, fp32 or fp8.")
@@ -67,9 +73,15 @@ def shrink(source, out, *, layers=None, strategy="uniform", keep_blocks=None, ke
         plan = _plan(src, layers=layers, strategy=strategy, keep_blocks=keep_blocks, keep_first=keep_first,
                      heads=heads, width_method=width_method, calibration=calibration, device=device,
                      progress=progress, stop=stop)
+        if out.exists() and (reuse or not overwrite):
+            if reuse and _same_student(out, src, plan, target):
+                return {"out": str(out), "reused": True, **plan.summary()}
+            if not overwrite:
+                raise DistilleryError(out_field, str(out), "already exists and was made with other settings.",
+                                      "choose another name, or turn on overwrite.")
         written = write_student(src, plan, out, target, progress=progress, stop=stop)
     if diffusers_folder is not None:
-        write_diffusers_folder(out, Path(diffusers_folder), plan.config)
+        write_diffusers_folder(out, Path(diffusers_folder), plan.config, plan.family)
     report = {"out": str(out), **plan.summary()}
     report.update(dtype=dtype_name(target) if target is not None else "keep", bytes_written=written,
                   diffusers_folder=None if diffusers_folder is None else str(diffusers_folder),
@@ -77,18 +89,38 @@ def shrink(source, out, *, layers=None, strategy="uniform", keep_blocks=None, ke
     return report
 
 
-def _check_out(out, source) -> Path:
+def _check_out(out, source, field: str = "out") -> Path:
     if out is None or str(out) == "":
-        raise DistilleryError("out", out, "no output file given.", "give a path ending in .safetensors.")
+        raise DistilleryError(field, out, "no output file given.", "give a path ending in .safetensors.")
     out = Path(out)
     if out.suffix != ".safetensors":
-        raise DistilleryError("out", str(out), "the student is written as one .safetensors file.",
+        raise DistilleryError(field, str(out), "the student is written as one .safetensors file.",
                               "give a path ending in .safetensors.")
     if out.is_dir():
-        raise DistilleryError("out", str(out), "is a folder.", "give a file path ending in .safetensors.")
+        raise DistilleryError(field, str(out), "is a folder.", "give a file path ending in .safetensors.")
     if out.exists() and Path(source).exists() and os.path.samefile(out, source):
-        raise DistilleryError("out", str(out), "is the source file itself.", "write the student to a new file.")
+        raise DistilleryError(field, str(out), "is the source file itself.", "write the student to a new file.")
     return out
+
+
+def _same_student(out: Path, src: SourceModel, plan: ShrinkPlan, target: torch.dtype | None) -> bool:
+    """Whether `out` is the student this plan writes: our provenance equal to the plan's and, unless the dtype is
+    kept, every tensor in the dtype it would be written in. An unreadable file is not."""
+    import json
+
+    from ..formats import TensorSource
+    from ..models.registry import META_PROVENANCE
+
+    try:
+        with TensorSource(out, "out") as existing:
+            if existing.metadata_value(META_PROVENANCE) != json.loads(json.dumps(plan.provenance(), default=str)):
+                return False
+            if target is None:
+                return True
+            return all(t.name in existing and existing.dtype(t.name) == t.dtype
+                       for t in student_tensors(src, plan, target))
+    except DistilleryError:
+        return False
 
 
 def _plan(src: SourceModel, *, layers, strategy, keep_blocks, keep_first, heads, width_method, calibration,
@@ -101,10 +133,10 @@ def _plan(src: SourceModel, *, layers, strategy, keep_blocks, keep_first, heads,
     if width_method not in WIDTH_METHODS:
         raise DistilleryError("width_method", width_method, "unknown channel-selection method.",
                               f"use one of {list(WIDTH_METHODS)}.")
-    source_heads = config["num_attention_heads"]
+    source_heads = src.heads
     if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= source_heads):
         raise DistilleryError("heads", heads, f"the source has {source_heads} heads per block; a student keeps "
-                              f"1..{source_heads} (head dim {config['attention_head_dim']} is kept).",
+                              f"1..{source_heads} (head dim {src.head_dim} is kept).",
                               f"choose a whole number between 1 and {source_heads}.")
     width_shrink = heads is not None and heads < source_heads
     if strategy == "importance":
@@ -116,7 +148,8 @@ def _plan(src: SourceModel, *, layers, strategy, keep_blocks, keep_first, heads,
     needs_calibration = strategy == "importance" or (width_shrink and width_method == "importance")
     stats = cal = None
     if needs_calibration:
-        cal = check_calibration(calibration if calibration is not None else proxy_calibration(config), config)
+        cal = check_calibration(calibration if calibration is not None else proxy_calibration(config, family=src.family),
+                                config, family=src.family)
         stats = run_calibration(src, cal, device=device, progress=progress, stop=stop)
     kept = select_blocks(strategy, n, layers, keep_blocks=keep_blocks, keep_first=keep_first,
                          scores=stats.block_scores if stats else None)
@@ -124,17 +157,19 @@ def _plan(src: SourceModel, *, layers, strategy, keep_blocks, keep_first, heads,
     if width_shrink:
         scores = (stats.width_scores(kept) if width_method == "importance"
                   else magnitude_scores(src, kept, progress=progress, stop=stop))
-        width = select_width(scores, heads, config["attention_head_dim"], width_method)
-    student = student_config(config, len(kept), heads if width_shrink else None)
-    notes = [f"source block {n - 1} (its text branch was never trained) is kept as the student's last block."]
+        width = select_width(scores, heads, src.head_dim, width_method)
+    student = student_config(src, len(kept), heads if width_shrink else None)
+    notes = []
+    if src.layout.last_block_untrained:
+        notes.append(f"source block {n - 1} (its text branch was never trained) is kept as the student's last block.")
     if cal is not None and cal.kind == "proxy":
         notes.append("scores came from a seeded Gaussian PROXY of latents and prompts; pass a Calibration of real "
                      "encoded prompts for scores that reflect real images.")
     return ShrinkPlan(
         source=Path(src.path).name, source_config=config, config=student, strategy=strategy, kept_blocks=kept,
         width=width, block_scores=stats.block_scores if stats else None, calibration=cal.kind if cal else None,
-        params_before=_count(src.shapes.values()), params_after=_count(expected_shapes(student).values()),
-        notes=notes,
+        params_before=_count(src.shapes.values()), params_after=_count(expected_shapes(student, src.family).values()),
+        notes=notes, family=src.family.name,
     )
 
 

@@ -1,57 +1,49 @@
 """Depth shrinking of a DiT held in memory, for every family (AAADiT and small Qwen-Image models alike).
 
-`shrink()` streams files too big for memory and is Qwen-Image-specific; this is its in-memory sibling for models
-that fit: the demo's AAADiT teacher, and experiments that compare strategies. It uses the same block choice
+`shrink()` streams files too big for memory and slices width too; this is its in-memory sibling for models that
+fit: the demo's AAADiT teacher, and experiments that compare strategies. It uses the same block choice
 (`plan.select_blocks`: uniform / first / interval / list / importance, the last block always kept last) and the
 same importance score (ShortGPT's block influence, 1 - cos(block input, block output) over image tokens),
 measured here with forward hooks on calibration inputs instead of block-by-block streaming.
+
+Which blocks there are comes from the family (`Family.block_groups`): a depth shrink changes one group (the
+main one unless `group` names another) and never a group marked `keep`.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import torch
 import torch.nn.functional as F
 
+from .. import families
 from ..conditioning import TextEmbeds
 from ..errors import DistilleryError
-from ..velocity import base_model, family_of, predict_velocity
+from ..velocity import base_model, predict_velocity
 from .plan import select_blocks
 
-_BLOCKS = {"aaadit": ("blocks", "num_blocks"), "qwen_image": ("transformer_blocks", "num_layers")}
 
-
-def block_list(model) -> tuple[torch.nn.ModuleList, str, str]:
-    """(the transformer blocks, their attribute name, the config key of their count) of any family's DiT."""
-    family = family_of(model)
-    attr, config_key = _BLOCKS[family]
-    return getattr(base_model(model), attr), attr, config_key
-
-
-def _image_part(family: str, output, image_tokens: int) -> torch.Tensor:
-    if family == "qwen_image":  # (encoder_hidden_states, hidden_states)
-        return output[1] if isinstance(output, tuple) else output
-    return output[:, :image_tokens]  # AAADiT: [image tokens; text tokens]
+def block_list(model, group: str | None = None) -> tuple[torch.nn.ModuleList, str, str]:
+    """(the transformer blocks, their attribute name, the config key of their count) of a block group of any
+    family's DiT (default: its main group)."""
+    g = families.of_model(model).group(group)
+    return getattr(base_model(model), g.attr), g.attr, g.count_key
 
 
 @torch.no_grad()
-def block_influence(model, latents: torch.Tensor, sigma: torch.Tensor, text: TextEmbeds) -> list[float]:
-    """1 - cos(input, output) of every block over image tokens, averaged over tokens and samples."""
-    family = family_of(model)
-    blocks, _, _ = block_list(model)
-    h, w = latents.shape[-2:]
-    image_tokens = h * w // 4 if family == "qwen_image" else h * w
+def block_influence(model, latents: torch.Tensor, sigma: torch.Tensor, text: TextEmbeds,
+                    group: str | None = None) -> list[float]:
+    """1 - cos(input, output) of every block of a group over image tokens, averaged over tokens and samples."""
+    family = families.of_model(model)
+    g = family.group(group)
+    blocks = getattr(base_model(model), g.attr)
+    image_tokens = family.image_tokens(*latents.shape[-2:])
     scores = [0.0] * len(blocks)
     handles = []
 
     def hook(i, module, args, kwargs, output):
-        x_in = kwargs.get("hidden_states", kwargs.get("emb"))
-        if x_in is None:
-            x_in = args[0]
-        x_in = x_in[:, :image_tokens] if family != "qwen_image" else x_in
-        x_out = _image_part(family, output, image_tokens)
+        x_in, x_out = g.image_io(args, kwargs, output, image_tokens)
         scores[i] += float((1 - F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)).mean())
 
     for i, block in enumerate(blocks):
@@ -65,22 +57,30 @@ def block_influence(model, latents: torch.Tensor, sigma: torch.Tensor, text: Tex
 
 
 def drop_blocks(model, *, layers: int | None = None, strategy: str = "interval", keep_blocks=None,
-                keep_first=None, scores=None) -> tuple[torch.nn.Module, list[int]]:
-    """A new model keeping `layers` blocks (renumbered 0..N-1, source order) as exact copies; the source is
-    unchanged. `scores` (one per block, higher = keep) is needed for strategy 'importance'."""
-    family = family_of(model)
+                keep_first=None, scores=None, group: str | None = None) -> tuple[torch.nn.Module, list[int]]:
+    """A new model keeping `layers` blocks of a group (renumbered 0..N-1, source order) as exact copies; the
+    source is unchanged. `scores` (one per block, higher = keep) is needed for strategy 'importance'."""
+    family = families.of_model(model)
+    g = family.group(group)
+    if g.keep:
+        raise DistilleryError("group", g.attr, f"{family.title}'s {g.attr} are never dropped (stock ComfyUI and the "
+                              "model expect all of them).", f"shrink {family.main_group().attr} instead.")
     source = base_model(model)
-    blocks, attr, config_key = block_list(model)
+    blocks = getattr(source, g.attr)
     if strategy == "importance" and scores is None:
         raise DistilleryError("strategy", strategy, "needs block scores.",
                               "compute them with block_influence(model, latents, sigma, text).")
     kept = select_blocks(strategy, len(blocks), layers, keep_blocks=keep_blocks, keep_first=keep_first, scores=scores)
     config = {k: v for k, v in dict(source.config).items() if not k.startswith("_")}
-    config[config_key] = len(kept)
-    with torch.device("meta"):
+    config[g.count_key] = len(kept)
+    # accelerate's init_empty_weights puts only parameters on meta: buffers and plain tensors built in __init__
+    # (Qwen-Image's RoPE tables) are real, so the student runs once its parameters are assigned
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
         student = type(source)(**config)
     state = {}
-    prefix = attr + "."
+    prefix = g.prefix
     for key, value in source.state_dict().items():
         if key.startswith(prefix):
             index, rest = key[len(prefix):].split(".", 1)
@@ -89,7 +89,4 @@ def drop_blocks(model, *, layers: int | None = None, strategy: str = "interval",
         else:
             state[key] = value.clone()
     student.load_state_dict(state, assign=True, strict=True)
-    # buffers that are not in the state dict (e.g. Qwen-Image's RoPE tables) are rebuilt off the meta device
-    if family == "qwen_image":
-        student.pos_embed = copy.deepcopy(source.pos_embed)
     return student.to(next(source.parameters()).device).train(source.training), kept

@@ -1,9 +1,10 @@
-"""Scores that decide what a shrunk Qwen-Image keeps: calibration activations, or weight magnitudes.
+"""Scores that decide what a shrunk DiT keeps: calibration activations, or weight magnitudes.
 
-* Calibration (`run_calibration`): the source runs block by block on calibration inputs. The stem (img_in,
-  txt_norm/txt_in, the timestep embedding, RoPE) is diffusers' own modules, loaded from the source's non-block
-  weights; then ONE diffusers `QwenImageTransformerBlock` at a time is built, loaded from the source, run and
-  freed, so memory stays at one block (1.4 GB in fp32 for the real model) plus the activations. It measures:
+* Calibration (`run_calibration`): the source runs block by block on calibration inputs, by the family's runner
+  (`WidthLayout.calibrate`; Qwen-Image's in families/qwen_image.py). The stem (img_in, txt_norm/txt_in, the
+  timestep embedding, RoPE) is diffusers' own modules, loaded from the source's non-block weights; then ONE
+  diffusers block at a time is built, loaded from the source, run and freed, so memory stays at one block (1.4 GB
+  in fp32 for the real Qwen-Image) plus the activations. It measures:
   - block influence (ShortGPT): 1 - cos(input, output) of each block's IMAGE tokens, averaged over tokens and
     samples. Only the image stream reaches the output (norm_out/proj_out read image tokens only; the text stream
     is auxiliary and the last block's text output is discarded), so text tokens are left out.
@@ -28,12 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from .. import families
 from ..conditioning import TextEmbeds
 from ..errors import DistilleryError, StopRequested
-from .plan import LAST_BLOCK_UNTRAINED, WidthScores, spaces_of, split_key
-from .stream import SourceModel, empty_model, read_ahead
+from .plan import WidthScores
+from .stream import SourceModel, read_ahead
 
 
 @dataclass
@@ -53,30 +54,37 @@ class Calibration:
         return (torch.arange(b, dtype=torch.float32) + 0.5) / b
 
 
+def _family(config: dict, family):
+    return families.get(family if family is not None else families.detect(dict(config), "config")[0])
+
+
 def proxy_calibration(config: dict, batch: int = 2, latent_size: int = 32, text_len: int = 32,
-                      seed: int = 0) -> Calibration:
+                      seed: int = 0, family=None) -> Calibration:
     """Seeded Gaussian stand-ins for real latents and prompt states (reported as kind 'proxy')."""
+    family = _family(config, family)
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(batch, config["out_channels"], latent_size, latent_size, generator=g)
-    embeds = torch.randn(batch, text_len, config["joint_attention_dim"], generator=g)
+    latents = torch.randn(batch, family.latent_channels(config), latent_size, latent_size, generator=g)
+    embeds = torch.randn(batch, text_len, family.text_width(config), generator=g)
     return Calibration(latents, TextEmbeds(embeds, None), None, kind="proxy")
 
 
-def check_calibration(cal, config: dict) -> Calibration:
+def check_calibration(cal, config: dict, family=None) -> Calibration:
+    family = _family(config, family)
     if not isinstance(cal, Calibration):
         raise DistilleryError("calibration", type(cal).__name__, "not a Calibration.",
                               "pass dit_distillery.shrink.Calibration(latents, TextEmbeds(...)) or None for a proxy.")
     lat, text = cal.latents, cal.text
-    channels = config["in_channels"] // config["patch_size"] ** 2
-    if lat.ndim != 4 or lat.shape[1] != channels or lat.shape[2] % 2 or lat.shape[3] % 2 or lat.shape[0] < 1:
+    channels, p, width = family.latent_channels(config), family.patch, family.text_width(config)
+    if lat.ndim != 4 or lat.shape[1] != channels or lat.shape[2] % p or lat.shape[3] % p or lat.shape[0] < 1:
+        even = f" with h and w multiples of {p}" if p > 1 else ""
         raise DistilleryError("calibration.latents", tuple(lat.shape),
-                              f"must be unpacked latents [B, {channels}, h, w] with even h and w.",
-                              "encode images (or draw noise) at a size divisible by 16 pixels.")
+                              f"must be unpacked latents [B, {channels}, h, w]{even}.",
+                              f"encode images (or draw noise) at a size divisible by {p * family.vae_factor} pixels.")
     emb = text.embeds
-    if emb.ndim != 3 or emb.shape[0] != lat.shape[0] or emb.shape[2] != config["joint_attention_dim"]:
+    if emb.ndim != 3 or emb.shape[0] != lat.shape[0] or emb.shape[2] != width:
         raise DistilleryError("calibration.text", tuple(emb.shape),
-                              f"must be [B={lat.shape[0]}, L, {config['joint_attention_dim']}] text states.",
-                              "encode one prompt per latent with the Qwen-Image text encoder.")
+                              f"must be [B={lat.shape[0]}, L, {width}] text states.",
+                              f"encode one prompt per latent with the {family.title} text encoder.")
     if text.mask is not None and tuple(text.mask.shape) != tuple(emb.shape[:2]):
         raise DistilleryError("calibration.text.mask", tuple(text.mask.shape), "must be [B, L] like the embeds.",
                               "pass the encoder's attention mask.")
@@ -119,103 +127,18 @@ def _token_mean(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     return (x * w).flatten(0, 1).sum(0) / w.sum().clamp_min(1)
 
 
-def load_block(source: SourceModel, index: int, dtype: torch.dtype, device) -> torch.nn.Module:
-    """Source block `index` as ONE diffusers QwenImageTransformerBlock (the same class the full model uses)."""
-    from accelerate import init_empty_weights
-    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
-
-    c = source.config
-    with init_empty_weights():
-        block = QwenImageTransformerBlock(dim=c["num_attention_heads"] * c["attention_head_dim"],
-                                          num_attention_heads=c["num_attention_heads"],
-                                          attention_head_dim=c["attention_head_dim"])
-    prefix = f"transformer_blocks.{index}."
-    state = {k: source.reader.read(prefix + k).to(device=device, dtype=dtype) for k in block.state_dict()}
-    block.load_state_dict(state, assign=True, strict=True)
-    return block.eval()
-
-
-def _pack(latents: torch.Tensor, patch: int) -> torch.Tensor:
-    # diffusers' QwenImagePipeline._pack_latents (2x2 patches, channel-major); importing the pipeline would pull in
-    # transformers' Qwen2.5-VL for three lines, so the same rearrangement is written with einops.
-    from einops import rearrange
-
-    return rearrange(latents, "b c (h p) (w q) -> b (h w) (c p q)", p=patch, q=patch)
-
-
 @torch.no_grad()
 def run_calibration(source: SourceModel, calibration: Calibration, device=None, progress=None,
                     stop=None) -> CalibrationStats:
-    """Run the source block by block on `calibration` and measure everything in `CalibrationStats`."""
-    from diffusers.models.transformers.transformer_qwenimage import compute_text_seq_len_from_mask
-
-    device = torch.device(device or "cpu")
-    # fp32 on CPU (bf16 matmuls are slow or unsupported on many CPUs); the source's bf16 on accelerators
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    config = source.config
-    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
-    cal = check_calibration(calibration, config)
-
-    stem = empty_model(dict(config, num_layers=0))
-    stem.load_state_dict({k: source.reader.read(k).to(device=device, dtype=dtype) for k in stem.state_dict()},
-                         assign=True, strict=True)
-    stem.eval()
-    latents = cal.latents.to(device=device, dtype=dtype)
-    b, _, h, w = latents.shape
-    p = config["patch_size"]
-    hidden = stem.img_in(_pack(latents, p))
-    text = stem.txt_in(stem.txt_norm(cal.text.embeds.to(device=device, dtype=dtype)))
-    mask = None if cal.text.mask is None else cal.text.mask.to(device)
-    text_len, _, mask = compute_text_seq_len_from_mask(text, mask)
-    seen = {}
-    hook = stem.time_text_embed.timestep_embedder.linear_2.register_forward_pre_hook(
-        lambda m, args: seen.__setitem__("temb_hidden", args[0].abs().double().mean(0)))
-    temb = stem.time_text_embed(cal.resolved_sigmas().to(device=device, dtype=dtype), hidden)
-    hook.remove()
-    rope = stem.pos_embed([(1, h // p, w // p)] * b, max_txt_seq_len=text_len, device=device)
-    temb_score = F.silu(temb).abs().double().mean(0)
-    del stem
-
-    n = source.num_blocks
-    stats = CalibrationStats([], [], None, [], [], [], temb_score.cpu(), seen["temb_hidden"].cpu())
-    for s in range(n):
-        if stop is not None and stop():
-            raise StopRequested("calibration stopped")
-        block = load_block(source, s, dtype, device)
-        last = s == n - 1
-        got = {}
-
-        def head_norms(name, weight):
-            def hook(module, args):
-                per_head = args[0].unflatten(-1, (heads, head_dim)).norm(dim=-1)
-                got[name] = _token_mean(per_head, weight)
-            return hook
-
-        def unit_magnitude(name, weight):
-            return lambda module, args: got.__setitem__(name, _token_mean(args[0].abs(), weight))
-
-        hooks = [
-            block.attn.to_out[0].register_forward_pre_hook(head_norms("img_heads", None)),
-            block.attn.to_add_out.register_forward_pre_hook(head_norms("txt_heads", mask)),
-            block.img_mlp.net[2].register_forward_pre_hook(unit_magnitude("img_units", None)),
-            block.txt_mlp.net[2].register_forward_pre_hook(unit_magnitude("txt_units", mask)),
-        ]
-        new_text, new_hidden = block(hidden_states=hidden, encoder_hidden_states=text,
-                                     encoder_hidden_states_mask=mask, temb=temb, image_rotary_emb=rope)
-        for hk in hooks:
-            hk.remove()
-        cos = F.cosine_similarity(hidden.double(), new_hidden.double(), dim=-1)
-        stats.block_scores.append(float(1 - cos.mean()))
-        stats.residual_in.append((_token_mean(hidden.abs(), None) + _token_mean(text.abs(), mask)).cpu())
-        stats.heads.append((got["img_heads"] + (0 if last else got["txt_heads"])).cpu())
-        stats.img_units.append(got["img_units"].cpu())
-        stats.txt_units.append(got["txt_units"].cpu())
-        hidden, text = new_hidden, new_text
-        del block
-        if progress is not None:
-            progress(s + 1, n, stage="calibrate", block=s)
-    stats.residual_out = _token_mean(hidden.abs(), None).cpu()
-    return stats
+    """Run the source block by block on `calibration` and measure everything in `CalibrationStats` (the family's
+    runner, `WidthLayout.calibrate`: how its blocks are built and called is the family's to know)."""
+    runner = source.layout.calibrate
+    if runner is None:
+        raise DistilleryError("strategy", "importance", f"{source.family.title} has no calibration runner to score "
+                              "blocks and channels on.", "use a depth strategy other than importance, and width_method "
+                              "magnitude.")
+    cal = check_calibration(calibration, source.config, family=source.family)
+    return runner(source, cal, device=device, progress=progress, stop=stop)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,9 +168,8 @@ def _row_col_mass(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def magnitude_scores(source: SourceModel, kept_blocks: list[int], progress=None, stop=None) -> WidthScores:
     """Weight-mass scores of every index space, reading the non-block layers and the kept blocks once."""
-    c = source.config
-    dim = c["num_attention_heads"] * c["attention_head_dim"]
-    heads, head_dim = c["num_attention_heads"], c["attention_head_dim"]
+    heads, head_dim = source.heads, source.head_dim
+    dim = heads * head_dim
     zeros = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
     shared = {"res": zeros(dim), "temb": zeros(dim), "temb_hidden": zeros(dim)}
     per_block = []
@@ -270,17 +192,17 @@ def magnitude_scores(source: SourceModel, kept_blocks: list[int], progress=None,
     for i, s in enumerate(kept_blocks):
         per_block.append({"heads": zeros(heads), "img_ffn": zeros(4 * dim), "txt_ffn": zeros(4 * dim)})
         keys += [(i, k) for k in source.keys_of_block(s)]
-    keys = [(i, k) for i, k in keys if spaces_of(k, len(source.shapes[k])) != (None, None)]  # norms: no vote
+    keys = [(i, k) for i, k in keys if source.spaces_of(k, len(source.shapes[k])) != (None, None)]  # norms: no vote
     last = source.num_blocks - 1
     tensors = read_ahead(source.reader, [k for _, k in keys])
     for done, ((i, key), (_, tensor)) in enumerate(zip(keys, tensors)):
         if stop is not None and stop():
             raise StopRequested("scoring stopped")
-        block, module, _ = split_key(key)
-        row_space, col_space = spaces_of(key, tensor.ndim)
+        block, module, _ = source.split_key(key)
+        row_space, col_space = source.spaces_of(key, tensor.ndim)
         rows, cols = _row_col_mass(tensor)
         del tensor
-        untrained = block == last and module in LAST_BLOCK_UNTRAINED
+        untrained = block == last and module in source.layout.last_block_untrained
         local = per_block[i] if i is not None else None
         add(row_space, rows, local, untrained)
         add(col_space, cols, local, untrained)

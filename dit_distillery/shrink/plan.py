@@ -1,4 +1,4 @@
-"""What a shrunk Qwen-Image keeps: which source blocks (depth) and which heads, FFN units and channels (width).
+"""What a shrunk DiT keeps: which source blocks (depth) and which heads, FFN units and channels (width).
 
 Pure decisions on block counts and score vectors; no file I/O, so the ComfyUI node can preview a plan cheaply.
 
@@ -200,6 +200,7 @@ class ShrinkPlan:
     params_before: int = 0
     params_after: int = 0
     notes: list[str] = field(default_factory=list)
+    family: str = ""  # the DiT family (`families`); not part of the provenance, which the source already fixes
 
     def provenance(self) -> dict:
         w = self.width
@@ -221,15 +222,20 @@ class ShrinkPlan:
 
     def summary(self) -> dict:
         """A readable report (no per-unit index lists)."""
+        from .. import families
+
+        family = families.get(self.family)
+        layout = family.width_layout
+        count, heads, head_dim = family.group(layout.group).count_key, layout.head_count_key, layout.head_dim_key
         src, dst = self.source_config, self.config
         return {
             "source": self.source,
             "strategy": self.strategy,
-            "layers_before": src["num_layers"], "layers_after": dst["num_layers"],
+            "layers_before": src[count], "layers_after": dst[count],
             "kept_blocks": self.kept_blocks,
-            "heads_before": src["num_attention_heads"], "heads_after": dst["num_attention_heads"],
-            "width_before": src["num_attention_heads"] * src["attention_head_dim"],
-            "width_after": dst["num_attention_heads"] * dst["attention_head_dim"],
+            "heads_before": src[heads], "heads_after": dst[heads],
+            "width_before": src[heads] * src[head_dim],
+            "width_after": dst[heads] * dst[head_dim],
             "kept_heads": self.width.block_heads if self.width else None,
             "width_method": self.width.method if self.width else None,
             "block_scores": self.block_scores,
@@ -240,53 +246,28 @@ class ShrinkPlan:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Index spaces: which kept subset applies to the rows and to the columns of every Qwen-Image tensor.
-# "res" = the residual-stream channels (ONE subset for the whole model); "res*2"/"res*6" = that subset inside each
-# of the 2 (norm_out: scale, shift) or 6 (img_mod/txt_mod: shift, scale, gate x2) stacked chunks; "temb" = the
+# Index spaces: which kept subset applies to the rows and to the columns of every tensor. The tables are the
+# family's (`families.WidthLayout`, e.g. families/qwen_image.py). "res" = the residual-stream channels (ONE subset
+# for the whole model); "res*2"/"res*6" = that subset inside each of 2 or 6 stacked chunks; "temb" = the
 # timestep-embedding channels; "temb_hidden" = the timestep MLP's hidden units; "heads" = the kept heads' whole
-# head_dim-row groups; "img_ffn"/"txt_ffn" = the kept FFN units; None = kept whole.
-# A weight [out, in] uses (row space, column space); its bias uses the row space; RMSNorm weights (txt_norm over
-# the text encoder's width, norm_q/k over one head) are kept whole.
-
-GLOBAL_SPACES = {
-    "time_text_embed.timestep_embedder.linear_1": ("temb_hidden", None),
-    "time_text_embed.timestep_embedder.linear_2": ("temb", "temb_hidden"),
-    "txt_norm": (None, None),
-    "img_in": ("res", None),
-    "txt_in": ("res", None),
-    "norm_out.linear": ("res*2", "temb"),
-    "proj_out": (None, "res"),
-}
-BLOCK_SPACES = {
-    "img_mod.1": ("res*6", "temb"),
-    "txt_mod.1": ("res*6", "temb"),
-    **{f"attn.{m}": ("heads", "res") for m in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")},
-    "attn.to_out.0": ("res", "heads"),
-    "attn.to_add_out": ("res", "heads"),
-    **{f"attn.{m}": (None, None) for m in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")},
-    "img_mlp.net.0.proj": ("img_ffn", "res"),
-    "img_mlp.net.2": ("res", "img_ffn"),
-    "txt_mlp.net.0.proj": ("txt_ffn", "res"),
-    "txt_mlp.net.2": ("res", "txt_ffn"),
-}
-# What only the text stream's output uses: in the source's last block these never received a gradient.
-LAST_BLOCK_UNTRAINED = ("attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")
-BLOCK_PREFIX = "transformer_blocks."
+# head_dim-row groups; "img_ffn"/"txt_ffn" = the kept FFN units; None = kept whole. A weight [out, in] uses (row
+# space, column space); its bias uses the row space.
 
 
-def split_key(key: str) -> tuple[int | None, str, str]:
-    """'transformer_blocks.3.attn.to_q.weight' -> (3, 'attn.to_q', 'weight'); global keys give block None."""
+def split_key(key: str, prefix: str) -> tuple[int | None, str, str]:
+    """('transformer_blocks.3.attn.to_q.weight', 'transformer_blocks.') -> (3, 'attn.to_q', 'weight'); keys
+    outside the blocks give block None."""
     block = None
     rest = key
-    if key.startswith(BLOCK_PREFIX):
-        index, rest = key[len(BLOCK_PREFIX):].split(".", 1)
+    if key.startswith(prefix):
+        index, rest = key[len(prefix):].split(".", 1)
         block = int(index)
     module, param = rest.rsplit(".", 1)
     return block, module, param
 
 
-def spaces_of(key: str, ndim: int) -> tuple[str | None, str | None]:
-    """(row space, column space) of a tensor; raises KeyError for a module Qwen-Image does not have."""
-    block, module, _ = split_key(key)
-    rows, cols = (BLOCK_SPACES if block is not None else GLOBAL_SPACES)[module]
+def spaces_of(key: str, ndim: int, layout) -> tuple[str | None, str | None]:
+    """(row space, column space) of a tensor under a `families.WidthLayout`; KeyError for a module it lacks."""
+    block, module, _ = split_key(key, layout.group + ".")
+    rows, cols = (layout.block_spaces if block is not None else layout.global_spaces)[module]
     return (rows, cols) if ndim == 2 else (rows, None) if ndim == 1 else (None, None)

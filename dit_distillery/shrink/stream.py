@@ -18,11 +18,12 @@ from typing import Iterator
 
 import torch
 
+from .. import families
 from ..errors import DistilleryError, StopRequested
 from ..formats import StreamingSafetensorsWriter, TensorSource, atomic_output, atomic_write_text
-from ..models import qwen_image, registry
+from ..models import registry
 from ..weights_check import check_finite
-from .plan import BLOCK_PREFIX, ShrinkPlan, WidthPlan, spaces_of, split_key
+from .plan import ShrinkPlan, WidthPlan, spaces_of, split_key
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn; larger values would become NaN when cast
@@ -118,8 +119,14 @@ def _advise_sequential(f) -> None:
             pass
 
 
+def streamable() -> list:
+    """The families Shrink DiT streams (those with a `width_layout`)."""
+    return [f for f in families.all() if f.width_layout is not None]
+
+
 class SourceModel:
-    """An opened, checked Qwen-Image DiT source: lazy tensors, a raw reader, and its diffusers config."""
+    """An opened, checked DiT source of a family Shrink DiT streams: lazy tensors, a raw reader, its diffusers
+    config, its family and the family's `WidthLayout`."""
 
     def __init__(self, path, field: str = "source"):
         self.path = Path(path)
@@ -133,46 +140,65 @@ class SourceModel:
 
     def _check(self, field: str) -> None:
         keys = self.src.keys()
+        titles = " or ".join(f.title for f in streamable())
         scaled = [k for k in keys if k.endswith((".scale_weight", ".scale_input")) or k == "scaled_fp8"]
         if scaled:
             raise DistilleryError(field, str(self.path), "a 'scaled fp8' checkpoint (weights stored with per-layer "
                                   f"scale factors, e.g. {scaled[0]!r}): slicing it needs the scales applied, which "
                                   "Shrink DiT does not do.",
-                                  "shrink the bf16 or the plain fp8_e4m3fn Qwen-Image file instead.")
+                                  f"shrink the bf16 or the plain fp8_e4m3fn {titles} file instead.")
         try:
-            family, config = registry.detect(self.src)
+            name, config, _ = families.detect(self.src)
         except DistilleryError as exc:
-            raise DistilleryError(field, str(self.path), "not a Qwen-Image DiT (" + exc.problem + ")",
-                                  "choose a Qwen-Image diffusion model (e.g. qwen_image_bf16.safetensors).") from None
-        if family != qwen_image.FAMILY:
-            raise DistilleryError(field, str(self.path), f"a {family} model, not a Qwen-Image DiT.",
-                                  "Shrink DiT slices Qwen-Image; build small AAADiTs with Build AAADiT.")
-        unsupported = [k for k in ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope") if config.get(k)]
+            raise DistilleryError(field, str(self.path), f"not a {titles} DiT (" + exc.problem + ")",
+                                  f"choose a {titles} diffusion model.") from None
+        family = families.get(name)
+        if family.width_layout is None:
+            raise DistilleryError(field, str(self.path), f"a {family.title} model, not a {titles} DiT.",
+                                  f"Shrink DiT streams {titles}; shrink a {family.title} in memory by depth "
+                                  "(shrink.blocks.drop_blocks) or build a smaller one.")
+        self.family, self.layout = family, family.width_layout
+        self.group = family.group(self.layout.group)
+        unsupported = [k for k in self.layout.unsupported if config.get(k)]
         if unsupported:
-            raise DistilleryError(field, str(self.path), f"a Qwen-Image variant with {unsupported}, which Shrink DiT "
-                                  "does not handle.", "use a text-to-image Qwen-Image DiT.")
+            raise DistilleryError(field, str(self.path), f"a {family.title} variant with {unsupported}, which Shrink "
+                                  "DiT does not handle.", f"use a text-to-image {family.title} DiT.")
         self.config = dict(config)
-        expected = expected_shapes(self.config)
+        expected = expected_shapes(self.config, family)
         have = {k: self.src.shape(k) for k in keys}
         missing = sorted(set(expected) - set(have))
         extra = sorted(set(have) - set(expected))
         wrong = [k for k in expected if k in have and have[k] != expected[k]]
         if missing or extra or wrong:
-            raise DistilleryError(field, str(self.path), f"not a complete Qwen-Image DiT (missing {missing[:3]}, "
+            raise DistilleryError(field, str(self.path), f"not a complete {family.title} DiT (missing {missing[:3]}, "
                                   f"unexpected {extra[:3]}, wrong shapes {wrong[:3]}).",
                                   "the file is incomplete or from another model: download or export it again.")
         self.shapes = expected
 
     @property
     def num_blocks(self) -> int:
-        return self.config["num_layers"]
+        return self.config[self.group.count_key]
+
+    @property
+    def heads(self) -> int:
+        return self.config[self.layout.head_count_key]
+
+    @property
+    def head_dim(self) -> int:
+        return self.config[self.layout.head_dim_key]
 
     def keys_of_block(self, index: int) -> list[str]:
-        prefix = f"{BLOCK_PREFIX}{index}."
+        prefix = f"{self.group.prefix}{index}."
         return [k for k in self.shapes if k.startswith(prefix)]
 
     def global_keys(self) -> list[str]:
-        return [k for k in self.shapes if not k.startswith(BLOCK_PREFIX)]
+        return [k for k in self.shapes if not k.startswith(self.group.prefix)]
+
+    def spaces_of(self, key: str, ndim: int) -> tuple[str | None, str | None]:
+        return spaces_of(key, ndim, self.layout)
+
+    def split_key(self, key: str) -> tuple[int | None, str, str]:
+        return split_key(key, self.group.prefix)
 
     def close(self) -> None:
         self.reader.close()
@@ -186,26 +212,28 @@ class SourceModel:
         return False
 
 
-def empty_model(config: dict):
-    """A diffusers QwenImageTransformer2DModel with parameters on the meta device (no memory)."""
+def empty_model(config: dict, family=None):
+    """The family's model for `config` with parameters on the meta device (no memory); the family is the one
+    whose model takes exactly these config keys when not given."""
     from accelerate import init_empty_weights
 
+    family = families.get(family if family is not None else families.detect(dict(config), "config")[0])
     with init_empty_weights():
-        return qwen_image.model_class()(**config)
+        return family.model_class()(**config)
 
 
-def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the diffusers model for `config`, in its state_dict order, with its shape."""
-    return {k: tuple(v.shape) for k, v in empty_model(config).state_dict().items()}
+def expected_shapes(config: dict, family=None) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the model for `config`, in its state_dict order, with its shape."""
+    return {k: tuple(v.shape) for k, v in empty_model(config, family).state_dict().items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The student's tensors
 
-def student_config(source_config: dict, layers: int, heads: int | None) -> dict:
-    config = dict(source_config, num_layers=layers)
+def student_config(source: SourceModel, layers: int, heads: int | None) -> dict:
+    config = dict(source.config, **{source.group.count_key: layers})
     if heads is not None:
-        config["num_attention_heads"] = heads
+        config[source.layout.head_count_key] = heads
     return config
 
 
@@ -287,13 +315,13 @@ class StudentTensor:
 
 def student_tensors(source: SourceModel, plan: ShrinkPlan, dtype: torch.dtype | None) -> list[StudentTensor]:
     """The student's tensors in diffusers' state_dict order (block i renamed from source block kept_blocks[i])."""
-    dim = source.config["num_attention_heads"] * source.config["attention_head_dim"]
+    dim = source.heads * source.head_dim
     out = []
-    for name, shape in expected_shapes(plan.config).items():
-        block, module, param = split_key(name)
-        source_key = name if block is None else f"{BLOCK_PREFIX}{plan.kept_blocks[block]}.{module}.{param}"
+    for name, shape in expected_shapes(plan.config, source.family).items():
+        block, module, param = source.split_key(name)
+        source_key = name if block is None else f"{source.group.prefix}{plan.kept_blocks[block]}.{module}.{param}"
         ndim = len(source.shapes[source_key])
-        row_space, col_space = spaces_of(source_key, ndim)
+        row_space, col_space = source.spaces_of(source_key, ndim)
         rows = _index(row_space, plan.width, block, dim)
         cols = _index(col_space, plan.width, block, dim)
         src_shape = source.shapes[source_key]
@@ -308,7 +336,7 @@ def student_tensors(source: SourceModel, plan: ShrinkPlan, dtype: torch.dtype | 
 def metadata_for(plan: ShrinkPlan) -> dict:
     return {
         "format": "pt",
-        registry.META_FAMILY: qwen_image.FAMILY,
+        registry.META_FAMILY: plan.family,
         registry.META_CONFIG: json.dumps(plan.config, sort_keys=True),
         registry.META_PROVENANCE: json.dumps(plan.provenance(), sort_keys=True, default=str),
     }
@@ -372,13 +400,13 @@ def _write_error(out: Path, exc: OSError, field: str = "out") -> DistilleryError
                            "check that the folder exists and is writable.")
 
 
-def write_diffusers_folder(out: Path, folder: Path, config: dict) -> Path:
-    """A folder `QwenImageTransformer2DModel.from_pretrained` loads: config.json + the same weights file
-    (hard-linked when the filesystem allows, so it costs no space; copied otherwise)."""
+def write_diffusers_folder(out: Path, folder: Path, config: dict, family=None) -> Path:
+    """A folder the model class's `from_pretrained` loads: config.json + the same weights file (hard-linked when
+    the filesystem allows, so it costs no space; copied otherwise)."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / "config.json", empty_model(config).to_json_string())
+        atomic_write_text(folder / "config.json", empty_model(config, family).to_json_string())
         with atomic_output(folder / "diffusion_pytorch_model.safetensors") as tmp:
             tmp.unlink()
             try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import StreamingSafetensorsWriter
-from ..models import qwen_image
+from ..families import qwen_image
 from .stream import expected_shapes
 
 

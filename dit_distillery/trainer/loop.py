@@ -188,9 +188,8 @@ def prepare_data(job: TrainJob, pipe, accelerator, callbacks: Callbacks, stop):
 
 
 def _set_trainable(job: TrainJob, dit: torch.nn.Module) -> list[str]:
+    from .. import families
     from ..lora import add_lora, load_lora_into, merge_lora, read_lora
-    from ..lora_presets import DEFAULT_PRESET
-    from ..velocity import family_of
 
     if job.lora.preset:
         merge_lora(dit, read_lora(job.lora.preset, "lora.preset"), job.lora.preset_strength, "lora.preset")
@@ -199,7 +198,7 @@ def _set_trainable(job: TrainJob, dit: torch.nn.Module) -> list[str]:
             return load_lora_into(dit, read_lora(job.lora.init_from, "lora.init_from"), "lora.init_from")
         targets = job.lora.targets
         if targets in (None, "", "preset"):
-            targets = DEFAULT_PRESET[family_of(dit)]
+            targets = families.of_model(dit).default_lora_preset
         return add_lora(dit, targets, rank=job.lora.rank, alpha=job.lora.alpha)
     chosen = []
     for name, p in dit.named_parameters():
@@ -293,10 +292,10 @@ class Trainer:
         return {n: p for n, p in self.dit.named_parameters() if p.requires_grad}
 
     def _export_weights(self, path: Path) -> Path:
+        from .. import families
         from ..formats import dtype_from_name
         from ..lora import save_lora
         from ..models.registry import save_dit
-        from ..velocity import family_of
 
         dtype = dtype_from_name(self.job.output.save_dtype, "output.save_dtype")
         settings = {"job": self.job.fingerprint(), "mode": self.job.mode, "loss": self.job.loss,
@@ -304,7 +303,7 @@ class Trainer:
                     "lr": self.job.optim.lr, "steps": self.step, "batch_size": self.job.batch_size,
                     "base": {"pipeline": self.job.model.pipeline, "dit": self.job.model.dit}}
         meta = {"dit_distillery.training": json.dumps(settings, default=str),
-                "dit_distillery.family": family_of(self.dit)}
+                "dit_distillery.family": families.of_model(self.dit).name}
         if self.job.mode == "lora":
             return save_lora(self.dit, path, meta, dtype=dtype or torch.float32)
         return save_dit(self.dit, path, provenance={"trained": settings}, dtype=dtype, extra_metadata=meta)
@@ -621,9 +620,9 @@ class Trainer:
         self.optimizer = _optimizer(job, params)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(job, s))
         self.ema = {n: p.detach().float().clone() for n, p in self._trainable().items()} if job.ema_decay else {}
-        # Qwen-Image's last block has a text branch that never reaches the output: DDP must tolerate unused
-        # parameters there (DiffSynth's --find_unused_parameters); AAADiT has none, and the check costs a traversal.
-        acc.ddp_handler.find_unused_parameters = self.pipe.family == "qwen_image"
+        # Some families train parameters that never reach the output (Qwen-Image's last text branch): DDP must
+        # tolerate them (DiffSynth's --find_unused_parameters); elsewhere the check only costs a traversal.
+        acc.ddp_handler.find_unused_parameters = self.pipe.family_spec.ddp_find_unused_parameters
         module = TrainingModule(self.dit, self.loss, empty, job.data.caption_dropout, job.checkpoint_offload)
         self.module, self.optimizer = acc.prepare(module, self.optimizer)
         self.step, self.epoch, self.batches_done = 0, 0, 0
