@@ -149,11 +149,9 @@ class Run:
         return self._base
 
     def pipe(self, dit_file):
-        from dit_distillery.pipelines import TextToImagePipeline
         from dit_distillery.pipelines.loading import load_dit
 
-        base = self.base()
-        return TextToImagePipeline(load_dit(dit_file), base.prompt_encoder, base.codec, defaults=base.defaults)
+        return self.base().with_dit(load_dit(dit_file))
 
     def images(self, latents: torch.Tensor) -> list:
         from dit_distillery.pipelines.base import to_pil

@@ -1,7 +1,7 @@
 """LoRA: add adapters with peft, save them in a file stock ComfyUI and diffusers load, read LoRA files back, merge.
 
-File format (what `save_lora` writes): bare diffusers module names, peft's suffixes, and one `.alpha` scalar per
-module, e.g. `transformer_blocks.0.attn.to_q.lora_A.weight` [r, in], `...lora_B.weight` [out, r],
+File format (what `save_lora` writes): the module names stock ComfyUI maps for the model's family
+(`Family.lora_to_comfy`; bare diffusers names for Qwen-Image), peft's suffixes, and one `.alpha` scalar per module, e.g. `transformer_blocks.0.attn.to_q.lora_A.weight` [r, in], `...lora_B.weight` [out, r],
 `transformer_blocks.0.attn.to_q.alpha` (= lora_alpha). ComfyUI's LoRA loader accepts exactly these names for
 Qwen-Image and scales by alpha/rank like peft; without the `.alpha` tensor it would use scale 1 and a LoRA trained
 with alpha != rank would come out at the wrong strength (comfyui-facts.md A5). diffusers' Qwen-Image LoRA loader
@@ -9,7 +9,8 @@ folds the same `.alpha` into the weights. Adapter weights are kept in fp32 whate
 casts them to bf16, losing small updates).
 
 Reading (`read_lora`) also accepts DiffSynth's files (`lora_A.default.weight`, no alpha: alpha = rank),
-`diffusion_model.`/`transformer.` prefixes and kohya-style `lora_down`/`lora_up` names.
+`diffusion_model.`/`transformer.` prefixes and kohya-style `lora_down`/`lora_up` names; merging or loading into a
+model first maps the family's ComfyUI names back to ours (`Family.lora_from_comfy`).
 """
 
 from __future__ import annotations
@@ -122,10 +123,35 @@ def lora_state_dict(weights: LoraWeights, prefix: str = "") -> dict[str, torch.T
     return sd
 
 
+def _family(model: torch.nn.Module):
+    """The model's DiT family, or None for a model of no family (LoRA works on any module)."""
+    from . import families
+
+    try:
+        return families.of_model(model)
+    except DistilleryError:
+        return None
+
+
+def _our_names(model: torch.nn.Module, weights: LoraWeights) -> LoraWeights:
+    """`weights` under the model's own module names (a file may use the names ComfyUI gives its family)."""
+    family = _family(model)
+    if family is None:
+        return weights
+    return LoraWeights(family.lora_from_comfy(dict(weights.modules)), weights.metadata, weights.path)
+
+
 def save_lora(model_or_weights, path: str | os.PathLike, metadata: dict | None = None,
               dtype: torch.dtype = torch.float32, prefix: str = "") -> Path:
-    """Save a LoRA atomically in the ComfyUI/diffusers-compatible format, settings in the metadata."""
-    weights = model_or_weights if isinstance(model_or_weights, LoraWeights) else lora_weights_of(model_or_weights)
+    """Save a LoRA atomically in the ComfyUI/diffusers-compatible format, settings in the metadata. Given a model,
+    its modules are named as stock ComfyUI maps them for its family (`Family.lora_to_comfy`)."""
+    if isinstance(model_or_weights, LoraWeights):
+        weights = model_or_weights
+    else:
+        weights = lora_weights_of(model_or_weights)
+        family = _family(model_or_weights)
+        if family is not None:
+            weights = LoraWeights(family.lora_to_comfy(dict(weights.modules)), weights.metadata, weights.path)
     sd = {k: (v.to(dtype) if not k.endswith(".alpha") else v) for k, v in lora_state_dict(weights, prefix).items()}
     meta = {"format": "pt", "dit_distillery.kind": "lora", "dit_distillery.rank": weights.rank}
     meta.update(metadata or {})
@@ -211,6 +237,7 @@ def merge_lora(model: torch.nn.Module, weights: LoraWeights, strength: float = 1
 
     Callers that must not change their input (ComfyUI nodes) merge into a copy.
     """
+    weights = _our_names(model, weights)
     named = _check_targets(model, weights, field)
     with torch.no_grad():
         for name, m in weights.modules.items():
@@ -223,6 +250,7 @@ def load_lora_into(model: torch.nn.Module, weights: LoraWeights, field: str = "l
     """Inject adapters shaped like `weights` and copy its values in (to continue training a LoRA)."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    weights = _our_names(model, weights)
     named = _check_targets(model, weights, field)
     ranks = {m.rank for m in weights.modules.values()}
     alphas = {m.alpha for m in weights.modules.values()}

@@ -271,3 +271,39 @@ def test_build_aaadit_cli_and_node_share_one_builder(tmp_path):
     with pytest.raises(DistilleryError):  # the config is checked before anything is written
         aaadit_presets.build_file(tmp_path / "bad.safetensors", dict(config, num_heads=5), overwrite=True)
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_key_maps_are_applied_when_saving_and_loading(tmp_path, monkeypatch):
+    """A family's ComfyUI names (`to_comfy` / `from_comfy`, `lora_to_comfy` / `lora_from_comfy`) are what our files
+    hold, and what loading and merging read back (here a renaming stands in for a family whose names differ)."""
+    from dit_distillery.lora import add_lora, lora_weights_of, merge_lora, read_lora, save_lora
+    from dit_distillery.models import registry
+    from dit_distillery.tiny import tiny_aaadit
+
+    def rename(mapping, old, new):
+        return {(new + k[len(old):] if k.startswith(old) else k): v for k, v in mapping.items()}
+
+    cls = type(families.get("aaadit"))
+    monkeypatch.setattr(cls, "to_comfy", lambda self, state: rename(state, "proj_out.", "final_layer.linear."))
+    monkeypatch.setattr(cls, "from_comfy", lambda self, state: rename(state, "final_layer.linear.", "proj_out."))
+    monkeypatch.setattr(cls, "lora_to_comfy", lambda self, modules: rename(modules, "blocks.", "layers."))
+    monkeypatch.setattr(cls, "lora_from_comfy", lambda self, modules: rename(modules, "layers.", "blocks."))
+    model = tiny_aaadit(seed=1)
+    path = registry.save_dit(model, tmp_path / "dit.safetensors")
+    stored = load_file(str(path))
+    assert "final_layer.linear.weight" in stored and "proj_out.weight" not in stored
+    back = registry.load_dit(path)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+
+    adapted = tiny_aaadit(seed=1)
+    add_lora(adapted, "aaadit_attn", rank=2)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    lora_file = save_lora(adapted, tmp_path / "lora.safetensors")
+    assert all(k.startswith("layers.") for k in load_file(str(lora_file)))
+    expected, merged = tiny_aaadit(seed=1), tiny_aaadit(seed=1)
+    merge_lora(expected, lora_weights_of(adapted))  # our names, straight from the model
+    merge_lora(merged, read_lora(lora_file))  # ComfyUI's names, from the file
+    assert all(torch.equal(v, merged.state_dict()[k]) for k, v in expected.state_dict().items())
