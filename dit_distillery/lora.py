@@ -1,7 +1,8 @@
 """LoRA: add adapters with peft, save them in a file stock ComfyUI and diffusers load, read LoRA files back, merge.
 
 File format (what `save_lora` writes): the module names stock ComfyUI maps for the model's family
-(`Family.lora_to_comfy`; bare diffusers names for Qwen-Image), peft's suffixes, and one `.alpha` scalar per module, e.g. `transformer_blocks.0.attn.to_q.lora_A.weight` [r, in], `...lora_B.weight` [out, r],
+(`Family.lora_to_comfy`; bare diffusers names for Qwen-Image), peft's suffixes, and one `.alpha` scalar per
+module, e.g. `transformer_blocks.0.attn.to_q.lora_A.weight` [r, in], `...lora_B.weight` [out, r],
 `transformer_blocks.0.attn.to_q.alpha` (= lora_alpha). ComfyUI's LoRA loader accepts exactly these names for
 Qwen-Image and scales by alpha/rank like peft; without the `.alpha` tensor it would use scale 1 and a LoRA trained
 with alpha != rank would come out at the wrong strength (comfyui-facts.md A5). diffusers' Qwen-Image LoRA loader

@@ -94,7 +94,8 @@ def build_meta(family: str, config: dict, field: str = "config") -> torch.nn.Mod
     allowed = families.constructor_keys(family)
     unknown = set(config) - allowed
     if unknown:
-        raise DistilleryError(field, sorted(unknown), f"not {family} config keys.", f"use keys among {sorted(allowed)}.")
+        raise DistilleryError(field, sorted(unknown), f"not {family} config keys.",
+                              f"use keys among {sorted(allowed)}.")
     try:
         return registry.build_empty(family, config, "meta")
     except DistilleryError:
@@ -320,8 +321,8 @@ def inference_bytes(family: str, config: dict, *, batch: int, tokens: int, dtype
 def training_activation_bytes(family: str, config: dict, *, batch: int, tokens: int, checkpointing: bool,
                               dtype_bytes: int = 2) -> int:
     """A lower bound on the activations one training forward keeps for backward (the closed form of
-    `measure_saved_activations`): per block SAVED_PER_TOKEN_WIDTH x tokens x width bytes in bf16; with gradient
-    checkpointing, every block's input plus one block recomputed at a time."""
+    `measure_saved_activations`): per block `Family.saved_per_token_width` x tokens x width bytes in bf16; with
+    gradient checkpointing, every block's input plus one block recomputed at a time."""
     width, blocks, _ = dit_dims(family, config)
     per_block = families.get(family).saved_per_token_width * batch * tokens * width * dtype_bytes // 2
     if checkpointing:

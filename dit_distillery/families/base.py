@@ -271,7 +271,7 @@ class Family:
         if missing:
             raise TypeError(f"family {self.name or type(self).__name__} does not set {missing}")
         if self.default_lora_preset not in self.lora_presets:
-            raise TypeError(f"family {self.name}: default LoRA preset {self.default_lora_preset!r} is not one of its own")
+            raise TypeError(f"family {self.name}: default LoRA preset {self.default_lora_preset!r} is not its own")
         return self
 
     def __repr__(self) -> str:

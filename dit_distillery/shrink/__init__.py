@@ -148,8 +148,8 @@ def _plan(src: SourceModel, *, layers, strategy, keep_blocks, keep_first, heads,
     needs_calibration = strategy == "importance" or (width_shrink and width_method == "importance")
     stats = cal = None
     if needs_calibration:
-        cal = check_calibration(calibration if calibration is not None else proxy_calibration(config, family=src.family),
-                                config, family=src.family)
+        given = calibration if calibration is not None else proxy_calibration(config, family=src.family)
+        cal = check_calibration(given, config, family=src.family)
         stats = run_calibration(src, cal, device=device, progress=progress, stop=stop)
     kept = select_blocks(strategy, n, layers, keep_blocks=keep_blocks, keep_first=keep_first,
                          scores=stats.block_scores if stats else None)
