@@ -227,6 +227,11 @@ class Family:
         """Its latent normalisation around a loaded VAE."""
         raise NotImplementedError
 
+    def vae_config(self) -> dict | None:
+        """The VAE's config for a single VAE file given without its config folder (None: the class defaults are
+        the family's VAE, as for Qwen-Image's and FLUX.2's)."""
+        return None
+
     def convert_vae_state(self, state: dict, config: dict) -> dict:
         """A single-file VAE in its original layout (ComfyUI's files) -> diffusers keys."""
         return state

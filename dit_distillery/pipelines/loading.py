@@ -256,8 +256,8 @@ def load_vae(path, family: str, *, config_dir=None, dtype=None, device="cpu", fi
     state = load_file(str(path))
     if config_dir is not None:
         vae = cls.from_config(cls.load_config(config_dir))
-    else:
-        vae = cls()  # the class defaults are the real model's config (Qwen-Image's / FLUX.2's VAE)
+    else:  # the real model's config: the family's, or the class defaults (Qwen-Image's / FLUX.2's VAE)
+        vae = cls(**(spec.vae_config() or {}))
     expected = set(vae.state_dict())
     if not expected <= set(state):  # the original layout (ComfyUI's files): diffusers' own converters
         # (they expect the real models' block layout, the class defaults, not arbitrary sizes)

@@ -321,7 +321,8 @@ def student_tensors(source: SourceModel, plan: ShrinkPlan, dtype: torch.dtype | 
         block, module, param = source.split_key(name)
         source_key = name if block is None else f"{source.group.prefix}{plan.kept_blocks[block]}.{module}.{param}"
         ndim = len(source.shapes[source_key])
-        row_space, col_space = source.spaces_of(source_key, ndim)
+        # a depth-only plan slices nothing: the layout need not name every module then
+        row_space, col_space = source.spaces_of(source_key, ndim) if plan.width is not None else (None, None)
         rows = _index(row_space, plan.width, block, dim)
         cols = _index(col_space, plan.width, block, dim)
         src_shape = source.shapes[source_key]
