@@ -200,6 +200,33 @@ class Flux2VAECodec(Codec):
         return self.vae.decode(z).sample
 
 
+class ShiftScaleVAECodec(Codec):
+    """An `AutoencoderKL` normalised with its config's `shift_factor` and `scaling_factor`, `(z - shift) * scale`,
+    as diffusers' ZImagePipeline (FLUX.1's VAE: 16 channels at 1/8, shift 0.1159, scale 0.3611) and ComfyUI's
+    `latent_formats.Flux`. The DiT patchifies these latents itself."""
+
+    kind = "shift_scale_vae"
+
+    def __init__(self, vae, identity: str | None = None):
+        super().__init__(identity)
+        self.vae = vae
+        self.latent_channels = int(vae.config.latent_channels)
+        self.spatial_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.shift = float(vae.config.shift_factor or 0.0)
+        self.scale = float(vae.config.scaling_factor)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self._check(images, 3, "images")
+        self.latent_shape(images.shape[2], images.shape[3])
+        z = self.vae.encode(images.to(self.device, self.dtype)).latent_dist.mode()
+        return (z - self.shift) * self.scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        self._check(latents, self.latent_channels, "latents")
+        # == ZImagePipeline: latents / scaling_factor + shift_factor
+        return self.vae.decode(latents.to(self.device, self.dtype) / self.scale + self.shift).sample
+
+
 def codec_for_vae(vae, identity: str | None = None) -> Codec:
     """Wrap a diffusers VAE in its codec, by class."""
     name = type(vae).__name__

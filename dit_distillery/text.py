@@ -170,3 +170,43 @@ class Qwen3PromptEncoder(PromptEncoder):
                                     output_hidden_states=True, use_cache=False)
         embeds = torch.cat([out.hidden_states[k] for k in self.hidden_layers], dim=-1)
         return TextEmbeds(embeds.to(self.dtype), tokens.attention_mask.bool())
+
+
+class ZImagePromptEncoder(PromptEncoder):
+    """Z-Image's prompt encoding, by diffusers' ZImagePipeline itself: Qwen3's chat template (thinking on, so no
+    think block), at most `max_length` tokens (512), the second-to-last hidden state, padding dropped. Prompts of
+    different lengths come back right-padded with a mask; the DiT takes only the real tokens (`Family.velocity`)."""
+
+    kind = "z_image_qwen3"
+    trims_padding = True  # the DiT receives each prompt's real tokens only
+
+    def __init__(self, text_encoder, tokenizer, max_length: int = 512, identity: str | None = None):
+        super().__init__(text_encoder, tokenizer, identity)
+        if not isinstance(max_length, int) or not 1 <= max_length <= 512:
+            raise DistilleryError("max_length", max_length, "must be between 1 and 512 tokens (Z-Image's limit).",
+                                  "use 512 (the default) or less.")
+        self.max_length = max_length
+        from diffusers import ZImagePipeline
+
+        # A pipeline with only the prompt components: diffusers' encoding code runs unchanged on it.
+        self._pipe = ZImagePipeline(scheduler=None, vae=None, text_encoder=self.text_encoder, tokenizer=tokenizer,
+                                    transformer=None)
+
+    def settings(self) -> str:
+        return f"max{self.max_length}:layer-2"
+
+    @property
+    def width(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    def encode(self, prompts: list[str]) -> TextEmbeds:
+        prompts = _check_prompts(prompts)
+        with torch.no_grad():  # (diffusers rewrites the list it is given in place: give it a copy)
+            rows = self._pipe._encode_prompt(list(prompts), device=self.device, max_sequence_length=self.max_length)
+        length = max(len(r) for r in rows)
+        embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+        mask = torch.zeros(len(rows), length, dtype=torch.bool, device=embeds.device)
+        for i, r in enumerate(rows):
+            embeds[i, : len(r)] = r
+            mask[i, : len(r)] = True
+        return TextEmbeds(embeds.to(self.dtype), mask)

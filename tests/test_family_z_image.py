@@ -1,0 +1,267 @@
+"""Z-Image (families/z_image.py): the release config's exact size, detection under diffusers' and ComfyUI's names,
+the velocity against diffusers' own ZImagePipeline, prompt encoding, VAE normalisation, block groups, ComfyUI key
+maps for DiT files and LoRAs, loading from a folder and from single files, sampling and training on the tiny
+family."""
+
+import functools
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dit_distillery import families, schedule
+from dit_distillery.errors import DistilleryError
+from dit_distillery.families import z_image
+from dit_distillery.models import registry
+
+FAMILY = families.get("z_image")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return FAMILY.tiny_pipeline(seed=0)
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model: release size, detection, config from shapes
+
+def test_release_config_has_the_exact_parameter_count():
+    from dit_distillery import report
+
+    model = registry.build_empty("z_image", FAMILY.presets()["z-image"])
+    assert _params(model) == z_image.Z_IMAGE_PARAMS == 6_154_908_736
+    assert report.size_report("z-image")["params"] == 6_154_908_736
+    assert families.detect("z-image")[:2] == ("z_image", z_image.Z_IMAGE_CONFIG)
+
+
+def test_released_text_encoder_and_vae_configs_have_their_sizes():
+    from diffusers import AutoencoderKL
+    from transformers import Qwen3Config, Qwen3Model
+
+    with torch.device("meta"):
+        encoder = Qwen3Model(Qwen3Config(**FAMILY.text_encoder_config()))
+        vae = AutoencoderKL(**FAMILY.vae_config())
+    assert _params(encoder) == 4_022_468_096  # Qwen3-4B without its (tied) LM head
+    assert _params(vae) == 83_819_683  # FLUX.1's VAE
+    assert (vae.config.shift_factor, vae.config.scaling_factor) == (0.1159, 0.3611)
+
+
+def test_detection_and_config_from_either_naming(pipe):
+    dit = pipe.dit
+    config = registry.model_config(dit)
+    ours = {k: tuple(v.shape) for k, v in dit.state_dict().items()}
+    comfy = {k: tuple(v.shape) for k, v in z_image.to_comfy(dit.state_dict()).items()}
+    assert "layers.0.attention.qkv.weight" in comfy and "x_embedder.weight" in comfy
+    for shapes in (ours, comfy):
+        assert FAMILY.is_family(shapes)
+        assert [f.name for f in families.all() if f.is_family(shapes)] == ["z_image"]
+        assert FAMILY.config_from_shapes(shapes.__getitem__, shapes) == config
+    # Lumina 2 shares ComfyUI's module but has no pad tokens: not ours
+    lumina = {k: v for k, v in comfy.items() if not k.endswith("pad_token")}
+    assert not FAMILY.is_family(lumina)
+    gap = {k: v for k, v in ours.items() if not k.startswith("layers.0.")}
+    with pytest.raises(DistilleryError, match="not contiguous"):
+        FAMILY.config_from_shapes(gap.__getitem__, gap)
+
+
+def test_comfy_names_are_what_diffusers_single_file_converter_reads(pipe):
+    """Our `to_comfy` output, as an original checkpoint (ComfyUI prefix, unused norm_final), converts back to our
+    exact tensors with diffusers' own converter, and `from_comfy` agrees with it."""
+    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+
+    state = pipe.dit.state_dict()
+    comfy = z_image.to_comfy(state)
+    original = {"model.diffusion_model." + k: v.clone() for k, v in comfy.items()}
+    original["model.diffusion_model.norm_final.weight"] = torch.ones(pipe.dit.dim)
+    converted = convert_z_image_transformer_checkpoint_to_diffusers(original)
+    assert converted.keys() == state.keys() and all(torch.equal(converted[k], state[k]) for k in state)
+    back = z_image.from_comfy(dict(comfy, **{"norm_final.weight": torch.ones(1)}))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Calling the DiT: against diffusers' ZImagePipeline
+
+def _reference(pipe):
+    from diffusers import ZImagePipeline
+
+    encoder = pipe.prompt_encoder
+    return ZImagePipeline(scheduler=schedule.scheduler("Z-Image"), vae=pipe.codec.vae, text_encoder=encoder.text_encoder,
+                          tokenizer=encoder.tokenizer, transformer=pipe.dit)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_velocity_and_schedule_match_zimage_pipeline(pipe, cfg):
+    """Same latents, prompts and steps: our Euler loop over our velocity and the Z-Image schedule gives the latents
+    diffusers' ZImagePipeline denoises to (diffusers' guidance_scale g = our cfg_scale - 1)."""
+    from dit_distillery.sampling import euler_denoise
+    from dit_distillery.velocity import predict_velocity
+
+    prompts = ["a red circle on a blue background", "two green stars"]  # different lengths: masks exercised
+    negative = ["a blurry photo", "a photo of a cat"]
+    latents = torch.randn(2, 16, 8, 6, generator=torch.Generator().manual_seed(1))
+    ref = _reference(pipe)
+    # (diffusers rewrites the lists it is given in place: give it copies)
+    pos, neg = ref.encode_prompt(list(prompts), negative_prompt=list(negative), do_classifier_free_guidance=True)
+    with torch.no_grad():
+        want = ref(prompt_embeds=pos, negative_prompt_embeds=neg, latents=latents.clone(), height=64, width=48,
+                   num_inference_steps=3, guidance_scale=cfg - 1, output_type="latent").images
+    text, neg_text = pipe.encode_prompts(prompts), pipe.encode_prompts(negative)
+    with torch.no_grad():
+        got = euler_denoise(functools.partial(predict_velocity, pipe.dit), latents, schedule.sigmas("Z-Image", 3),
+                            text, cfg_scale=cfg, negative_text=neg_text)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert not torch.allclose(got, latents, atol=1e-2)  # it did denoise
+
+
+def test_velocity_is_the_negated_output_at_one_minus_sigma(pipe):
+    text = pipe.encode_prompts(["a red circle"])
+    x = torch.randn(1, 16, 4, 4)
+    with torch.no_grad():
+        v = FAMILY.velocity(pipe.dit, x, torch.tensor([0.25]), text)
+        out = pipe.dit([x[0].unsqueeze(1)], torch.tensor([0.75]), [text.embeds[0][text.mask[0]]], return_dict=False)[0]
+    assert torch.allclose(v, -out[0].squeeze(1).unsqueeze(0), atol=1e-6)
+
+
+def test_prompt_encoding_is_the_pipelines(pipe):
+    encoder = pipe.prompt_encoder
+    prompts = ["a red circle", "a large blue hexagon on a white background"]
+    want = _reference(pipe).encode_prompt(list(prompts), do_classifier_free_guidance=False)[0]
+    got = encoder.encode(prompts)
+    assert got.mask.sum(1).tolist() == [len(w) for w in want]
+    for i, w in enumerate(want):
+        assert torch.equal(got.embeds[i][got.mask[i]], w)
+    # the chat template without a think block, hidden state -2 (not the last), padding dropped
+    text = encoder.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                                 add_generation_prompt=True, enable_thinking=True)
+    assert text == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+    ids = encoder.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        states = encoder.text_encoder(**ids, output_hidden_states=True).hidden_states
+    one = encoder.encode(["x"])
+    # (padded to 512 there, unpadded here: equal up to float rounding)
+    assert torch.allclose(one.embeds[0], states[-2][0], atol=1e-5)
+    assert not torch.allclose(one.embeds[0], states[-1][0], atol=1e-2)
+    short = FAMILY.prompt_encoder(encoder.text_encoder, encoder.tokenizer, {"max_length": 5})
+    assert short.encode(prompts).embeds.shape[1] == 5
+    with pytest.raises(DistilleryError):
+        FAMILY.prompt_encoder(encoder.text_encoder, encoder.tokenizer, {"max_length": 600})
+
+
+def test_codec_uses_flux1_shift_and_scale(pipe):
+    codec = pipe.codec
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = codec.vae.encode(images).latent_dist.mode()
+        latents = codec.encode(images)
+        assert torch.allclose(latents, (z - 0.1159) * 0.3611)
+        assert torch.allclose(codec.decode(latents), codec.vae.decode(latents / 0.3611 + 0.1159).sample)
+    assert (codec.latent_channels, codec.spatial_factor) == (16, 8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocks, schedule, defaults
+
+def test_only_the_main_layers_are_dropped(pipe):
+    from dit_distillery.shrink.blocks import drop_blocks
+
+    groups = {g.attr: g.keep for g in FAMILY.block_groups()}
+    assert groups == {"layers": False, "noise_refiner": True, "context_refiner": True}
+    big = z_image.tiny_dit(seed=3, n_layers=4)
+    student, kept = drop_blocks(big, layers=2, strategy="first")
+    assert kept == [0, 3] and len(student.layers) == 2 and len(student.noise_refiner) == 2
+    src, dst = big.state_dict(), student.state_dict()
+    assert torch.equal(dst["layers.1.feed_forward.w1.weight"], src["layers.3.feed_forward.w1.weight"])
+    assert torch.equal(dst["context_refiner.1.attention.to_q.weight"], src["context_refiner.1.attention.to_q.weight"])
+    for group in ("noise_refiner", "context_refiner"):
+        with pytest.raises(DistilleryError, match="never dropped"):
+            drop_blocks(big, layers=1, group=group)
+
+
+def test_schedule_is_static_shift_3_and_turbo_defaults():
+    n = 8
+    want = [3 * s / (1 + 2 * s) for s in torch.linspace(1, 1 / n, n, dtype=torch.float64).tolist()]
+    assert schedule.sigmas("Z-Image", n) == pytest.approx(want, abs=1e-6)
+    assert schedule.sigmas("Z-Image", n, image_seq_len=4096) == schedule.sigmas("Z-Image", n)  # no resolution shift
+    assert FAMILY.sampling_defaults == dict(steps=8, cfg_scale=1.0, height=1024, width=1024)
+    assert schedule.template_for("z_image") == "Z-Image"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ComfyUI: what stock ComfyUI loads
+
+def test_comfy_loadable_depth_yes_width_no():
+    assert FAMILY.comfy_loadable(dict(z_image.Z_IMAGE_CONFIG))[0]
+    assert FAMILY.comfy_loadable(dict(z_image.Z_IMAGE_CONFIG, n_layers=18))[0]
+    narrow, why = FAMILY.comfy_loadable(dict(z_image.Z_IMAGE_CONFIG, dim=1920, n_heads=15, n_kv_heads=15))
+    assert not narrow and "3840" in why
+    assert not FAMILY.comfy_loadable(dict(z_image.Z_IMAGE_CONFIG, n_refiner_layers=1))[0]
+
+
+def _comfy_lora_keys(model) -> set[str]:
+    """The LoRA module names ComfyUI's Lumina2 map accepts (comfy/lora.py: `diffusion_model.` + every diffusers
+    weight name `z_image_to_diffusers` maps), here: every diffusers weight whose ComfyUI tensor our `to_comfy`
+    writes (q/k/v as rows of the fused qkv)."""
+    state = model.state_dict()
+    comfy = set(z_image.to_comfy(state))
+    accepted = set()
+    for key in state:
+        name = z_image.comfy_name(key)
+        block, rest = z_image._split_block(key)
+        if block is not None and rest.split(".")[:2] in (["attention", m] for m in ("to_q", "to_k", "to_v")):
+            name = f"{block}attention.qkv.{rest.split('.', 2)[2]}"
+        if key.endswith(".weight") and name in comfy:
+            accepted.add("diffusion_model." + key[: -len(".weight")])
+    return accepted
+
+
+def test_lora_files_use_keys_comfyui_maps_and_read_back(tmp_path):
+    from dit_distillery.lora import add_lora, merge_lora, read_lora, save_lora
+
+    model = z_image.tiny_dit(seed=1)
+    accepted = _comfy_lora_keys(model)
+    names = add_lora(model, "z_image_all", rank=2, alpha=4)
+    assert any(n.startswith("noise_refiner.") for n in names) and any(n.startswith("context_refiner.") for n in names)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    path = save_lora(model, tmp_path / "l.safetensors")
+    keys = set(load_file(str(path)))
+    modules = {k.rsplit(".", 2)[0] if k.endswith("_A.weight") or k.endswith("_B.weight") else k[: -len(".alpha")]
+               for k in keys}
+    assert modules and modules <= accepted and len(modules) == len(names)
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight", ".alpha")) for k in keys)
+    # merging the file gives what peft computes
+    x = [torch.randn(16, 1, 4, 4)]
+    caps = [torch.randn(3, 32)]
+    with torch.no_grad():
+        want = model(x, torch.tensor([0.3]), caps, return_dict=False)[0][0]
+    base = z_image.tiny_dit(seed=1)
+    assert merge_lora(base, read_lora(path)) == len(names)
+    with torch.no_grad():
+        got = base(x, torch.tensor([0.3]), caps, return_dict=False)[0][0]
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_a_fused_qkv_lora_in_comfy_names_splits_exactly():
+    from dit_distillery.lora import LoraModule, LoraWeights, merge_lora
+
+    model = z_image.tiny_dit(seed=2)
+    d = model.dim
+    fused = LoraModule(torch.randn(2, d), torch.randn(3 * d, 2), 2.0)
+    out = LoraModule(torch.randn(2, d), torch.randn(d, 2), 2.0)
+    weights = LoraWeights({"layers.1.attention.qkv": fused, "diffusion_model.layers.1.attention.out": out})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merge_lora(model, weights)
+    after = model.state_dict()
+    delta = torch.cat([after[f"layers.1.attention.{m}.weight"] - before[f"layers.1.attention.{m}.weight"]
+                       for m in ("to_q", "to_k", "to_v")])
+    assert torch.allclose(delta, fused.delta(), atol=1e-5)
+    assert torch.allclose(after["layers.1.attention.to_out.0.weight"] - before["layers.1.attention.to_out.0.weight"],
+                          out.delta(), atol=1e-5)
