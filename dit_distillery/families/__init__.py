@@ -193,6 +193,9 @@ def _detect_config(raw, field: str, where: str) -> tuple[str, dict]:
             raise DistilleryError(field, where, f"holds a {class_name}, not a DiT this pack knows.",
                                   f"use one of {sorted(f.model_class().__name__ for f in all())}.")
         fitting = [f for f in all() if args and set(args) <= constructor_keys(f)]
+        if len(fitting) > 1:  # several classes take these arguments: the one they describe most completely
+            missing = {f.name: len(constructor_keys(f) - set(args)) for f in fitting}
+            fitting = [f for f in fitting if missing[f.name] == min(missing.values())]
         if len(fitting) != 1:
             classes = " or ".join(f.model_class().__name__ for f in all())
             raise DistilleryError(field, where, "cannot tell which DiT family this config describes.",

@@ -241,6 +241,11 @@ class Family:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------------------
+    def folder_defaults(self, index: dict) -> dict | None:
+        """Sampling defaults a diffusers folder of this family implies through its model_index.json (e.g. a
+        step-distilled variant's `is_distilled`); None: the family's `sampling_defaults`."""
+        return None
+
     # ComfyUI: key names and what stock ComfyUI loads
 
     def to_comfy(self, state: dict) -> dict:

@@ -1,0 +1,324 @@
+"""FLUX.2 [klein]: released sizes, the DiT call and sampling against diffusers' Flux2KleinPipeline, ComfyUI's key
+names (BFL) for models and LoRAs, loading folders and single files, training and shrinking on the tiny family."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dit_distillery import families, schedule
+from dit_distillery.errors import DistilleryError
+from dit_distillery.families import flux2
+
+FAMILY = families.get("flux2")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return FAMILY.tiny_pipeline(seed=0)
+
+
+def reference(pipe, is_distilled=False):
+    """diffusers' own klein pipeline around the same components."""
+    from diffusers import Flux2KleinPipeline
+
+    enc = pipe.prompt_encoder
+    ref = Flux2KleinPipeline(scheduler=schedule.scheduler("FLUX.2"), vae=pipe.codec.vae, text_encoder=enc.text_encoder,
+                             tokenizer=enc.tokenizer, transformer=pipe.dit, is_distilled=is_distilled)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The released models
+
+@pytest.mark.parametrize("preset,params,double,single,text", [("flux2-klein-4b", flux2.KLEIN_4B_PARAMS, 5, 20, 7680),
+                                                             ("flux2-klein-9b", flux2.KLEIN_9B_PARAMS, 8, 24, 12288)])
+def test_released_configs_have_their_exact_parameter_counts(preset, params, double, single, text):
+    name, config, _ = families.detect(preset)
+    assert name == "flux2" and (config["num_layers"], config["num_single_layers"]) == (double, single)
+    with torch.device("meta"):
+        model = FAMILY.model_class()(**config)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert not any(n.endswith(".bias") for n, _ in model.named_parameters())  # klein has no biases
+    assert FAMILY.text_width(config) == text and FAMILY.comfy_loadable(config)[0]
+    # ComfyUI's flux2 detection (model_detection.py, v0.38.1) on our key names gives back the same model
+    keys = {k: tuple(v.shape) for k, v in FAMILY.to_comfy({k: v for k, v in model.state_dict().items()}).items()}
+    assert comfy_detect(keys) == {"hidden_size": config["num_attention_heads"] * 128, "num_heads":
+                                  config["num_attention_heads"], "depth": double, "depth_single_blocks": single,
+                                  "context_in_dim": text, "in_channels": 128, "guidance_embed": False}
+
+
+def comfy_detect(shapes: dict) -> dict:
+    """ComfyUI's flux2 branch of `model_detection.detect_unet_config` (v0.38.1), transcribed."""
+
+    def count_blocks(prefix):
+        n = 0
+        while any(k.startswith(prefix.format(n)) for k in shapes):
+            n += 1
+        return n
+
+    assert "double_blocks.0.img_attn.norm.key_norm.scale" in shapes and "img_in.weight" in shapes
+    assert "double_stream_modulation_img.lin.weight" in shapes  # -> image_model "flux2"
+    hidden = shapes["img_in.weight"][0]
+    return {"hidden_size": hidden, "num_heads": hidden // sum([32, 32, 32, 32]),
+            "depth": count_blocks("double_blocks.{}."), "depth_single_blocks": count_blocks("single_blocks.{}."),
+            "context_in_dim": shapes["txt_in.weight"][1], "in_channels": shapes["img_in.weight"][1],
+            "guidance_embed": "guidance_in.in_layer.weight" in shapes}
+
+
+@pytest.mark.parametrize("preset", ["flux2-klein-tiny", "flux2-klein-4b"])
+def test_closed_form_training_activations_are_a_close_lower_bound_of_the_measured(preset):
+    from dit_distillery import report
+
+    family, config = report.PRESETS[preset]
+    r = report.size_report(preset, height=256, width=256, batch=2)
+    assert r["setting"]["text_tokens"] == 512  # klein's prompts are always 512 tokens
+    tokens = r["setting"]["image_tokens"] + r["setting"]["text_tokens"]
+    for checkpointing, key in ((True, "checkpointing_bytes"), (False, "no_checkpointing_bytes")):
+        estimate = report.training_activation_bytes(family, config, batch=2, tokens=tokens, checkpointing=checkpointing)
+        assert 1.0 <= r["activations"]["full"][key] / estimate <= 1.6, (checkpointing, estimate)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Calling the DiT, sampling
+
+def test_velocity_is_the_pipelines_denoising_step(pipe):
+    """The transformer call inside Flux2KleinPipeline (its packing, ids and time input), captured by a hook, gives
+    our velocity at the same latents and sigma."""
+    ref = reference(pipe)
+    seen = {}
+
+    def hook(module, args, kwargs, output):
+        seen.setdefault("kwargs", kwargs)
+        seen.setdefault("out", output[0])
+
+    noise = torch.randn(1, 128, 3, 2, generator=torch.Generator().manual_seed(1))
+    handle = pipe.dit.register_forward_hook(hook, with_kwargs=True)
+    try:
+        ref(prompt="a red circle", height=48, width=32, num_inference_steps=3, guidance_scale=1.0, latents=noise,
+            max_sequence_length=32, text_encoder_out_layers=(1, 2, 3), output_type="latent")
+    finally:
+        handle.remove()
+    sigma = seen["kwargs"]["timestep"]
+    assert 0 < float(sigma) <= 1
+    text = pipe.prompt_encoder.encode(["a red circle"])
+    ours = FAMILY.velocity(pipe.dit, noise, sigma.float(), text)
+    latent_ids = ref._prepare_latent_ids(noise)
+    theirs = ref._unpack_latents_with_ids(seen["out"], latent_ids, 3, 2)
+    assert torch.allclose(ours, theirs, atol=1e-6) and ours.abs().max() > 0.1
+    # ... and a wrong packing would not pass: transposed latents give another velocity
+    wrong = FAMILY.velocity(pipe.dit, noise.transpose(2, 3).reshape(noise.shape), sigma.float(), text)
+    assert not torch.allclose(wrong, theirs, atol=1e-3)
+
+
+@pytest.mark.parametrize("steps,cfg", [(3, 4.0), (2, 1.0)])
+def test_sampling_equals_flux2_klein_pipeline(pipe, steps, cfg):
+    """Prompt encoding (template, thinking off, layers, padding), the empirical-mu schedule, CFG with the empty
+    negative prompt, and the codec's batch-norm / unpatchify: the same images as diffusers from the same noise."""
+    ours = pipe.sample("a red circle", seeds=3, steps=steps, cfg_scale=cfg, height=32, width=48)
+    noise = pipe.initial_noise([3], 32, 48)
+    theirs = reference(pipe)(prompt="a red circle", height=32, width=48, num_inference_steps=steps,
+                             guidance_scale=cfg, latents=noise, max_sequence_length=32,
+                             text_encoder_out_layers=(1, 2, 3), output_type="pt").images
+    assert torch.allclose(ours.pixels * 0.5 + 0.5, theirs, atol=1e-5) and ours.pixels.std() > 0.05
+    mu = schedule.mu_for("FLUX.2", 2 * 3, steps)
+    sched = schedule.scheduler("FLUX.2")
+    sched.set_timesteps(sigmas=torch.linspace(1, 1 / steps, steps).numpy(), mu=mu)
+    assert ours.sigmas == pytest.approx(sched.sigmas[:-1].tolist())
+
+
+def test_prompt_encoding_is_the_pipelines(pipe):
+    from diffusers import Flux2KleinPipeline
+
+    enc = pipe.prompt_encoder
+    ours = enc.encode(["a red circle", "two blue squares on a white background"])
+    theirs = Flux2KleinPipeline._get_qwen3_prompt_embeds(enc.text_encoder, enc.tokenizer,
+                                                         ["a red circle", "two blue squares on a white background"],
+                                                         max_sequence_length=32, hidden_states_layers=(1, 2, 3))
+    assert ours.embeds.shape == (2, 32, 48) and torch.equal(ours.embeds, theirs)
+    assert "<think>\n\n</think>" in enc.chat_text("x")  # thinking off, as klein
+    assert not enc.trims_padding  # klein attends to the padding: it is kept
+
+
+def test_defaults_schedule_and_sizes():
+    assert FAMILY.sampling_defaults == dict(steps=50, cfg_scale=4.0, height=1024, width=1024)
+    assert FAMILY.folder_defaults({"_class_name": "Flux2KleinPipeline", "is_distilled": True})["steps"] == 4
+    assert FAMILY.folder_defaults({"_class_name": "Flux2KleinPipeline", "is_distilled": True})["cfg_scale"] == 1.0
+    assert FAMILY.folder_defaults({"_class_name": "Flux2KleinPipeline"})["steps"] == 50
+    assert FAMILY.folder_defaults({"_class_name": "QwenImagePipeline"}) is None
+    # 1024x1024: 64x64 latent pixels of 128 channels, one token each; diffusers' mu at 4 steps
+    assert FAMILY.image_tokens(64, 64) == 4096
+    assert schedule.mu_for(FAMILY.schedule_template, 4096, 4) == pytest.approx(2.2912, abs=1e-4)
+    assert schedule.sigmas(FAMILY.schedule_template, 4, image_seq_len=4096) == pytest.approx(
+        [1.0, 0.9674, 0.9081, 0.7672], abs=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ComfyUI names
+
+def test_bfl_names_are_diffusers_own_conversion(pipe):
+    """Our BFL names (to_comfy) read back through diffusers' single-file converter give the model exactly."""
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers as convert
+
+    state = pipe.dit.state_dict()
+    bfl = FAMILY.to_comfy(dict(state))
+    assert "double_blocks.0.img_attn.qkv.weight" in bfl and "single_blocks.1.linear1.weight" in bfl
+    assert "double_blocks.0.img_attn.norm.query_norm.scale" in bfl and "img_in.weight" in bfl
+    assert not any(k.startswith(("transformer_blocks", "single_transformer_blocks", "x_embedder")) for k in bfl)
+    back = convert({k: v.clone() for k, v in bfl.items()})
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    # the final layer's modulation is stored (shift, scale): halves swapped
+    w = state["norm_out.linear.weight"]
+    assert torch.equal(bfl["final_layer.adaLN_modulation.1.weight"], torch.cat(w.chunk(2)[::-1]))
+    # ComfyUI renames *_norm.scale to .weight: both read back
+    renamed = {k.replace("_norm.scale", "_norm.weight"): v for k, v in bfl.items()}
+    assert all(torch.equal(FAMILY.from_comfy(renamed)[k], state[k]) for k in state)
+
+
+def test_fused_lora_equals_the_separate_loras():
+    """lora_to_comfy's rank-3r qkv adapter on the fused weight = the q, k, v adapters on their weights, and
+    lora_from_comfy gives back adapters with the same effect (different ranks and alphas, one part missing)."""
+    from dit_distillery.lora import LoraModule
+
+    g = torch.Generator().manual_seed(0)
+    d, n = 16, 16
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    mods = {"transformer_blocks.0.attn.to_q": LoraModule(rand(2, n), rand(d, 2), 4.0),
+            "transformer_blocks.0.attn.to_v": LoraModule(rand(3, n), rand(d, 3), 3.0),
+            "transformer_blocks.0.attn.add_q_proj": LoraModule(rand(2, n), rand(d, 2), 2.0),
+            "transformer_blocks.0.attn.add_k_proj": LoraModule(rand(2, n), rand(d, 2), 2.0),
+            "transformer_blocks.0.attn.add_v_proj": LoraModule(rand(2, n), rand(d, 2), 2.0),
+            "norm_out.linear": LoraModule(rand(2, n), rand(2 * d, 2), 2.0)}
+    weights = {name: rand(m.up.shape[0], n) for name, m in mods.items()}
+    weights["transformer_blocks.0.attn.to_k"] = rand(d, n)
+    expected = {k: w + (mods[k].delta() if k in mods else 0) for k, w in weights.items()}
+    fused = FAMILY.lora_to_comfy(mods)
+    assert set(fused) == {"diffusion_model.double_blocks.0.img_attn.qkv", "diffusion_model.double_blocks.0.txt_attn.qkv",
+                          "diffusion_model.final_layer.adaLN_modulation.1"}
+    assert fused["diffusion_model.double_blocks.0.img_attn.qkv"].rank == 5
+    assert fused["diffusion_model.double_blocks.0.txt_attn.qkv"].rank == 6
+    assert fused["diffusion_model.double_blocks.0.txt_attn.qkv"].alpha == 6.0  # common scale 1 kept in alpha
+    bfl_weights = FAMILY.to_comfy({k + ".weight": w for k, w in weights.items()})
+    bfl_expected = FAMILY.to_comfy({k + ".weight": w for k, w in expected.items()})
+    for name, m in fused.items():
+        key = name[len("diffusion_model."):] + ".weight"
+        assert torch.allclose(bfl_weights[key] + m.delta(), bfl_expected[key], atol=1e-5)
+    back = FAMILY.lora_from_comfy(fused)
+    for k, w in weights.items():
+        if k in back:
+            assert torch.allclose(w + back[k].delta(), expected[k], atol=1e-5)
+        else:
+            assert k not in mods
+    assert set(mods) <= set(back)
+
+
+def test_lora_files_load_in_comfyui_and_merge_back(pipe, tmp_path):
+    """Every module of a saved LoRA is `diffusion_model.<name>` of a weight our ComfyUI-named model has (ComfyUI's
+    generic LoRA key map), and merging the file equals merging the adapters."""
+    import copy
+
+    from dit_distillery.lora import add_lora, lora_weights_of, merge_lora, read_lora, save_lora
+
+    adapted = copy.deepcopy(pipe.dit)
+    add_lora(adapted, "flux2_klein", rank=2, alpha=3.0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    path = save_lora(adapted, tmp_path / "lora.safetensors")
+    stored = load_file(str(path))
+    comfy_weights = {"diffusion_model." + k[: -len(".weight")] for k in FAMILY.to_comfy(pipe.dit.state_dict())}
+    modules = {k.rsplit(".lora_", 1)[0] if ".lora_" in k else k[: -len(".alpha")] for k in stored}
+    assert modules and modules <= comfy_weights and all(k.startswith("diffusion_model.") for k in stored)
+    assert "diffusion_model.double_blocks.0.img_attn.qkv" in modules
+    expected, merged = copy.deepcopy(pipe.dit), copy.deepcopy(pipe.dit)
+    merge_lora(expected, lora_weights_of(adapted))
+    merge_lora(merged, read_lora(path))
+    for k, v in expected.state_dict().items():
+        assert torch.allclose(v, merged.state_dict()[k], atol=1e-5), k
+
+
+def test_comfy_loadable_students():
+    base = dict(flux2.KLEIN_4B_CONFIG)
+    assert FAMILY.comfy_loadable(dict(base, num_layers=3, num_single_layers=10))[0]  # depth
+    assert FAMILY.comfy_loadable(dict(base, num_attention_heads=16))[0]  # whole heads, MLP 3x
+    assert not FAMILY.comfy_loadable(dict(base, mlp_ratio=2.0))[0]
+    assert not FAMILY.comfy_loadable(dict(base, attention_head_dim=64, axes_dims_rope=[16] * 4))[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Detection and loading
+
+def test_detect_from_diffusers_and_bfl_keys(pipe, tmp_path):
+    from dit_distillery.models import registry
+
+    state = {k: v.contiguous() for k, v in pipe.dit.state_dict().items()}
+    config = registry.model_config(pipe.dit)
+    for name, tensors in (("diffusers", state), ("bfl", FAMILY.to_comfy(dict(state))),
+                          ("comfy", {"model.diffusion_model." + k: v for k, v in FAMILY.to_comfy(dict(state)).items()})):
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        family, found, _ = families.detect(path)
+        assert family == "flux2" and found == config, name
+        loaded = registry.load_dit(path)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    # a student with fewer blocks: counts read back
+    smaller = FAMILY.model_class()(**dict(FAMILY.tiny_config(), num_layers=1, num_single_layers=3))
+    shapes = {k: tuple(v.shape) for k, v in FAMILY.to_comfy(smaller.state_dict()).items()}
+    assert FAMILY.config_from_shapes(shapes.__getitem__, shapes) == registry.model_config(smaller)
+    gap = {k.replace("single_blocks.2.", "single_blocks.5."): v for k, v in shapes.items()}
+    with pytest.raises(DistilleryError, match="contiguous"):
+        FAMILY.config_from_shapes(gap.__getitem__, gap)
+
+
+def test_a_diffusers_folder_and_comfyui_single_files_load(pipe, tmp_path):
+    """A klein folder (model_index.json as diffusers writes it, no record of ours: klein's 512 tokens and layers
+    9, 18, 27, and `is_distilled` for the defaults) and the files ComfyUI users keep: the DiT in BFL names, the
+    text encoder weights, the VAE."""
+    from transformers import Qwen3Model
+
+    from dit_distillery import tiny
+    from dit_distillery.models import registry
+    from dit_distillery.pipelines.loading import META_KEY, load_pipeline, save_pipeline
+
+    encoder = tiny.tiny_qwen3_encoder(pipe.prompt_encoder.tokenizer, hidden_size=16, num_layers=28, seed=5)
+    folder = save_pipeline(pipe, tmp_path / "klein")
+    encoder.save_pretrained(folder / "text_encoder")
+    index = json.loads((folder / "model_index.json").read_text())
+    del index[META_KEY]
+    index.update(is_distilled=True, text_encoder=["transformers", "Qwen3ForCausalLM"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    loaded = load_pipeline(folder)
+    assert loaded.family == "flux2" and loaded.defaults["steps"] == 4 and loaded.defaults["cfg_scale"] == 1.0
+    enc = loaded.prompt_encoder
+    assert (enc.max_length, enc.hidden_layers) == (512, (9, 18, 27)) and isinstance(enc.text_encoder, Qwen3Model)
+    text = enc.encode(["a red circle"])
+    assert text.embeds.shape == (1, 512, 48)
+    out = loaded.sample("a red circle", steps=2, height=32, width=32, output="latent")
+    assert out.latents.shape == (1, 128, 2, 2) and torch.isfinite(out.latents).all()
+
+    # single files: the DiT as ComfyUI keeps it (BFL names), the text encoder's weights with its config folder,
+    # the VAE file
+    dit_file = registry.save_dit(pipe.dit, tmp_path / "flux-2-klein-tiny.safetensors")
+    assert "double_blocks.0.img_attn.qkv.weight" in load_file(str(dit_file))
+    vae_file = tmp_path / "flux2-vae.safetensors"
+    save_file({k: v.contiguous() for k, v in pipe.codec.vae.state_dict().items()}, str(vae_file))
+    singles = load_pipeline(None, dit=dit_file, text_encoder=folder / "text_encoder" / "model.safetensors",
+                            text_encoder_config=folder / "text_encoder", tokenizer=folder / "tokenizer", vae=vae_file,
+                            vae_config=folder / "vae")
+    assert singles.family == "flux2" and singles.defaults == FAMILY.sampling_defaults
+    for a, b in ((singles.dit, pipe.dit), (singles.codec.vae, pipe.codec.vae), (singles.prompt_encoder.text_encoder,
+                                                                                 encoder)):
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_tiny_flux2_is_a_builtin_pipeline():
+    from dit_distillery.pipelines.loading import builtin_names, load_pipeline, source_family
+
+    assert "tiny:flux2" in builtin_names() and source_family("tiny:flux2") == "flux2"
+    assert load_pipeline("tiny:flux2").family == "flux2"
