@@ -265,3 +265,94 @@ def test_a_fused_qkv_lora_in_comfy_names_splits_exactly():
     assert torch.allclose(delta, fused.delta(), atol=1e-5)
     assert torch.allclose(after["layers.1.attention.to_out.0.weight"] - before["layers.1.attention.to_out.0.weight"],
                           out.delta(), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: a diffusers folder, and the single files ComfyUI users keep
+
+def _ldm_vae_state(vae) -> dict:
+    """A diffusers AutoencoderKL's tensors under the original LDM names (ComfyUI's ae.safetensors layout)."""
+    import re
+
+    blocks = len(vae.config.block_out_channels)
+    out = {}
+    for key, value in vae.state_dict().items():
+        k = key
+        k = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
+        k = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
+        k = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.",
+                   lambda m: f"decoder.up.{blocks - 1 - int(m.group(1))}.block.", k)
+        k = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                   lambda m: f"decoder.up.{blocks - 1 - int(m.group(1))}.upsample.", k)
+        k = re.sub(r"\.mid_block\.resnets\.(\d+)\.", lambda m: f".mid.block_{int(m.group(1)) + 1}.", k)
+        k = k.replace(".mid_block.attentions.0.", ".mid.attn_1.").replace("conv_norm_out", "norm_out")
+        k = k.replace("conv_shortcut", "nin_shortcut")
+        for ours, theirs in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
+                             ("to_out.0", "proj_out")):
+            k = k.replace(f".attn_1.{ours}.", f".attn_1.{theirs}.")
+        if ".attn_1." in k and k.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # LDM's 1x1 convolutions
+        out[k] = value.contiguous()
+    return out
+
+
+@pytest.fixture(scope="module")
+def saved(pipe, tmp_path_factory):
+    from dit_distillery.pipelines.loading import save_pipeline
+
+    folder = tmp_path_factory.mktemp("z") / "pipe"
+    save_pipeline(pipe, folder)
+    return folder
+
+
+def test_loads_from_its_diffusers_folder(pipe, saved):
+    from diffusers import ZImagePipeline
+
+    from dit_distillery.pipelines.loading import load_pipeline
+
+    index = json.loads((saved / "model_index.json").read_text())
+    assert index["_class_name"] == "ZImagePipeline" and index["vae"] == ["diffusers", "AutoencoderKL"]
+    scheduler = json.loads((saved / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["shift"], scheduler["use_dynamic_shifting"]) == (3.0, False)
+    loaded = load_pipeline(saved)
+    assert loaded.family == "z_image" and loaded.template == "Z-Image"
+    want = pipe.sample("a red circle", seeds=1, steps=2, height=32, width=32, output="latent").latents
+    got = loaded.sample("a red circle", seeds=1, steps=2, height=32, width=32, output="latent").latents
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    diffusers_pipe = ZImagePipeline.from_pretrained(saved)  # diffusers reads the same folder
+    assert type(diffusers_pipe.transformer).__name__ == "ZImageTransformer2DModel"
+
+
+def test_loads_from_comfyui_single_files(pipe, saved, tmp_path, monkeypatch):
+    """DiT in ComfyUI's names (with its prefix, no metadata), the text encoder as a Qwen3ForCausalLM file, the VAE
+    in the original LDM layout: the same pipeline."""
+    from dit_distillery.pipelines.loading import load_pipeline
+
+    dit_file = tmp_path / "z_image_turbo_bf16.safetensors"
+    comfy = z_image.to_comfy(pipe.dit.state_dict())
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in comfy.items()}, str(dit_file))
+    te_file = tmp_path / "qwen_3_4b.safetensors"
+    save_file({"model." + k: v.contiguous() for k, v in pipe.prompt_encoder.text_encoder.state_dict().items()},
+              str(te_file))
+    vae_file = tmp_path / "ae.safetensors"
+    save_file(_ldm_vae_state(pipe.codec.vae), str(vae_file))
+    loaded = load_pipeline(None, dit=dit_file, text_encoder=te_file, text_encoder_config=saved / "text_encoder",
+                           tokenizer=saved / "tokenizer", vae=vae_file, vae_config=saved / "vae")
+    want = pipe.sample("a red circle", seeds=1, steps=2, height=32, width=32).pixels
+    got = loaded.sample("a red circle", seeds=1, steps=2, height=32, width=32).pixels
+    assert loaded.family == "z_image" and torch.allclose(got, want, atol=1e-5)
+    assert loaded.defaults == FAMILY.sampling_defaults  # no model_index: the family's (Turbo's) defaults
+    # a lone text-encoder file: the family knows its encoder's config (here the tiny one stands in for Qwen3-4B)
+    tiny_config = json.loads((saved / "text_encoder" / "config.json").read_text())
+    monkeypatch.setattr(type(FAMILY), "text_encoder_config", lambda self: tiny_config)
+    alone = load_pipeline(None, dit=dit_file, text_encoder=te_file, tokenizer=saved / "tokenizer", vae=vae_file,
+                          vae_config=saved / "vae")
+    a, b = alone.encode_prompts(["a red circle"]), pipe.encode_prompts(["a red circle"])
+    torch.testing.assert_close(a.embeds, b.embeds, rtol=1e-5, atol=1e-5)
+
+
+def test_builtin_tiny_pipeline_by_name():
+    from dit_distillery.pipelines.loading import builtin_names, load_pipeline
+
+    assert "tiny:z_image" in builtin_names()
+    assert load_pipeline("tiny:z_image").family == "z_image"

@@ -223,6 +223,11 @@ class Family:
         are what a saved pipeline recorded (`max_length`, `hidden_layers`)."""
         raise NotImplementedError
 
+    def text_encoder_config(self) -> dict | None:
+        """The text encoder's transformers config.json content for a single text-encoder file given without its
+        config folder (None: such a file needs its folder, as for Qwen-Image's and AAADiT's encoders)."""
+        return None
+
     def codec(self, vae) -> "Codec":
         """Its latent normalisation around a loaded VAE."""
         raise NotImplementedError
@@ -236,16 +241,16 @@ class Family:
         """A single-file VAE in its original layout (ComfyUI's files) -> diffusers keys."""
         return state
 
-    def tiny_pipeline(self, seed: int = 0) -> "TextToImagePipeline":
-        """A complete tiny random pipeline with the real classes (tests and `--pipeline tiny:<name>`)."""
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------------------------------------------
     def folder_defaults(self, index: dict) -> dict | None:
         """Sampling defaults a diffusers folder of this family implies through its model_index.json (e.g. a
         step-distilled variant's `is_distilled`); None: the family's `sampling_defaults`."""
         return None
 
+    def tiny_pipeline(self, seed: int = 0) -> "TextToImagePipeline":
+        """A complete tiny random pipeline with the real classes (tests and `--pipeline tiny:<name>`)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------------
     # ComfyUI: key names and what stock ComfyUI loads
 
     def to_comfy(self, state: dict) -> dict:

@@ -225,7 +225,8 @@ def _text_encoder_from_file(path: Path, family: str, config_dir, dtype, device, 
     if any(k.endswith("scaled_fp8") or k.endswith(".scale_weight") for k in keys):
         raise DistilleryError(field, str(path), "is a ComfyUI fp8-scaled text encoder, which transformers cannot read.",
                               "use the bf16/fp16 text encoder file, or the model's text_encoder/ folder.")
-    if config_dir is None or not (Path(config_dir) / "config.json").is_file():
+    known = families.get(family).text_encoder_config()
+    if (config_dir is None or not (Path(config_dir) / "config.json").is_file()) and known is None:
         raise DistilleryError(field, str(path), "a single text-encoder file has no configuration, and transformers "
                               "cannot load one from a file alone.",
                               "also give the config folder: the text_encoder/ folder of the diffusers model "
@@ -233,7 +234,10 @@ def _text_encoder_from_file(path: Path, family: str, config_dir, dtype, device, 
     # transformers reads a folder: give it one made of the config and a link to the file, so its own key
     # conversions (e.g. older Qwen2.5-VL layouts) apply.
     with tempfile.TemporaryDirectory(prefix="dit_distillery_te_") as tmp:
-        shutil.copy(Path(config_dir) / "config.json", Path(tmp) / "config.json")
+        if config_dir is not None and (Path(config_dir) / "config.json").is_file():
+            shutil.copy(Path(config_dir) / "config.json", Path(tmp) / "config.json")
+        else:  # the family's released encoder (Z-Image's qwen_3_4b.safetensors)
+            (Path(tmp) / "config.json").write_text(json.dumps(known))
         os.symlink(path.resolve(), Path(tmp) / "model.safetensors")
         return load_text_encoder(tmp, family, dtype=dtype, device=device, field=field)
 
