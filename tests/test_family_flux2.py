@@ -322,3 +322,62 @@ def test_tiny_flux2_is_a_builtin_pipeline():
 
     assert "tiny:flux2" in builtin_names() and source_family("tiny:flux2") == "flux2"
     assert load_pipeline("tiny:flux2").family == "flux2"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling with the family's defaults, training through the trainer
+
+def test_sampling_with_the_family_defaults(pipe):
+    """The base's 50 steps with CFG 4 and the empty negative prompt (at a tiny size), and the distilled 4 steps."""
+    base = pipe.with_dit(pipe.dit)
+    base.defaults = dict(FAMILY.sampling_defaults, height=32, width=32)
+    calls = []
+    out = base.sample("a red circle", seeds=1, callback=lambda i, n, x: calls.append(n))
+    assert len(out.sigmas) == 50 and calls[-1] == 50 and len(out.images) == 1
+    assert out.images[0].size == (32, 32) and torch.isfinite(out.latents).all()
+    distilled = base.with_dit(pipe.dit)
+    distilled.defaults = dict(flux2.DISTILLED_DEFAULTS, height=32, width=32)
+    fast = distilled.sample("a red circle", seeds=1, output="latent")
+    assert len(fast.sigmas) == 4 and not torch.allclose(fast.latents, out.latents[:1])
+
+
+def _job(out, **overrides):
+    from tests.trainer_helpers import make_job
+
+    return make_job(out, model={"pipeline": "tiny:flux2"}, **overrides)
+
+
+@pytest.fixture(scope="module")
+def distill_data(tmp_path_factory, pipe):
+    from dit_distillery.gen_dataset import generate_distill_dataset
+
+    folder = tmp_path_factory.mktemp("flux2_distill")
+    report = generate_distill_dataset(pipe, ["a red circle on a blue background", "a green square on a white background"],
+                                      folder, teacher_steps=4, teacher_cfg=4.0, height=32, width=32, student_steps=2)
+    assert report["rows_written"] == 2
+    return folder
+
+
+@pytest.mark.parametrize("loss", ["flow_matching", "direct_distill"])
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_sft_and_direct_distill_train_and_save_comfyui_names(tmp_path, distill_data, pipe, loss, mode):
+    from dit_distillery.lora import read_lora
+    from dit_distillery.models import registry
+    from dit_distillery.trainer import train
+
+    data = {"path": str(distill_data), "synthetic": None} if loss == "direct_distill" else {}
+    job = _job(tmp_path, mode=mode, steps=2, lora={"rank": 2}, loss={"kind": loss}, optim={"lr": 1e-3},
+               data=data or {"synthetic": {"count": 4, "size": 32}})
+    result = train(job)
+    assert len(result.history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+    stored = load_file(str(result.weights))
+    comfy = {"diffusion_model." + k for k in FAMILY.to_comfy(pipe.dit.state_dict())}
+    if mode == "lora":  # every module is one stock ComfyUI maps (its `diffusion_model.<BFL name>.weight`)
+        modules = {k.rsplit(".lora_", 1)[0] if ".lora_" in k else k[: -len(".alpha")] for k in stored}
+        assert {m + ".weight" for m in modules} <= comfy and "diffusion_model.single_blocks.0.linear1" in modules
+        assert read_lora(result.weights).rank == 6  # q, k, v of rank 2 fused into one adapter
+    else:  # the trained DiT under the BFL names UNETLoader reads, loadable back
+        assert {"diffusion_model." + k for k in stored} == comfy
+        trained = registry.load_dit(result.weights)
+        assert families.of_model(trained) is FAMILY
+        assert any(not torch.equal(v, pipe.dit.state_dict()[k]) for k, v in trained.state_dict().items())
