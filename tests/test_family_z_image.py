@@ -356,3 +356,63 @@ def test_builtin_tiny_pipeline_by_name():
 
     assert "tiny:z_image" in builtin_names()
     assert load_pipeline("tiny:z_image").family == "z_image"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling and training on the tiny family
+
+def test_samples_with_the_family_schedule(pipe):
+    result = pipe.sample(["a red circle", "a blue square"], seeds=[0, 1], steps=3, height=32, width=32)
+    assert result.pixels.shape == (2, 3, 32, 32) and torch.isfinite(result.pixels).all()
+    assert pipe.sigmas(3, 32, 32) == schedule.sigmas("Z-Image", 3)
+    guided = pipe.sample("a red circle", seeds=0, steps=2, cfg_scale=3.0, negative_prompt="blurry", height=32,
+                         width=32, output="latent").latents
+    plain = pipe.sample("a red circle", seeds=0, steps=2, height=32, width=32, output="latent").latents
+    assert not torch.allclose(guided, plain)
+
+
+def _z_job(out, **overrides):
+    from tests.trainer_helpers import make_job
+
+    return make_job(out, model={"pipeline": "tiny:z_image"}, **overrides)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_sft_trains_and_saves_comfy_keys(tmp_path, mode):
+    from dit_distillery.lora import read_lora
+    from dit_distillery.trainer import train
+
+    result = train(_z_job(tmp_path, mode=mode, steps=3, lora={"rank": 2}))
+    assert [h["step"] for h in result.history][-1] == 3 and all(torch.isfinite(torch.tensor(h["loss"]))
+                                                             for h in result.history)
+    stored = load_file(str(result.weights))
+    if mode == "lora":
+        model = z_image.tiny_dit()
+        modules = {k.rsplit(".", 2)[0] for k in stored if k.endswith(".lora_A.weight")}
+        assert modules and modules <= _comfy_lora_keys(model)
+        assert {m.rsplit(".", 1)[-1] for m in modules} >= {"to_q", "to_k", "to_v", "w1", "w2", "w3"}
+        assert read_lora(result.weights).modules
+    else:  # a full student in ComfyUI's names, read back by our loader
+        assert "layers.0.attention.qkv.weight" in stored and "x_embedder.weight" in stored
+        assert families.of_model(registry.load_dit(result.weights)) is FAMILY
+
+
+@pytest.fixture(scope="module")
+def distill_data(pipe, tmp_path_factory):
+    from dit_distillery.gen_dataset import generate_distill_dataset
+
+    folder = tmp_path_factory.mktemp("zdd") / "data"
+    generate_distill_dataset(pipe, ["a red circle on a blue background", "a green square on a white background"],
+                             folder, teacher_steps=3, teacher_cfg=2.0, height=32, width=32, student_steps=2)
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_direct_distill_trains(tmp_path, distill_data, mode):
+    from dit_distillery.trainer import train
+
+    result = train(_z_job(tmp_path / "run", mode=mode, steps=2, lora={"rank": 2},
+                          data={"path": str(distill_data), "synthetic": None},
+                          loss={"kind": "direct_distill", "steps": 2, "cfg": 1}))
+    assert result.steps == 2 and result.weights.is_file()
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
