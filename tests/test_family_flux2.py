@@ -381,3 +381,63 @@ def test_sft_and_direct_distill_train_and_save_comfyui_names(tmp_path, distill_d
         trained = registry.load_dit(result.weights)
         assert families.of_model(trained) is FAMILY
         assert any(not torch.equal(v, pipe.dit.state_dict()[k]) for k, v in trained.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shrinking by depth
+
+def test_block_groups_see_the_image_tokens(pipe):
+    """The image states `image_io` picks out of the last single-stream block ([text; image]) are what the output
+    layer gets, and the double-stream block's are what the next block takes."""
+    dit = pipe.dit
+    single, double = FAMILY.group("single_transformer_blocks"), FAMILY.group("transformer_blocks")
+    assert FAMILY.main_group() == single and not double.keep
+    seen = {}
+
+    def keep(name, g):
+        def hook(module, args, kwargs, output):
+            seen[name] = g.image_io(args, kwargs, output, 6)
+        return hook
+
+    handles = [dit.single_transformer_blocks[-1].register_forward_hook(keep("single", single), with_kwargs=True),
+               dit.transformer_blocks[0].register_forward_hook(keep("double", double), with_kwargs=True),
+               dit.transformer_blocks[1].register_forward_pre_hook(
+                   lambda m, args, kwargs: seen.__setitem__("next", kwargs["hidden_states"]), with_kwargs=True),
+               dit.norm_out.register_forward_pre_hook(lambda m, args: seen.__setitem__("out", args[0]))]
+    try:
+        with torch.no_grad():
+            FAMILY.velocity(dit, torch.randn(1, 128, 2, 3), torch.tensor([0.7]), pipe.prompt_encoder.encode(["a"]))
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen["single"][0].shape == (1, 6, 32) and torch.equal(seen["single"][1], seen["out"])
+    assert torch.equal(seen["double"][1], seen["next"])
+
+
+def test_depth_shrink_of_both_groups_keeps_exact_blocks_renumbered(pipe, tmp_path):
+    from dit_distillery.models import registry
+    from dit_distillery.shrink.blocks import drop_blocks
+
+    source = FAMILY.model_class()(**dict(FAMILY.tiny_config(num_layers=3, num_single_layers=4),
+                                         joint_attention_dim=48)).eval()
+    student, kept_single = drop_blocks(source, layers=2, strategy="list", keep_blocks=[0, 3])
+    student, kept_double = drop_blocks(student, layers=2, strategy="list", keep_blocks=[1, 2],
+                                       group="transformer_blocks")
+    assert (kept_single, kept_double) == ([0, 3], [1, 2])
+    s, t = source.state_dict(), student.state_dict()
+    for new, old in enumerate(kept_single):
+        for k in (k for k in t if k.startswith(f"single_transformer_blocks.{new}.")):
+            assert torch.equal(t[k], s[k.replace(f".{new}.", f".{old}.", 1)])
+    for new, old in enumerate(kept_double):
+        for k in (k for k in t if k.startswith(f"transformer_blocks.{new}.")):
+            assert torch.equal(t[k], s[k.replace(f".{new}.", f".{old}.", 1)])
+    assert all(torch.equal(t[k], s[k]) for k in t if "blocks." not in k)
+    path = registry.save_dit(student, tmp_path / "student.safetensors")
+    stored = load_file(str(path))
+    detected = comfy_detect({k: tuple(v.shape) for k, v in stored.items()})
+    assert (detected["depth"], detected["depth_single_blocks"]) == (2, 2)  # ComfyUI counts the renumbered blocks
+    assert not FAMILY.comfy_loadable(registry.model_config(student))[0]  # heads of 16: the Load Student node's
+    x, sigma, text = torch.randn(1, 128, 2, 2), torch.tensor([0.5]), pipe.prompt_encoder.encode(["a"])
+    with torch.no_grad():
+        assert torch.equal(FAMILY.velocity(registry.load_dit(path), x, sigma, text), FAMILY.velocity(student, x, sigma,
+                                                                                                    text))
