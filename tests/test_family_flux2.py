@@ -441,3 +441,42 @@ def test_depth_shrink_of_both_groups_keeps_exact_blocks_renumbered(pipe, tmp_pat
     with torch.no_grad():
         assert torch.equal(FAMILY.velocity(registry.load_dit(path), x, sigma, text), FAMILY.velocity(student, x, sigma,
                                                                                                     text))
+
+
+@pytest.mark.parametrize("names", ["bfl", "diffusers"])
+def test_streamed_depth_shrink_of_both_groups(pipe, tmp_path, names, monkeypatch):
+    """shrink.depth streams a klein file (ComfyUI's BFL names or ours) block by block into a student under BFL
+    names whose tensors are exactly those of the in-memory depth shrink; dropped blocks are never read."""
+    from dit_distillery.formats import TensorSource
+    from dit_distillery.models import registry
+    from dit_distillery.shrink.blocks import drop_blocks
+    from dit_distillery.shrink.depth import shrink_depth
+
+    source = FAMILY.model_class()(**FAMILY.tiny_config(num_layers=3, num_single_layers=4, joint_attention_dim=48))
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    path = tmp_path / "source.safetensors"
+    save_file(FAMILY.to_comfy(state) if names == "bfl" else state, str(path))
+    calls, read = [], []
+    get = TensorSource.get
+    monkeypatch.setattr(TensorSource, "get", lambda self, key: read.append(key) or get(self, key))
+    report = shrink_depth(path, tmp_path / "student.safetensors", strategy="list",
+                          layers={"single_transformer_blocks": 2, "transformer_blocks": 1},
+                          keep_blocks={"single_transformer_blocks": [1, 3], "transformer_blocks": [2]},
+                          progress=lambda done, total: calls.append(total))
+    assert report["kept_blocks"] == {"single_transformer_blocks": [1, 3], "transformer_blocks": [2]}
+    assert (report["config"]["num_layers"], report["config"]["num_single_layers"]) == (1, 2) and calls
+    dropped = ("single_blocks.0.", "single_blocks.2.", "double_blocks.0.", "double_blocks.1.",
+               "single_transformer_blocks.0.", "single_transformer_blocks.2.", "transformer_blocks.0.",
+               "transformer_blocks.1.")
+    assert read and not any(k.startswith(dropped) for k in read)
+    expected, _ = drop_blocks(source, layers=2, strategy="list", keep_blocks=[1, 3])
+    expected, _ = drop_blocks(expected, layers=1, strategy="list", keep_blocks=[2], group="transformer_blocks")
+    stored = load_file(report["path"])
+    want = FAMILY.to_comfy(expected.state_dict())
+    assert stored.keys() == want.keys() and all(torch.equal(stored[k], want[k]) for k in want)
+    assert families.detect(report["path"])[1] == registry.model_config(expected)
+    with pytest.raises(DistilleryError, match="already exists"):
+        shrink_depth(path, report["path"], layers={"transformer_blocks": 1})
+    half = shrink_depth(path, tmp_path / "bf16.safetensors", layers={"transformer_blocks": 2}, dtype=torch.bfloat16)
+    assert all(v.dtype == torch.bfloat16 for v in load_file(half["path"]).values())
+    assert half["kept_blocks"] == {"transformer_blocks": [0, 2]}  # uniform keeps the last block last
