@@ -63,6 +63,11 @@ class BlockGroup:
         return self.attr + "."
 
 
+def four_times(width: int) -> int:
+    """diffusers' FeedForward default (mult=4): Qwen-Image's FFN units per unit of width."""
+    return 4 * width
+
+
 @dataclass(frozen=True)
 class WidthLayout:
     """What Shrink DiT's streamed writer slices: which rows and columns of every tensor, as index spaces (see
@@ -72,9 +77,13 @@ class WidthLayout:
     `group`: the block group it changes; `global_spaces` / `block_spaces` map a module name (outside / inside those
     blocks) to its (row space, column space); `last_block_untrained`: modules of the source's last block whose
     weights never got a gradient (they do not vote when scoring); `head_count_key` / `head_dim_key`: the config
-    keys of the heads per block and their size; `unsupported`: config flags of variants it cannot slice;
-    `calibrate(source, calibration, device, progress, stop) -> shrink.importance.CalibrationStats`: the source run
-    block by block on calibration inputs (importance scoring), None when the family has no such runner.
+    keys of the heads per block and their size (`head_dim_key` None: the head size is `width_key` / heads, as for
+    Z-Image's `dim` and `n_heads`); `width_key`: the config key of the residual width when the config stores it
+    (it is then set to heads x head dim); `also_heads_keys`: other config keys that follow the head count
+    (`n_kv_heads`); `ffn_spaces`: the per-block FFN unit index spaces its tables use, each `ffn_units(width)` units
+    wide (Qwen-Image: an image and a text FFN, 4x the width); `unsupported`: config flags of variants it cannot
+    slice; `calibrate(source, calibration, device, progress, stop) -> shrink.importance.CalibrationStats`: the
+    source run block by block on calibration inputs (importance scoring), None when the family has no such runner.
     """
 
     group: str
@@ -82,9 +91,31 @@ class WidthLayout:
     block_spaces: dict[str, tuple]
     last_block_untrained: tuple[str, ...] = ()
     head_count_key: str = "num_attention_heads"
-    head_dim_key: str = "attention_head_dim"
+    head_dim_key: str | None = "attention_head_dim"
+    width_key: str | None = None
+    also_heads_keys: tuple[str, ...] = ()
+    ffn_spaces: tuple[str, ...] = ("img_ffn", "txt_ffn")
+    ffn_units: Callable[[int], int] = four_times
     unsupported: tuple[str, ...] = ()
     calibrate: Callable[..., Any] | None = None
+
+    def heads(self, config: dict) -> int:
+        return int(config[self.head_count_key])
+
+    def head_dim(self, config: dict) -> int:
+        if self.head_dim_key is not None:
+            return int(config[self.head_dim_key])
+        return int(config[self.width_key]) // self.heads(config)
+
+    def width(self, config: dict) -> int:
+        return self.heads(config) * self.head_dim(config)
+
+    def with_heads(self, config: dict, heads: int) -> dict:
+        """The config of the same model with `heads` heads per block (head size kept)."""
+        out = dict(config, **{self.head_count_key: heads}, **{k: heads for k in self.also_heads_keys})
+        if self.width_key is not None:
+            out[self.width_key] = heads * self.head_dim(config)
+        return out
 
 
 class Family:

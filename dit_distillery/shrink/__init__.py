@@ -157,7 +157,7 @@ def _plan(src: SourceModel, *, layers, strategy, keep_blocks, keep_first, heads,
     if width_shrink:
         scores = (stats.width_scores(kept) if width_method == "importance"
                   else magnitude_scores(src, kept, progress=progress, stop=stop))
-        width = select_width(scores, heads, src.head_dim, width_method)
+        width = select_width(scores, heads, src.head_dim, width_method, src.layout.ffn_units)
     student = student_config(src, len(kept), heads if width_shrink else None)
     notes = []
     if src.layout.last_block_untrained:

@@ -26,7 +26,7 @@ name which one was used.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -107,14 +107,16 @@ class CalibrationStats:
     txt_units: list[torch.Tensor]
     temb: torch.Tensor
     temb_hidden: torch.Tensor
+    # FFN unit space -> per source block; a runner of other spaces than Qwen-Image's img/txt fills this instead
+    units: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def width_scores(self, kept_blocks: list[int]) -> WidthScores:
+        units = self.units or {"img_ffn": self.img_units, "txt_ffn": self.txt_units}
         return WidthScores(
             channels=sum(self.residual_in[s] for s in kept_blocks) + self.residual_out,
             temb=self.temb, temb_hidden=self.temb_hidden,
             heads=[self.heads[s] for s in kept_blocks],
-            img_units=[self.img_units[s] for s in kept_blocks],
-            txt_units=[self.txt_units[s] for s in kept_blocks],
+            units={space: [per_block[s] for s in kept_blocks] for space, per_block in units.items()},
         )
 
 
@@ -190,7 +192,8 @@ def magnitude_scores(source: SourceModel, kept_blocks: list[int], progress=None,
 
     keys = [(None, k) for k in source.global_keys()]
     for i, s in enumerate(kept_blocks):
-        per_block.append({"heads": zeros(heads), "img_ffn": zeros(4 * dim), "txt_ffn": zeros(4 * dim)})
+        units = source.layout.ffn_units(dim)
+        per_block.append({"heads": zeros(heads), **{space: zeros(units) for space in source.layout.ffn_spaces}})
         keys += [(i, k) for k in source.keys_of_block(s)]
     keys = [(i, k) for i, k in keys if source.spaces_of(k, len(source.shapes[k])) != (None, None)]  # norms: no vote
     last = source.num_blocks - 1
@@ -210,6 +213,6 @@ def magnitude_scores(source: SourceModel, kept_blocks: list[int], progress=None,
             progress(done + 1, len(keys), stage="score", tensor=key)
     return WidthScores(
         channels=shared["res"], temb=shared["temb"], temb_hidden=shared["temb_hidden"],
-        heads=[b["heads"] for b in per_block], img_units=[b["img_ffn"] for b in per_block],
-        txt_units=[b["txt_ffn"] for b in per_block],
+        heads=[b["heads"] for b in per_block],
+        units={space: [b[space] for b in per_block] for space in source.layout.ffn_spaces},
     )

@@ -148,8 +148,7 @@ class WidthScores:
     temb: torch.Tensor  # [D] timestep-embedding channels (the modulation layers' input)
     temb_hidden: torch.Tensor  # [D] hidden units of the timestep MLP
     heads: list[torch.Tensor]  # per kept block, [H]
-    img_units: list[torch.Tensor]  # per kept block, [4D]
-    txt_units: list[torch.Tensor]  # per kept block, [4D]
+    units: dict[str, list[torch.Tensor]]  # FFN unit space (the layout's `ffn_spaces`) -> per kept block, [units]
 
 
 @dataclass
@@ -165,23 +164,34 @@ class WidthPlan:
     temb: list[int]
     temb_hidden: list[int]
     block_heads: list[list[int]]
-    img_units: list[list[int]]
-    txt_units: list[list[int]]
+    units: dict[str, list[list[int]]]  # FFN unit space -> per kept block, the kept units
 
     @property
     def width(self) -> int:
         return self.heads * self.head_dim
 
+    @property
+    def img_units(self) -> list[list[int]]:  # Qwen-Image's spaces, by their old names
+        return self.units["img_ffn"]
 
-def select_width(scores: WidthScores, heads: int, head_dim: int, method: str) -> WidthPlan:
+    @property
+    def txt_units(self) -> list[list[int]]:
+        return self.units["txt_ffn"]
+
+
+def select_width(scores: WidthScores, heads: int, head_dim: int, method: str, ffn_units=None) -> WidthPlan:
+    """Kept index sets for `heads` heads; `ffn_units(width)`: FFN units kept per unit space (the family layout's;
+    default 4x the width, Qwen-Image's)."""
+    from ..families.base import four_times
+
     width = heads * head_dim
+    units = (ffn_units or four_times)(width)
     return WidthPlan(
         heads=heads, head_dim=head_dim, method=method,
         channels=top_k(scores.channels, width), temb=top_k(scores.temb, width),
         temb_hidden=top_k(scores.temb_hidden, width),
         block_heads=[top_k(s, heads) for s in scores.heads],
-        img_units=[top_k(s, 4 * width) for s in scores.img_units],
-        txt_units=[top_k(s, 4 * width) for s in scores.txt_units],
+        units={space: [top_k(s, units) for s in per_block] for space, per_block in scores.units.items()},
     )
 
 
@@ -226,16 +236,16 @@ class ShrinkPlan:
 
         family = families.get(self.family)
         layout = family.width_layout
-        count, heads, head_dim = family.group(layout.group).count_key, layout.head_count_key, layout.head_dim_key
+        count = family.group(layout.group).count_key
         src, dst = self.source_config, self.config
         return {
             "source": self.source,
             "strategy": self.strategy,
             "layers_before": src[count], "layers_after": dst[count],
             "kept_blocks": self.kept_blocks,
-            "heads_before": src[heads], "heads_after": dst[heads],
-            "width_before": src[heads] * src[head_dim],
-            "width_after": dst[heads] * dst[head_dim],
+            "heads_before": layout.heads(src), "heads_after": layout.heads(dst),
+            "width_before": layout.width(src),
+            "width_after": layout.width(dst),
             "kept_heads": self.width.block_heads if self.width else None,
             "width_method": self.width.method if self.width else None,
             "block_scores": self.block_scores,
@@ -250,18 +260,21 @@ class ShrinkPlan:
 # family's (`families.WidthLayout`, e.g. families/qwen_image.py). "res" = the residual-stream channels (ONE subset
 # for the whole model); "res*2"/"res*6" = that subset inside each of 2 or 6 stacked chunks; "temb" = the
 # timestep-embedding channels; "temb_hidden" = the timestep MLP's hidden units; "heads" = the kept heads' whole
-# head_dim-row groups; "img_ffn"/"txt_ffn" = the kept FFN units; None = kept whole. A weight [out, in] uses (row
+# head_dim-row groups; an FFN unit space (the layout's `ffn_spaces`, e.g. "img_ffn"/"txt_ffn") = the kept FFN
+# units of that FFN; None = kept whole. A weight [out, in] uses (row
 # space, column space); its bias uses the row space.
 
 
 def split_key(key: str, prefix: str) -> tuple[int | None, str, str]:
     """('transformer_blocks.3.attn.to_q.weight', 'transformer_blocks.') -> (3, 'attn.to_q', 'weight'); keys
-    outside the blocks give block None."""
+    outside the blocks give block None; a bare parameter (Z-Image's 'x_pad_token') is its own module, param ''."""
     block = None
     rest = key
     if key.startswith(prefix):
         index, rest = key[len(prefix):].split(".", 1)
         block = int(index)
+    if "." not in rest:
+        return block, rest, ""
     module, param = rest.rsplit(".", 1)
     return block, module, param
 

@@ -181,11 +181,11 @@ class SourceModel:
 
     @property
     def heads(self) -> int:
-        return self.config[self.layout.head_count_key]
+        return self.layout.heads(self.config)
 
     @property
     def head_dim(self) -> int:
-        return self.config[self.layout.head_dim_key]
+        return self.layout.head_dim(self.config)
 
     def keys_of_block(self, index: int) -> list[str]:
         prefix = f"{self.group.prefix}{index}."
@@ -233,7 +233,7 @@ def expected_shapes(config: dict, family=None) -> dict[str, tuple[int, ...]]:
 def student_config(source: SourceModel, layers: int, heads: int | None) -> dict:
     config = dict(source.config, **{source.group.count_key: layers})
     if heads is not None:
-        config[source.layout.head_count_key] = heads
+        config = source.layout.with_heads(config, heads)
     return config
 
 
@@ -254,10 +254,8 @@ def _index(space: str | None, width: WidthPlan | None, block: int | None, dim: i
     if space == "heads":
         hd = width.head_dim
         return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in width.block_heads[block]])
-    if space == "img_ffn":
-        return torch.tensor(width.img_units[block])
-    if space == "txt_ffn":
-        return torch.tensor(width.txt_units[block])
+    if space in width.units:
+        return torch.tensor(width.units[space][block])
     raise KeyError(space)
 
 
