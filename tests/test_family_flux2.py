@@ -480,3 +480,21 @@ def test_streamed_depth_shrink_of_both_groups(pipe, tmp_path, names, monkeypatch
     half = shrink_depth(path, tmp_path / "bf16.safetensors", layers={"transformer_blocks": 2}, dtype=torch.bfloat16)
     assert all(v.dtype == torch.bfloat16 for v in load_file(half["path"]).values())
     assert half["kept_blocks"] == {"transformer_blocks": [0, 2]}  # uniform keeps the last block last
+
+
+def test_bfl_vae_file_loads(pipe, tmp_path):
+    """BFL's FLUX.2 VAE file (ComfyUI's flux2-vae.safetensors): LDM names, quant convs inside the encoder and
+    decoder, BatchNorm statistics: read into AutoencoderKLFlux2 exactly."""
+    from dit_distillery.pipelines.loading import load_vae, save_pipeline
+    from tests.test_family_z_image import _ldm_vae_state
+
+    vae = pipe.codec.vae
+    state = _ldm_vae_state(vae)
+    state = {("encoder." + k if k.startswith("quant_conv.") else "decoder." + k if k.startswith("post_quant_conv.")
+              else k): v for k, v in state.items()}
+    assert "encoder.quant_conv.weight" in state and "bn.running_var" in state and "encoder.down.0.block.0.conv1.weight" in state
+    path = tmp_path / "flux2-vae.safetensors"
+    save_file(state, str(path))
+    folder = save_pipeline(pipe, tmp_path / "pipe")
+    loaded = load_vae(path, "flux2", config_dir=folder / "vae")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in vae.state_dict().items())
