@@ -45,9 +45,13 @@ def test_released_configs_have_their_exact_parameter_counts(preset, params, doub
     assert FAMILY.text_width(config) == text and FAMILY.comfy_loadable(config)[0]
     # ComfyUI's flux2 detection (model_detection.py, v0.38.1) on our key names gives back the same model
     keys = {k: tuple(v.shape) for k, v in FAMILY.to_comfy({k: v for k, v in model.state_dict().items()}).items()}
-    assert comfy_detect(keys) == {"hidden_size": config["num_attention_heads"] * 128, "num_heads":
-                                  config["num_attention_heads"], "depth": double, "depth_single_blocks": single,
-                                  "context_in_dim": text, "in_channels": 128, "guidance_embed": False}
+    detected = comfy_detect(keys)
+    assert {k: detected[k] for k in ("hidden_size", "num_heads", "depth", "depth_single_blocks", "context_in_dim",
+                                     "in_channels", "guidance_embed")} == {
+        "hidden_size": config["num_attention_heads"] * 128, "num_heads": config["num_attention_heads"], "depth": double,
+        "depth_single_blocks": single, "context_in_dim": text, "in_channels": 128, "guidance_embed": False}
+    # the Load Student node's explicit MODEL config is what ComfyUI's own detection builds from the file
+    assert FAMILY.comfy_model_config(config) == ("Flux2", detected)
 
 
 def comfy_detect(shapes: dict) -> dict:
@@ -61,11 +65,22 @@ def comfy_detect(shapes: dict) -> dict:
 
     assert "double_blocks.0.img_attn.norm.key_norm.scale" in shapes and "img_in.weight" in shapes
     assert "double_stream_modulation_img.lin.weight" in shapes  # -> image_model "flux2"
-    hidden = shapes["img_in.weight"][0]
-    return {"hidden_size": hidden, "num_heads": hidden // sum([32, 32, 32, 32]),
-            "depth": count_blocks("double_blocks.{}."), "depth_single_blocks": count_blocks("single_blocks.{}."),
-            "context_in_dim": shapes["txt_in.weight"][1], "in_channels": shapes["img_in.weight"][1],
-            "guidance_embed": "guidance_in.in_layer.weight" in shapes}
+    config = {"image_model": "flux2", "axes_dim": [32, 32, 32, 32], "num_heads": 48, "mlp_ratio": 3.0, "theta": 2000,
+              "out_channels": 128, "global_modulation": True, "mlp_silu_act": True, "qkv_bias": False,
+              "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0, "txt_ids_dims": [3]}
+    patch_size = 1
+    config["patch_size"] = patch_size
+    config["in_channels"] = shapes["img_in.weight"][1] // (patch_size * patch_size)
+    config["hidden_size"] = shapes["img_in.weight"][0]
+    config["context_in_dim"] = shapes["txt_in.weight"][1]
+    config["vec_in_dim"] = shapes["vector_in.in_layer.weight"][1] if "vector_in.in_layer.weight" in shapes else None
+    config["num_heads"] = config["hidden_size"] // sum(config["axes_dim"])
+    config["depth"] = count_blocks("double_blocks.{}.")
+    config["depth_single_blocks"] = count_blocks("single_blocks.{}.")
+    config["guidance_embed"] = "guidance_in.in_layer.weight" in shapes
+    config["yak_mlp"] = "double_blocks.0.img_mlp.gate_proj.weight" in shapes
+    config["txt_norm"] = "txt_norm.scale" in shapes
+    return config
 
 
 @pytest.mark.parametrize("preset", ["flux2-klein-tiny", "flux2-klein-4b"])
@@ -436,6 +451,11 @@ def test_depth_shrink_of_both_groups_keeps_exact_blocks_renumbered(pipe, tmp_pat
     stored = load_file(str(path))
     detected = comfy_detect({k: tuple(v.shape) for k, v in stored.items()})
     assert (detected["depth"], detected["depth_single_blocks"]) == (2, 2)  # ComfyUI counts the renumbered blocks
+    shrunk = dict(flux2.KLEIN_4B_CONFIG, num_layers=2, num_single_layers=2)
+    with torch.device("meta"):
+        real_width = FAMILY.to_comfy(FAMILY.model_class()(**shrunk).state_dict())
+    assert FAMILY.comfy_model_config(shrunk) == ("Flux2", comfy_detect({k: tuple(v.shape) for k, v in
+                                                                        real_width.items()}))
     assert not FAMILY.comfy_loadable(registry.model_config(student))[0]  # heads of 16: the Load Student node's
     x, sigma, text = torch.randn(1, 128, 2, 2), torch.tensor([0.5]), pipe.prompt_encoder.encode(["a"])
     with torch.no_grad():

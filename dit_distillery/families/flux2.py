@@ -468,5 +468,23 @@ class Flux2Family(Family):
             return False, "ComfyUI's UNETLoader assumes 128 output channels. Load it with the pack's Load Student node."
         return True, "loads in stock UNETLoader (models/diffusion_models)"
 
+    def comfy_model_config(self, config: dict) -> tuple[str, dict] | None:
+        """ComfyUI's `supported_models.Flux2` with the unet_config its flux2 detection builds, the head count, MLP
+        ratio and RoPE taken from our config instead of assumed (so a width-shrunk student builds too). None when
+        the time input is not 256 wide (ComfyUI's Flux fixes it)."""
+        if config.get("timestep_guidance_channels") != 256 or config.get("patch_size") != 1:
+            return None
+        width = config["num_attention_heads"] * config["attention_head_dim"]
+        return "Flux2", {
+            "image_model": "flux2", "axes_dim": list(config["axes_dims_rope"]),
+            "num_heads": config["num_attention_heads"], "mlp_ratio": float(config["mlp_ratio"]),
+            "theta": config["rope_theta"], "out_channels": config.get("out_channels") or config["in_channels"],
+            "global_modulation": True, "mlp_silu_act": True, "qkv_bias": False, "ops_bias": False,
+            "default_ref_method": "index", "ref_index_scale": 10.0, "txt_ids_dims": [3],
+            "in_channels": config["in_channels"], "hidden_size": width, "context_in_dim": config["joint_attention_dim"],
+            "patch_size": 1, "vec_in_dim": None, "depth": config["num_layers"],
+            "depth_single_blocks": config["num_single_layers"], "guidance_embed": bool(config["guidance_embeds"]),
+            "yak_mlp": False, "txt_norm": False}
+
 
 FAMILY = Flux2Family()
