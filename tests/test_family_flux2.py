@@ -128,7 +128,7 @@ def test_velocity_is_the_pipelines_denoising_step(pipe):
     assert not torch.allclose(wrong, theirs, atol=1e-3)
 
 
-@pytest.mark.parametrize("steps,cfg", [(3, 4.0), (2, 1.0)])
+@pytest.mark.parametrize("steps,cfg", [(2, 4.0), (2, 1.0)])
 def test_sampling_equals_flux2_klein_pipeline(pipe, steps, cfg):
     """Prompt encoding (template, thinking off, layers, padding), the empirical-mu schedule, CFG with the empty
     negative prompt, and the codec's batch-norm / unpatchify: the same images as diffusers from the same noise."""
@@ -347,9 +347,9 @@ def test_sampling_with_the_family_defaults(pipe):
     base = pipe.with_dit(pipe.dit)
     base.defaults = dict(FAMILY.sampling_defaults, height=32, width=32)
     calls = []
-    out = base.sample("a red circle", seeds=1, callback=lambda i, n, x: calls.append(n))
-    assert len(out.sigmas) == 50 and calls[-1] == 50 and len(out.images) == 1
-    assert out.images[0].size == (32, 32) and torch.isfinite(out.latents).all()
+    out = base.sample("a red circle", seeds=1, callback=lambda i, n, x: calls.append(n), output="latent")
+    assert len(out.sigmas) == 50 and calls[-1] == 50 and out.latents.shape == (1, 128, 2, 2)
+    assert torch.isfinite(out.latents).all()
     distilled = base.with_dit(pipe.dit)
     distilled.defaults = dict(flux2.DISTILLED_DEFAULTS, height=32, width=32)
     fast = distilled.sample("a red circle", seeds=1, output="latent")
