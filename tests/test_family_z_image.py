@@ -91,8 +91,8 @@ def _reference(pipe):
     from diffusers import ZImagePipeline
 
     encoder = pipe.prompt_encoder
-    return ZImagePipeline(scheduler=schedule.scheduler("Z-Image"), vae=pipe.codec.vae, text_encoder=encoder.text_encoder,
-                          tokenizer=encoder.tokenizer, transformer=pipe.dit)
+    return ZImagePipeline(scheduler=schedule.scheduler("Z-Image"), vae=pipe.codec.vae,
+                          text_encoder=encoder.text_encoder, tokenizer=encoder.tokenizer, transformer=pipe.dit)
 
 
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
@@ -416,3 +416,51 @@ def test_direct_distill_trains(tmp_path, distill_data, mode):
                           loss={"kind": "direct_distill", "steps": 2, "cfg": 1}))
     assert result.steps == 2 and result.weights.is_file()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shrink DiT (streamed): depth of the main layers, refiners kept
+
+@pytest.mark.parametrize("naming", ["comfy", "diffusers"])
+def test_streamed_depth_shrink_keeps_refiners_and_renumbers(tmp_path, naming):
+    from diffusers import ZImageTransformer2DModel
+
+    from dit_distillery.shrink import shrink
+    from dit_distillery.shrink.blocks import drop_blocks
+
+    model = z_image.tiny_dit(seed=4, n_layers=5)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    source = tmp_path / "z_image_bf16.safetensors"
+    if naming == "comfy":  # as ComfyUI users keep it: prefix, fused qkv, no metadata
+        save_file({"model.diffusion_model." + k: v.contiguous() for k, v in z_image.to_comfy(state).items()},
+                  str(source))
+    else:
+        save_file(state, str(source))
+    out = tmp_path / "student.safetensors"
+    report = shrink(source, out, layers=3, strategy="first", diffusers_folder=tmp_path / "folder")
+    assert report["kept_blocks"] == [0, 1, 4] and (report["layers_before"], report["layers_after"]) == (5, 3)
+    stored = load_file(str(out))
+    src = load_file(str(source))
+    prefix = "model.diffusion_model." if naming == "comfy" else ""
+    qkv = "attention.qkv.weight" if naming == "comfy" else "attention.to_q.weight"
+    assert torch.equal(stored[f"layers.2.{qkv}"], src[f"{prefix}layers.4.{qkv}"])  # exact slices, renumbered
+    assert not any(k.startswith("layers.3.") for k in stored)
+    for k in (f"noise_refiner.1.{qkv}", f"context_refiner.1.{qkv}", "cap_pad_token"):
+        assert torch.equal(stored[k], src[prefix + k])
+    want, kept = drop_blocks(model, layers=3, strategy="first")
+    assert kept == [0, 1, 4]
+    for loaded in (registry.load_dit(out), ZImageTransformer2DModel.from_pretrained(tmp_path / "folder")):
+        got = loaded.state_dict()
+        assert got.keys() == want.state_dict().keys()
+        assert all(torch.equal(got[k], v) for k, v in want.state_dict().items())
+    assert FAMILY.comfy_loadable(dict(z_image.Z_IMAGE_CONFIG, n_layers=report["layers_after"]))[0]
+
+
+def test_streamed_shrink_refuses_a_width_change(tmp_path):
+    from dit_distillery.shrink import shrink
+
+    source = tmp_path / "z.safetensors"
+    registry.save_dit(z_image.tiny_dit(n_layers=3), source)
+    with pytest.raises(DistilleryError, match="3840") as err:
+        shrink(source, tmp_path / "s.safetensors", layers=2, heads=1)
+    assert err.value.field == "heads" and not (tmp_path / "s.safetensors").exists()

@@ -95,7 +95,7 @@ def test_bad_sources(tmp_path, state, out_dir):
     cases["truncated"] = (truncated, "corrupt or incomplete")
     other = tmp_path / "sdxl_unet.safetensors"
     save_file({"input_blocks.0.0.weight": torch.zeros(4, 4)}, str(other))
-    cases["other model"] = (other, "not a Qwen-Image DiT")
+    cases["other model"] = (other, "not a Qwen-Image")
     incomplete = tmp_path / "incomplete.safetensors"
     save_file({k: v for k, v in state.items() if k != "transformer_blocks.2.attn.to_k.weight"}, str(incomplete))
     cases["incomplete"] = (incomplete, "not a complete Qwen-Image DiT")

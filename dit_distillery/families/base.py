@@ -83,7 +83,8 @@ class WidthLayout:
     (`n_kv_heads`); `ffn_spaces`: the per-block FFN unit index spaces its tables use, each `ffn_units(width)` units
     wide (Qwen-Image: an image and a text FFN, 4x the width); `unsupported`: config flags of variants it cannot
     slice; `calibrate(source, calibration, device, progress, stop) -> shrink.importance.CalibrationStats`: the
-    source run block by block on calibration inputs (importance scoring), None when the family has no such runner.
+    source run block by block on calibration inputs (importance scoring), None when the family has no such runner;
+    `slices_width`: False for a family streamed by depth only (its `why_not_width` says why).
     """
 
     group: str
@@ -98,6 +99,8 @@ class WidthLayout:
     ffn_units: Callable[[int], int] = four_times
     unsupported: tuple[str, ...] = ()
     calibrate: Callable[..., Any] | None = None
+    slices_width: bool = True
+    why_not_width: str = ""
 
     def heads(self, config: dict) -> int:
         return int(config[self.head_count_key])

@@ -15,7 +15,7 @@ ZImagePipeline uses `pos + g * (pos - neg)`, so its `guidance_scale` g is our cf
 from __future__ import annotations
 
 from ..errors import DistilleryError
-from .base import BlockGroup, Dims, Family
+from .base import BlockGroup, Dims, Family, WidthLayout
 
 # Tongyi-MAI/Z-Image-Turbo transformer/config.json (= diffusers' defaults with the hub's axes_lens, which only
 # sizes the RoPE tables): 30 layers + 2 + 2 refiners, 3840 wide, 30 heads of 128; 6,154,908,736 parameters.
@@ -235,7 +235,8 @@ def config_from_shapes(shape_of, keys) -> dict:
                               "the file is not a Z-Image DiT we can read.")
     siglip = "siglip_embedder.1.weight"
     return dict(Z_IMAGE_CONFIG, in_channels=in_channels, dim=dim, n_layers=_count(keys, "layers"),
-                n_refiner_layers=refiners, n_heads=dim // head_dim, n_kv_heads=dim // head_dim, qk_norm=norm is not None,
+                n_refiner_layers=refiners, n_heads=dim // head_dim, n_kv_heads=dim // head_dim,
+                qk_norm=norm is not None,
                 cap_feat_dim=cap_feat_dim, siglip_feat_dim=shape_of(siglip)[1] if siglip in set(keys) else None,
                 axes_dims=list(Z_IMAGE_CONFIG["axes_dims"]) if head_dim == 128 else axes_for(head_dim))
 
@@ -270,6 +271,22 @@ def tiny_dit(cap_feat_dim: int = 32, seed: int = 0, **overrides):
     return model.eval()
 
 
+def ffn_units(width: int) -> int:
+    """Z-Image's SwiGLU hidden width (diffusers' `int(dim / 3 * 8)`: 10240 at 3840)."""
+    return int(width / 3 * 8)
+
+
+# Shrink DiT streams Z-Image files (either naming) by depth: the main layers only, renumbered; the refiners, the
+# embedders and the final layer are copied whole. Width is not sliced: ComfyUI builds Z-Image only at width 3840,
+# and the refiner blocks would need head and FFN choices of their own.
+WIDTH_LAYOUT = WidthLayout(
+    group="layers", global_spaces={}, block_spaces={}, head_count_key="n_heads", head_dim_key=None, width_key="dim",
+    also_heads_keys=("n_kv_heads",), ffn_spaces=("ffn",), ffn_units=ffn_units, slices_width=False,
+    why_not_width="stock ComfyUI builds Z-Image only at its release width (3840), so a narrower student would load "
+                  "nowhere but here.",
+)
+
+
 class ZImageFamily(Family):
     name = "z_image"
     title = "Z-Image"
@@ -300,6 +317,7 @@ class ZImageFamily(Family):
     }
     default_lora_preset = "z_image"
     saved_per_token_width = 56
+    width_layout = WIDTH_LAYOUT
     ddp_find_unused_parameters = False  # every parameter reaches the output
 
     # -- the model

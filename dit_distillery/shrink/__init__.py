@@ -139,6 +139,10 @@ def _plan(src: SourceModel, *, layers, strategy, keep_blocks, keep_first, heads,
                               f"1..{source_heads} (head dim {src.head_dim} is kept).",
                               f"choose a whole number between 1 and {source_heads}.")
     width_shrink = heads is not None and heads < source_heads
+    if width_shrink and not src.layout.slices_width:
+        raise DistilleryError("heads", heads, f"Shrink DiT keeps {src.family.title}'s width ({source_heads} heads): "
+                              f"{src.layout.why_not_width}", f"leave heads at {source_heads} (or empty) and shrink "
+                              "by depth (layers).")
     if strategy == "importance":
         if layers is None:
             raise DistilleryError("layers", None, "the importance strategy needs the number of blocks to keep.",

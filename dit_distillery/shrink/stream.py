@@ -164,8 +164,15 @@ class SourceModel:
             raise DistilleryError(field, str(self.path), f"a {family.title} variant with {unsupported}, which Shrink "
                                   "DiT does not handle.", f"use a text-to-image {family.title} DiT.")
         self.config = dict(config)
-        expected = expected_shapes(self.config, family)
         have = {k: self.src.shape(k) for k in keys}
+        # the file may name its tensors as ComfyUI does for the family (`Family.to_comfy`: Z-Image's fused qkv) or
+        # as the model class does; the student is written in the same naming
+        expected = file_shapes(self.config, family)
+        self.comfy_names = set(expected) != set(expected_shapes(self.config, family))
+        if self.comfy_names and set(have) != set(expected):
+            ours = expected_shapes(self.config, family)
+            if set(have) == set(ours):
+                expected, self.comfy_names = ours, False
         missing = sorted(set(expected) - set(have))
         extra = sorted(set(have) - set(expected))
         wrong = [k for k in expected if k in have and have[k] != expected[k]]
@@ -225,6 +232,14 @@ def empty_model(config: dict, family=None):
 def expected_shapes(config: dict, family=None) -> dict[str, tuple[int, ...]]:
     """Every tensor of the model for `config`, in its state_dict order, with its shape."""
     return {k: tuple(v.shape) for k, v in empty_model(config, family).state_dict().items()}
+
+
+def file_shapes(config: dict, family=None) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the model for `config` under the names stock ComfyUI reads for its family
+    (`Family.to_comfy`; the model's own names for Qwen-Image), with its shape."""
+    model = empty_model(config, family)
+    spec = families.of_model(model)
+    return {k: tuple(v.shape) for k, v in spec.to_comfy(model.state_dict()).items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,7 +330,8 @@ def student_tensors(source: SourceModel, plan: ShrinkPlan, dtype: torch.dtype | 
     """The student's tensors in diffusers' state_dict order (block i renamed from source block kept_blocks[i])."""
     dim = source.heads * source.head_dim
     out = []
-    for name, shape in expected_shapes(plan.config, source.family).items():
+    shapes = (file_shapes if source.comfy_names else expected_shapes)(plan.config, source.family)
+    for name, shape in shapes.items():
         block, module, param = source.split_key(name)
         source_key = name if block is None else f"{source.group.prefix}{plan.kept_blocks[block]}.{module}.{param}"
         ndim = len(source.shapes[source_key])
@@ -401,11 +417,18 @@ def _write_error(out: Path, exc: OSError, field: str = "out") -> DistilleryError
 
 def write_diffusers_folder(out: Path, folder: Path, config: dict, family=None) -> Path:
     """A folder the model class's `from_pretrained` loads: config.json + the same weights file (hard-linked when
-    the filesystem allows, so it costs no space; copied otherwise)."""
+    the filesystem allows, so it costs no space; copied otherwise; a student in ComfyUI's names for its family is
+    renamed back tensor by tensor, `Family.from_comfy`)."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / "config.json", empty_model(config, family).to_json_string())
+        model = empty_model(config, family)
+        atomic_write_text(folder / "config.json", model.to_json_string())
+        with TensorSource(out, "out", prefixes=()) as src:
+            renamed = set(src.keys()) != set(model.state_dict())
+        if renamed:
+            _write_model_names(out, folder / "diffusion_pytorch_model.safetensors", families.of_model(model))
+            return folder
         with atomic_output(folder / "diffusion_pytorch_model.safetensors") as tmp:
             tmp.unlink()
             try:
@@ -415,3 +438,25 @@ def write_diffusers_folder(out: Path, folder: Path, config: dict, family=None) -
     except OSError as exc:
         raise _write_error(folder, exc, "diffusers_folder") from exc
     return folder
+
+
+def _write_model_names(out: Path, target: Path, family) -> None:
+    """`out` under the model class's own tensor names (`family.from_comfy` of each tensor), streamed."""
+    with TensorSource(out, "out", prefixes=()) as src:
+        reader = RawReader(src)
+        try:
+            keys, layout = list(src.keys()), []
+            for key in keys:
+                meta = family.from_comfy({key: torch.empty(src.shape(key), dtype=src.dtype(key), device="meta")})
+                layout += [(name, t.dtype, tuple(t.shape)) for name, t in meta.items()]
+            writer = StreamingSafetensorsWriter(target, layout, {"format": "pt"})
+            try:
+                for key, tensor in read_ahead(reader, keys):
+                    for name, t in family.from_comfy({key: tensor}).items():
+                        writer.write(name, t.contiguous())
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+        finally:
+            reader.close()
