@@ -201,6 +201,10 @@ def test_comfy_loadable_depth_yes_width_no():
     narrow, why = FAMILY.comfy_loadable(dict(z_image.Z_IMAGE_CONFIG, dim=1920, n_heads=15, n_kv_heads=15))
     assert not narrow and "3840" in why
     assert not FAMILY.comfy_loadable(dict(z_image.Z_IMAGE_CONFIG, n_refiner_layers=1))[0]
+    # Load Student's MODEL output: ComfyUI's ZImage class for what it builds, nothing for the rest
+    name, unet = FAMILY.comfy_model_config(dict(z_image.Z_IMAGE_CONFIG, n_layers=18))
+    assert name == "ZImage" and unet["n_layers"] == 18 and unet["dim"] == 3840
+    assert FAMILY.comfy_model_config(dict(z_image.Z_IMAGE_CONFIG, dim=1920, n_heads=15, n_kv_heads=15)) is None
 
 
 def _comfy_lora_keys(model) -> set[str]:

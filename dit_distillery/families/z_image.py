@@ -446,7 +446,15 @@ class ZImageFamily(Family):
         return True, "loads in stock UNETLoader (models/diffusion_models)"
 
     def comfy_model_config(self, config: dict):
-        return None  # ComfyUI's NextDiT hard-codes Z-Image's width: no model class for narrower students
+        """ComfyUI's `ZImage` (Lumina2's NextDiT) with the unet_config its detection builds for Z-Image
+        (comfy/model_detection.py, the dim == 3840 branch); None for a narrower student, which it cannot build."""
+        if not self.comfy_loadable(config)[0]:
+            return None
+        return "ZImage", {"image_model": "lumina2", "patch_size": 2, "in_channels": config["in_channels"],
+                          "dim": config["dim"], "cap_feat_dim": config["cap_feat_dim"], "n_layers": config["n_layers"],
+                          "qk_norm": True, "n_heads": 30, "n_kv_heads": 30, "axes_dims": [32, 48, 48],
+                          "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
+                          "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32}
 
 
 FAMILY = ZImageFamily()
