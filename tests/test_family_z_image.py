@@ -468,3 +468,22 @@ def test_streamed_shrink_refuses_a_width_change(tmp_path):
     with pytest.raises(DistilleryError, match="3840") as err:
         shrink(source, tmp_path / "s.safetensors", layers=2, heads=1)
     assert err.value.field == "heads" and not (tmp_path / "s.safetensors").exists()
+
+
+def test_width_layout_index_spaces_are_the_familys():
+    """The streamed shrinker's generalised spaces: heads, head size and width from the layout's config keys (Z-Image
+    stores `dim` and `n_heads`, no head size), FFN unit spaces and their width from the layout."""
+    from dit_distillery.shrink.plan import WidthScores, select_width
+
+    layout = FAMILY.width_layout
+    config = dict(z_image.Z_IMAGE_CONFIG)
+    assert (layout.heads(config), layout.head_dim(config), layout.width(config)) == (30, 128, 3840)
+    narrow = layout.with_heads(config, 15)
+    assert (narrow["n_heads"], narrow["n_kv_heads"], narrow["dim"]) == (15, 15, 1920)
+    assert layout.ffn_units(3840) == 10240 and layout.ffn_units(1920) == 5120
+    scores = WidthScores(channels=torch.arange(8.0), temb=torch.arange(8.0), temb_hidden=torch.arange(8.0),
+                         heads=[torch.tensor([0.0, 1.0])], units={"ffn": [torch.arange(21.0)]})
+    plan = select_width(scores, 1, 4, "magnitude", layout.ffn_units)
+    assert plan.width == 4 and plan.units["ffn"] == [list(range(11, 21))] and plan.block_heads == [[1]]
+    qwen = families.get("qwen_image").width_layout  # Qwen-Image's defaults are unchanged
+    assert qwen.ffn_spaces == ("img_ffn", "txt_ffn") and qwen.ffn_units(64) == 256
