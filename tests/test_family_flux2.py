@@ -323,7 +323,11 @@ def test_a_diffusers_folder_and_comfyui_single_files_load(pipe, tmp_path):
     assert "double_blocks.0.img_attn.qkv.weight" in load_file(str(dit_file))
     vae_file = tmp_path / "flux2-vae.safetensors"
     save_file({k: v.contiguous() for k, v in pipe.codec.vae.state_dict().items()}, str(vae_file))
-    singles = load_pipeline(None, dit=dit_file, text_encoder=folder / "text_encoder" / "model.safetensors",
+    te_file = tmp_path / "qwen_3_8b.safetensors"  # ComfyUI's file: Qwen3ForCausalLM names, its LM head too
+    te_state = {"model." + k: v.contiguous() for k, v in encoder.state_dict().items()}
+    te_state["lm_head.weight"] = torch.randn(encoder.config.vocab_size, 16)
+    save_file(te_state, str(te_file))
+    singles = load_pipeline(None, dit=dit_file, text_encoder=te_file,
                             text_encoder_config=folder / "text_encoder", tokenizer=folder / "tokenizer", vae=vae_file,
                             vae_config=folder / "vae")
     assert singles.family == "flux2" and singles.defaults == FAMILY.sampling_defaults
