@@ -14,6 +14,7 @@ from dit_distillery import families, schedule
 from dit_distillery.errors import DistilleryError
 from dit_distillery.families import z_image
 from dit_distillery.models import registry
+from tests.test_nodes_common import fake_comfy  # noqa: F401  (fixture)
 
 FAMILY = families.get("z_image")
 
@@ -487,3 +488,20 @@ def test_width_layout_index_spaces_are_the_familys():
     assert plan.width == 4 and plan.units["ffn"] == [list(range(11, 21))] and plan.block_heads == [[1]]
     qwen = families.get("qwen_image").width_layout  # Qwen-Image's defaults are unchanged
     assert qwen.ffn_spaces == ("img_ffn", "txt_ffn") and qwen.ffn_units(64) == 256
+
+
+def test_shrink_dit_node_on_a_comfyui_z_image_file(fake_comfy):
+    from tests.test_nodes_common import call
+
+    model = z_image.tiny_dit(seed=5, n_layers=4)
+    path = fake_comfy.base / "models" / "diffusion_models" / "z_tiny.safetensors"
+    comfy = z_image.to_comfy({k: v.contiguous() for k, v in model.state_dict().items()})
+    save_file({"model.diffusion_model." + k: v for k, v in comfy.items()}, str(path))
+    dit, report = call("DD_ShrinkDiT", source="z_tiny.safetensors", target_blocks=2, name="z_2")
+    assert dit.family == "z_image" and dit.config["n_layers"] == 2 and dit.config["n_refiner_layers"] == 2
+    assert "kept_blocks: [0, 3]" in report and "heads_before: 2" in report
+    assert "layers.1.attention.qkv.weight" in load_file(dit.path)
+    with pytest.raises(DistilleryError, match="3840"):
+        call("DD_ShrinkDiT", source="z_tiny.safetensors", target_blocks=2, heads=1, name="z_narrow")
+    pipe, _ = call("DD_LoadPipeline", source="tiny:z_image")
+    assert pipe.load().family == "z_image"
