@@ -252,6 +252,17 @@ def test_lora_files_use_keys_comfyui_maps_and_read_back(tmp_path):
     with torch.no_grad():
         got = base(x, torch.tensor([0.3]), caps, return_dict=False)[0][0]
     assert torch.allclose(got, want, atol=1e-4)
+    # diffusers' own Z-Image LoRA loader reads the same file (prefix and .alpha included)
+    from diffusers import ZImagePipeline
+
+    other = z_image.tiny_dit(seed=1)
+    with torch.no_grad():
+        plain = other(x, torch.tensor([0.3]), caps, return_dict=False)[0][0]
+    ZImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=other).load_lora_weights(
+        str(path))
+    with torch.no_grad():
+        by_diffusers = other(x, torch.tensor([0.3]), caps, return_dict=False)[0][0]
+    assert torch.allclose(by_diffusers, want, atol=1e-4) and not torch.allclose(plain, want, atol=1e-2)
 
 
 def test_a_fused_qkv_lora_in_comfy_names_splits_exactly():
