@@ -472,14 +472,76 @@ def test_streamed_depth_shrink_keeps_refiners_and_renumbers(tmp_path, naming):
     assert FAMILY.comfy_loadable(dict(z_image.Z_IMAGE_CONFIG, n_layers=report["layers_after"]))[0]
 
 
-def test_streamed_shrink_refuses_a_width_change(tmp_path):
+def test_streamed_shrink_refuses_a_student_narrower_than_its_timestep_embedding(tmp_path):
     from dit_distillery.shrink import shrink
 
     source = tmp_path / "z.safetensors"
     registry.save_dit(z_image.tiny_dit(n_layers=3), source)
-    with pytest.raises(DistilleryError, match="3840") as err:
+    with pytest.raises(DistilleryError, match="at least 256 wide") as err:
         shrink(source, tmp_path / "s.safetensors", layers=2, heads=1)
     assert err.value.field == "heads" and not (tmp_path / "s.safetensors").exists()
+
+
+@pytest.mark.parametrize("naming", ["comfy", "diffusers"])
+def test_streamed_width_shrink_slices_layers_and_refiners_exactly(tmp_path, naming):
+    """3 heads of 128 -> 2: every student tensor is the source's kept rows/columns (fused qkv: the kept heads inside
+    each third), the refiners narrowed with their own heads, and the student runs; ComfyUI would not load it."""
+    from diffusers import ZImageTransformer2DModel
+
+    from dit_distillery.shrink import shrink
+
+    model = z_image.tiny_dit(seed=6, n_layers=3, dim=384, n_heads=3)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    source = tmp_path / "z.safetensors"
+    save_file(z_image.to_comfy(state) if naming == "comfy" else state, str(source))
+    out = tmp_path / "narrow.safetensors"
+    report = shrink(source, out, layers=2, heads=2, diffusers_folder=tmp_path / "folder")
+    assert (report["width_before"], report["width_after"]) == (384, 256) and report["heads_after"] == 2
+    assert any("3840" in note for note in report["notes"])  # not loadable in stock ComfyUI, and it says so
+    student = registry.load_dit(out)
+    config = registry.model_config(student)
+    assert (config["dim"], config["n_heads"], config["n_kv_heads"], config["n_layers"]) == (256, 2, 2, 2)
+    provenance = _provenance(out)
+    heads, channels = provenance["kept_heads"], provenance["kept_channels"]
+    assert len(heads) == 2 + 2 + 2 and len(channels) == 256  # 2 kept layers, then 2 + 2 refiner blocks
+    got = student.state_dict()
+    c = torch.tensor(channels)
+
+    def rows_of(hs):
+        return torch.cat([torch.arange(h * 128, (h + 1) * 128) for h in hs])
+
+    kept = report["kept_blocks"]
+    for slot, (group, s, d) in enumerate([("layers", kept[0], 0), ("layers", kept[1], 1), ("noise_refiner", 0, 0),
+                                          ("noise_refiner", 1, 1), ("context_refiner", 0, 0),
+                                          ("context_refiner", 1, 1)]):
+        r = rows_of(heads[slot])
+        for m in ("to_q", "to_k", "to_v"):
+            want = state[f"{group}.{s}.attention.{m}.weight"][r][:, c]
+            assert torch.equal(got[f"{group}.{d}.attention.{m}.weight"], want)
+        assert torch.equal(got[f"{group}.{d}.attention.to_out.0.weight"],
+                           state[f"{group}.{s}.attention.to_out.0.weight"][c][:, r])
+        assert torch.equal(got[f"{group}.{d}.attention_norm1.weight"], state[f"{group}.{s}.attention_norm1.weight"][c])
+        w2 = state[f"{group}.{s}.feed_forward.w2.weight"][c]
+        assert got[f"{group}.{d}.feed_forward.w2.weight"].shape == (256, z_image.ffn_units(256))
+        assert all(any(torch.equal(col, w2[:, j]) for j in range(w2.shape[1]))
+                   for col in got[f"{group}.{d}.feed_forward.w2.weight"].T[:3])
+    assert torch.equal(got["x_pad_token"], state["x_pad_token"][:, c])
+    assert torch.equal(got["t_embedder.mlp.2.weight"], state["t_embedder.mlp.2.weight"])  # 256 wide: kept whole
+    assert torch.equal(got["layers.0.adaLN_modulation.0.weight"],
+                       state[f"layers.{kept[0]}.adaLN_modulation.0.weight"][torch.cat([c + k * 384 for k in range(4)])])
+    with torch.no_grad():
+        out_ = student([torch.randn(16, 1, 4, 4)], torch.tensor([0.5]), [torch.randn(3, 32)], return_dict=False)[0]
+    assert torch.isfinite(out_[0]).all()
+    folder = ZImageTransformer2DModel.from_pretrained(tmp_path / "folder").state_dict()
+    assert all(torch.equal(folder[k], v) for k, v in got.items())
+    assert not FAMILY.comfy_loadable(config)[0]
+
+
+def _provenance(path) -> dict:
+    from dit_distillery.formats import TensorSource
+
+    with TensorSource(path) as src:
+        return src.metadata_value(registry.META_PROVENANCE)
 
 
 def test_width_layout_index_spaces_are_the_familys():
@@ -512,7 +574,7 @@ def test_shrink_dit_node_on_a_comfyui_z_image_file(fake_comfy):
     assert dit.family == "z_image" and dit.config["n_layers"] == 2 and dit.config["n_refiner_layers"] == 2
     assert "kept_blocks: [0, 3]" in report and "heads_before: 2" in report
     assert "layers.1.attention.qkv.weight" in load_file(dit.path)
-    with pytest.raises(DistilleryError, match="3840"):
+    with pytest.raises(DistilleryError, match="at least 256 wide"):
         call("DD_ShrinkDiT", source="z_tiny.safetensors", target_blocks=2, heads=1, name="z_narrow")
     pipe, _ = call("DD_LoadPipeline", source="tiny:z_image")
     assert pipe.load().family == "z_image"

@@ -12,7 +12,7 @@ the command line's `--help` (which lists the families' presets) and must stay in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from ..errors import DistilleryError
@@ -84,7 +84,9 @@ class WidthLayout:
     wide (Qwen-Image: an image and a text FFN, 4x the width); `unsupported`: config flags of variants it cannot
     slice; `calibrate(source, calibration, device, progress, stop) -> shrink.importance.CalibrationStats`: the
     source run block by block on calibration inputs (importance scoring), None when the family has no such runner;
-    `slices_width`: False for a family streamed by depth only (its `why_not_width` says why).
+    `slices_width`: False for a family streamed by depth only (its `why_not_width` says why); `sliced_groups`: other
+    block groups the width also narrows (never dropped), group name -> its blocks' spaces, each block with its own
+    head and FFN choice (Z-Image's refiners); `min_width`: the narrowest student it can slice.
     """
 
     group: str
@@ -101,6 +103,8 @@ class WidthLayout:
     calibrate: Callable[..., Any] | None = None
     slices_width: bool = True
     why_not_width: str = ""
+    sliced_groups: dict[str, dict[str, tuple]] = field(default_factory=dict)
+    min_width: int = 0
 
     def heads(self, config: dict) -> int:
         return int(config[self.head_count_key])

@@ -276,14 +276,33 @@ def ffn_units(width: int) -> int:
     return int(width / 3 * 8)
 
 
-# Shrink DiT streams Z-Image files (either naming) by depth: the main layers only, renumbered; the refiners, the
-# embedders and the final layer are copied whole. Width is not sliced: ComfyUI builds Z-Image only at width 3840,
-# and the refiner blocks would need head and FFN choices of their own.
+# Index spaces of every Z-Image tensor for Shrink DiT (see `shrink.plan`), under both namings (a file may use
+# either): "res" = the residual channels; "res*4" = that subset in each of adaLN's 4 chunks (scale, gate x 2);
+# "heads" / "heads*3" = the kept heads' rows (of q, k, v, or inside each third of the fused qkv); "ffn" = the kept
+# SwiGLU units. The timestep embedding (256 wide whenever the width is at least 256) and the caption norm are kept
+# whole. Depth drops main layers only; width narrows the refiners too (each block its own heads and units).
+_BLOCK_SPACES = {
+    "attention.qkv": ("heads*3", "res"),
+    **{f"attention.{m}": ("heads", "res") for m in _QKV},
+    "attention.out": ("res", "heads"), "attention.to_out.0": ("res", "heads"),
+    **{f"attention.{m}": (None, None) for m in ("q_norm", "k_norm", "norm_q", "norm_k")},
+    "feed_forward.w1": ("ffn", "res"), "feed_forward.w3": ("ffn", "res"), "feed_forward.w2": ("res", "ffn"),
+    **{m: ("res", None) for m in ("attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2")},
+    "adaLN_modulation.0": ("res*4", None),
+}
+_GLOBAL_SPACES = {
+    **{f"{p}": ("res", None) for p in ("x_embedder", "all_x_embedder.2-1", "cap_embedder.1")},
+    **{f"{p}.linear": (None, "res") for p in ("final_layer", "all_final_layer.2-1")},
+    **{f"{p}.adaLN_modulation.1": ("res", None) for p in ("final_layer", "all_final_layer.2-1")},
+    "cap_embedder.0": (None, None), "t_embedder.mlp.0": (None, None), "t_embedder.mlp.2": (None, None),
+    "x_pad_token": (None, "res"), "cap_pad_token": (None, "res"),
+}
 WIDTH_LAYOUT = WidthLayout(
-    group="layers", global_spaces={}, block_spaces={}, head_count_key="n_heads", head_dim_key=None, width_key="dim",
-    also_heads_keys=("n_kv_heads",), ffn_spaces=("ffn",), ffn_units=ffn_units, slices_width=False,
-    why_not_width="stock ComfyUI builds Z-Image only at its release width (3840), so a narrower student would load "
-                  "nowhere but here.",
+    group="layers", global_spaces=_GLOBAL_SPACES, block_spaces=_BLOCK_SPACES, head_count_key="n_heads",
+    head_dim_key=None, width_key="dim", also_heads_keys=("n_kv_heads",), ffn_spaces=("ffn",), ffn_units=ffn_units,
+    sliced_groups={"noise_refiner": _BLOCK_SPACES, "context_refiner": _BLOCK_SPACES},
+    min_width=256,  # the adaLN input is min(width, 256): narrower students would need it sliced as well
+    unsupported=("siglip_feat_dim",),  # Omni's SigLIP branch is not sliced
 )
 
 

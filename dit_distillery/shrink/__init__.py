@@ -139,6 +139,10 @@ def _plan(src: SourceModel, *, layers, strategy, keep_blocks, keep_first, heads,
                               f"1..{source_heads} (head dim {src.head_dim} is kept).",
                               f"choose a whole number between 1 and {source_heads}.")
     width_shrink = heads is not None and heads < source_heads
+    if width_shrink and heads * src.head_dim < src.layout.min_width:
+        raise DistilleryError("heads", heads, f"{src.family.title} students are at least {src.layout.min_width} wide "
+                              f"({heads} x {src.head_dim} = {heads * src.head_dim}).",
+                              f"keep at least {-(-src.layout.min_width // src.head_dim)} heads.")
     if width_shrink and not src.layout.slices_width:
         raise DistilleryError("heads", heads, f"Shrink DiT keeps {src.family.title}'s width ({source_heads} heads): "
                               f"{src.layout.why_not_width}", f"leave heads at {source_heads} (or empty) and shrink "
@@ -164,6 +168,9 @@ def _plan(src: SourceModel, *, layers, strategy, keep_blocks, keep_first, heads,
         width = select_width(scores, heads, src.head_dim, width_method, src.layout.ffn_units)
     student = student_config(src, len(kept), heads if width_shrink else None)
     notes = []
+    loadable, why = src.family.comfy_loadable(student)
+    if width_shrink and not loadable:
+        notes.append(why)
     if src.layout.last_block_untrained:
         notes.append(f"source block {n - 1} (its text branch was never trained) is kept as the student's last block.")
     if cal is not None and cal.kind == "proxy":

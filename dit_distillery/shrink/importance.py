@@ -184,16 +184,17 @@ def magnitude_scores(source: SourceModel, kept_blocks: list[int], progress=None,
                 shared["res"] += mass.reshape(-1, dim).sum(0)  # res*2 / res*6: sum over the stacked chunks
         elif space in shared:
             shared[space] += mass
-        elif space == "heads":
+        elif space == "heads" or space.startswith("heads*"):  # (a fused qkv: the 3 chunks summed)
             if not skip_shared:
-                local["heads"] += mass.reshape(heads, head_dim).sum(1)
+                local["heads"] += mass.reshape(-1, heads, head_dim).sum((0, 2))
         else:
             local[space] += mass
 
-    keys = [(None, k) for k in source.global_keys()]
-    for i, s in enumerate(kept_blocks):
-        units = source.layout.ffn_units(dim)
+    keys = [(source.extra_slot(k, len(kept_blocks)), k) for k in source.global_keys()]
+    units = source.layout.ffn_units(dim)
+    for i in range(len(kept_blocks) + source.extra_blocks):  # the kept blocks, then those of `sliced_groups`
         per_block.append({"heads": zeros(heads), **{space: zeros(units) for space in source.layout.ffn_spaces}})
+    for i, s in enumerate(kept_blocks):
         keys += [(i, k) for k in source.keys_of_block(s)]
     keys = [(i, k) for i, k in keys if source.spaces_of(k, len(source.shapes[k])) != (None, None)]  # norms: no vote
     last = source.num_blocks - 1

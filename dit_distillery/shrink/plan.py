@@ -260,7 +260,7 @@ class ShrinkPlan:
 # family's (`families.WidthLayout`, e.g. families/qwen_image.py). "res" = the residual-stream channels (ONE subset
 # for the whole model); "res*2"/"res*6" = that subset inside each of 2 or 6 stacked chunks; "temb" = the
 # timestep-embedding channels; "temb_hidden" = the timestep MLP's hidden units; "heads" = the kept heads' whole
-# head_dim-row groups; an FFN unit space (the layout's `ffn_spaces`, e.g. "img_ffn"/"txt_ffn") = the kept FFN
+# head_dim-row groups ("heads*3": inside each of 3 stacked chunks, a fused qkv); an FFN unit space (the layout's `ffn_spaces`, e.g. "img_ffn"/"txt_ffn") = the kept FFN
 # units of that FFN; None = kept whole. A weight [out, in] uses (row
 # space, column space); its bias uses the row space.
 
@@ -282,5 +282,12 @@ def split_key(key: str, prefix: str) -> tuple[int | None, str, str]:
 def spaces_of(key: str, ndim: int, layout) -> tuple[str | None, str | None]:
     """(row space, column space) of a tensor under a `families.WidthLayout`; KeyError for a module it lacks."""
     block, module, _ = split_key(key, layout.group + ".")
-    rows, cols = (layout.block_spaces if block is not None else layout.global_spaces)[module]
+    table = layout.block_spaces if block is not None else layout.global_spaces
+    if block is None:
+        for group, spaces in layout.sliced_groups.items():
+            index, inner, _ = split_key(key, group + ".")
+            if index is not None:
+                table, module = spaces, inner
+                break
+    rows, cols = table[module]
     return (rows, cols) if ndim == 2 else (rows, None) if ndim == 1 else (None, None)

@@ -181,6 +181,23 @@ class SourceModel:
                                   f"unexpected {extra[:3]}, wrong shapes {wrong[:3]}).",
                                   "the file is incomplete or from another model: download or export it again.")
         self.shapes = expected
+        # the other block groups the width narrows, with their block counts
+        self.sliced = [(family.group(g), self.config[family.group(g).count_key]) for g in self.layout.sliced_groups]
+
+    def extra_slot(self, key: str, kept: int) -> int | None:
+        """The width plan's per-block slot of a key in a block of `sliced_groups` (after the `kept` main blocks;
+        these groups are never dropped, so their indices are the same in source and student); None elsewhere."""
+        offset = kept
+        for group, count in self.sliced:
+            block, _, _ = split_key(key, group.prefix)
+            if block is not None:
+                return offset + block
+            offset += count
+        return None
+
+    @property
+    def extra_blocks(self) -> int:
+        return sum(count for _, count in self.sliced)
 
     @property
     def num_blocks(self) -> int:
@@ -266,9 +283,11 @@ def _index(space: str | None, width: WidthPlan | None, block: int | None, dim: i
         return torch.tensor(width.temb)
     if space == "temb_hidden":
         return torch.tensor(width.temb_hidden)
-    if space == "heads":
+    if space == "heads" or space.startswith("heads*"):
         hd = width.head_dim
-        return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in width.block_heads[block]])
+        base = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in width.block_heads[block]])
+        chunks = int(space[6:]) if space != "heads" else 1
+        return torch.cat([base + c * dim for c in range(chunks)])
     if space in width.units:
         return torch.tensor(width.units[space][block])
     raise KeyError(space)
@@ -334,11 +353,12 @@ def student_tensors(source: SourceModel, plan: ShrinkPlan, dtype: torch.dtype | 
     for name, shape in shapes.items():
         block, module, param = source.split_key(name)
         source_key = name if block is None else f"{source.group.prefix}{plan.kept_blocks[block]}.{module}.{param}"
+        slot = block if block is not None else source.extra_slot(name, len(plan.kept_blocks))
         ndim = len(source.shapes[source_key])
         # a depth-only plan slices nothing: the layout need not name every module then
         row_space, col_space = source.spaces_of(source_key, ndim) if plan.width is not None else (None, None)
-        rows = _index(row_space, plan.width, block, dim)
-        cols = _index(col_space, plan.width, block, dim)
+        rows = _index(row_space, plan.width, slot, dim)
+        cols = _index(col_space, plan.width, slot, dim)
         src_shape = source.shapes[source_key]
         sliced = tuple(len(ix) if ix is not None else s for ix, s in zip((rows, cols), src_shape)) + src_shape[2:]
         if sliced != shape:  # the plan and the student config disagree: a bug, not bad input
