@@ -285,7 +285,10 @@ def test_diffusers_folders_are_listed_and_loaded(fake_comfy):
 
     save_pipeline(tiny_pipeline("aaadit"), fake_comfy.base / "models" / "diffusers" / "tiny_aaa")
     spec = info_class("DD_LoadPipeline").INPUT_TYPES()["required"]["source"][0]
-    assert spec[:3] == ["default", "tiny:aaadit", "tiny:qwen_image"] and "tiny_aaa" in spec
+    from dit_distillery import families
+
+    builtins = ["default", *(f"tiny:{name}" for name in families.names())]  # every family's tiny pipeline
+    assert spec[:len(builtins)] == builtins and "tiny:qwen_image" in builtins and "tiny_aaa" in spec
     pipe, _ = call("DD_LoadPipeline", source="tiny_aaa")
     text, report_json = call("DD_ModelSizeReport", pipeline=pipe, height=64, width=64)
     assert json.loads(report_json)["family"] == "aaadit" and not pipe.loaded()  # read from config.json only
