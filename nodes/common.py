@@ -12,7 +12,6 @@ temp, input), so the nodes can be called directly (tests, scripts) and still nev
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import sys
@@ -24,6 +23,7 @@ from urllib.parse import urlencode
 import torch
 
 from dit_distillery.errors import DistilleryError, StopRequested
+from dit_distillery.progress import format_seconds  # noqa: F401 (used by the nodes through this module)
 
 # ----------------------------------------------------------------------------------------------------------
 # Socket types between our nodes (see nodes/README.md for what each carries).
@@ -398,15 +398,6 @@ def downsample(points: list, limit: int = 256) -> list:
         return list(points)
     stride = len(points) / (limit - 1)
     return [points[int(i * stride)] for i in range(limit - 1)] + [points[-1]]
-
-
-def format_seconds(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def output_connected(prompt: dict | None, node_id: str | None, slot: int) -> bool:
