@@ -206,7 +206,7 @@ checkpoint; queue again and training continues. The step counts are small so thi
 two CPU cores: the teacher learns the colours and rough shapes, and the student gets closer to the teacher's
 50-step images than the teacher itself at 4 steps. For a teacher that draws the prompt reliably, give it the
 demo's settings: steps 1000, batch_size 32, learning_rate 0.002, warmup_steps 100 (about 4 minutes of training on
-2 cores); `python -m dit_distillery demo` runs the whole story in about 11 minutes.
+2 cores); `python -m dit_distillery demo` runs the whole story in about 10 minutes.
 """, (420, 560))
     shapes = w.node("DD_SyntheticShapesDataset", count=256, size=32, seed=0, caption_dropout=0.1)
     preview_shapes = w.node("PreviewImage", title="Training images")
