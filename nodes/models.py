@@ -89,8 +89,9 @@ class BuildAAADiT:
 # Shrink DiT
 
 class ShrinkDiT:
-    DESCRIPTION = ("Makes a smaller Qwen-Image DiT from exact slices of a source's weights: fewer blocks (depth) "
-                   "and/or fewer heads per block (width), streamed tensor by tensor so a 41 GB source needs about one "
+    DESCRIPTION = ("Makes a smaller DiT from exact slices of a source's weights: fewer blocks (depth) and/or fewer "
+                   "heads per block (width; Qwen-Image, Z-Image), or fewer blocks per stack (FLUX.2 [klein], "
+                   "depth only), streamed tensor by tensor so a 41 GB source needs about one "
                    "tensor of memory. Saves the student to models/diffusion_models (a depth-only student loads in "
                    "stock UNETLoader). Re-running with the same settings reuses the file.")
     CATEGORY = MODELS_CATEGORY
@@ -106,21 +107,29 @@ class ShrinkDiT:
         return {
             "required": {
                 "source": ([FROM_INPUT] + list_models("diffusion_models"), {"tooltip":
-                           "The Qwen-Image DiT to shrink (models/diffusion_models), or '[dit input]' to use the DiT "
+                           "The DiT to shrink (Qwen-Image, Z-Image, FLUX.2 [klein]; models/diffusion_models), or "
+                           "'[dit input]' to use the DiT "
                            "connected below (which wins when both are given)."}),
                 "target_blocks": ("INT", {"default": 30, "min": 0, "max": 1000, "tooltip":
-                                  "Blocks the student keeps (Qwen-Image has 60); 0 keeps all (or the block list's count)."}),
+                                  "Blocks the student keeps (Qwen-Image has 60); 0 keeps all (or the block list's "
+                                  "count). For a DiT with several block stacks (FLUX.2: transformer_blocks 5/8, "
+                                  "single_transformer_blocks 20/24) this is the single stack's count; give per-stack "
+                                  "counts in block_list instead."}),
                 "strategy": (list(STRATEGIES), {"default": "uniform", "tooltip":
                              "Which blocks: uniform (evenly spaced), first, interval (first K + last N-K: drops one "
                              "contiguous middle span), list (block_list), importance (ShortGPT block influence on "
                              "calibration inputs). The source's last block is always kept last."}),
                 "block_list": ("STRING", {"default": "", "tooltip": "strategy 'list': source blocks to keep, e.g. "
-                               "'0-9,50-59' (must include the last block). Ignored by the other strategies."}),
+                               "'0-9,50-59' (must include the last block); per block stack: 'transformer_blocks=0-2,4; "
+                               "single_transformer_blocks=0-9,19'. Other strategies: per-stack counts "
+                               "'transformer_blocks=3, single_transformer_blocks=12' (these win over target_blocks; "
+                               "a stack not named is kept whole); a plain list is ignored by them."}),
                 "keep_first": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip":
                                "strategy 'interval': how many first blocks to keep; 0 = about a third."}),
                 "heads": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip":
                           "Attention heads per block to keep (width shrink; Qwen-Image has 24 of 128 channels); "
-                          "0 keeps all. A width-shrunk student needs Load Student to load in ComfyUI."}),
+                          "0 keeps all. A width-shrunk student needs Load Student to load in ComfyUI. FLUX.2 is "
+                          "shrunk by depth only: leave 0."}),
                 "width_method": (list(WIDTH_METHODS), {"default": "magnitude", "tooltip":
                                  "How kept heads/FFN units/channels are chosen: magnitude (weights only) or importance "
                                  "(activations on calibration inputs)."}),
@@ -160,7 +169,9 @@ class ShrinkDiT:
         else:
             src = find_model("diffusion_models", source, "source")
         out = path_inside(model_write_dir("diffusion_models"), name, "name", ".safetensors")
-        options = dict(layers=target_blocks or None, strategy=strategy,
+        per_stack = "=" in block_list  # 'transformer_blocks=3, ...': counts (or lists) per stack, not target_blocks
+        layers = (None if strategy == "list" else block_list.strip()) if per_stack else target_blocks or None
+        options = dict(layers=layers, strategy=strategy,
                        keep_blocks=block_list.strip() or None if strategy == "list" else None,
                        keep_first=keep_first or None if strategy == "interval" else None,
                        heads=heads or None, width_method=width_method)

@@ -471,18 +471,18 @@ def test_depth_shrink_of_both_groups_keeps_exact_blocks_renumbered(pipe, tmp_pat
 def test_streamed_depth_shrink_of_both_groups(pipe, tmp_path, names, monkeypatch):
     """shrink.depth streams a klein file (ComfyUI's BFL names or ours) block by block into a student under BFL
     names whose tensors are exactly those of the in-memory depth shrink; dropped blocks are never read."""
-    from dit_distillery.formats import TensorSource
     from dit_distillery.models import registry
     from dit_distillery.shrink.blocks import drop_blocks
     from dit_distillery.shrink.depth import shrink_depth
+    from dit_distillery.shrink.stream import RawReader
 
     source = FAMILY.model_class()(**FAMILY.tiny_config(num_layers=3, num_single_layers=4, joint_attention_dim=48))
     state = {k: v.contiguous() for k, v in source.state_dict().items()}
     path = tmp_path / "source.safetensors"
     save_file(FAMILY.to_comfy(state) if names == "bfl" else state, str(path))
     calls, read = [], []
-    get = TensorSource.get
-    monkeypatch.setattr(TensorSource, "get", lambda self, key: read.append(key) or get(self, key))
+    get = RawReader.read
+    monkeypatch.setattr(RawReader, "read", lambda self, key, into=None: read.append(key) or get(self, key, into))
     report = shrink_depth(path, tmp_path / "student.safetensors", strategy="list",
                           layers={"single_transformer_blocks": 2, "transformer_blocks": 1},
                           keep_blocks={"single_transformer_blocks": [1, 3], "transformer_blocks": [2]},

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-HELP = "make a smaller Qwen-Image DiT (fewer blocks and/or heads) by streaming exact slices of the source"
+HELP = ("make a smaller DiT by streaming exact slices of the source: Qwen-Image / Z-Image (fewer blocks and/or "
+        "heads), FLUX.2 [klein] (fewer blocks per stack)")
 
 # `shrink.plan.STRATEGIES` / `WIDTH_METHODS`, repeated because importing the shrink package imports torch, which
 # `--help` must not; tests/test_cli_fast.py checks they agree.
@@ -13,15 +14,21 @@ WIDTH_METHODS = ("magnitude", "importance")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("source", help="Qwen-Image DiT: .safetensors (bare or ComfyUI-prefixed) or a diffusers folder")
+    p.add_argument("source", help="DiT (Qwen-Image, Z-Image, FLUX.2 [klein]): .safetensors (bare or ComfyUI-named) "
+                   "or a diffusers folder")
     p.add_argument("--out", default=None, help="output .safetensors file (not needed with --dry-run)")
-    p.add_argument("--layers", type=int, default=None, help="blocks to keep; none = all, or the --keep-blocks count")
+    p.add_argument("--layers", default=None, help="blocks to keep; none = all, or the --keep-blocks count. A number "
+                   "is the main stack's; per stack (FLUX.2): 'transformer_blocks=3,single_transformer_blocks=12' "
+                   "(a stack not named is kept whole)")
     p.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help="which blocks to keep; none = list with --keep-blocks, else uniform")
-    p.add_argument("--keep-blocks", default=None, help="explicit source blocks for --strategy list, e.g. '0-9,50-59'")
-    p.add_argument("--keep-first", type=int, default=None,
-                   help="interval strategy: keep this many first blocks; none = about a third of --layers")
-    p.add_argument("--heads", type=int, default=None, help="attention heads per block to keep (width shrink)")
+    p.add_argument("--keep-blocks", default=None, help="explicit source blocks for --strategy list, e.g. '0-9,50-59'; "
+                   "per stack: 'transformer_blocks=0-2,4;single_transformer_blocks=0-9,19'")
+    p.add_argument("--keep-first", default=None,
+                   help="interval strategy: keep this many first blocks (per stack like --layers); none = about a "
+                   "third of --layers")
+    p.add_argument("--heads", type=int, default=None, help="attention heads per block to keep (width shrink; "
+                   "not FLUX.2, shrunk by depth only)")
     p.add_argument("--width-method", choices=WIDTH_METHODS, default="magnitude",
                    help="how kept heads/FFN units/channels are chosen")
     p.add_argument("--dtype", default="keep", help="keep | bf16 | fp16 | fp32 | fp8 (e4m3fn weight matrices)")
@@ -43,13 +50,26 @@ def _progress_printer():
     return progress
 
 
+def _number(value, field: str):
+    """A plain whole number as an int; 'STACK=N,...' stays text for the core (`shrink.depth.parse_groups`)."""
+    from ..errors import DistilleryError
+
+    if value is None or "=" in value:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise DistilleryError(field, value, "not a whole number or STACK=N entries.",
+                              "write e.g. 20, or transformer_blocks=3,single_transformer_blocks=12.") from None
+
+
 def run(args) -> dict:
     from ..errors import DistilleryError
     from ..shrink import plan_shrink, shrink
 
     strategy = args.strategy or ("list" if args.keep_blocks else "uniform")
-    common = dict(layers=args.layers, strategy=strategy, keep_blocks=args.keep_blocks, keep_first=args.keep_first,
-                  heads=args.heads, width_method=args.width_method, device=args.device,
+    common = dict(layers=_number(args.layers, "layers"), strategy=strategy, keep_blocks=args.keep_blocks,
+                  keep_first=_number(args.keep_first, "keep_first"), heads=args.heads, width_method=args.width_method, device=args.device,
                   progress=None if (args.no_progress or args.json) else _progress_printer())
     if args.dry_run:
         return {"dry_run": True, **plan_shrink(args.source, **common).summary()}

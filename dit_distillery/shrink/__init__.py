@@ -1,5 +1,6 @@
 """Shrink DiT: a smaller DiT made of exact slices of the source's weights, written by streaming (the families with
-a `WidthLayout`: Qwen-Image; the tensors it slices are the family's, families/qwen_image.py).
+a `WidthLayout`, Qwen-Image and Z-Image, by depth and width; the others, FLUX.2 [klein], by depth only, every
+droppable block stack with its own count: `depth.py`; the tensors it slices are the family's, families/*.py).
 
 Depth keeps N of the source's blocks (renumbered 0..N-1, in source order); width keeps H of the heads in every
 block, which narrows the residual stream to H x head_dim and the FFNs to 4x that. What is kept is decided in
@@ -9,6 +10,7 @@ provenance), so `models.registry.load_dit` rebuilds any student, width-shrunk on
 
     report = shrink("qwen_image_bf16.safetensors", "qwen_30.safetensors", layers=30, strategy="interval")
     plan = plan_shrink("qwen_image_bf16.safetensors", layers=30, heads=16)   # preview, writes nothing
+    shrink("flux-2-klein-4b.safetensors", "klein_s.safetensors", layers="transformer_blocks=3,single_transformer_blocks=12")
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from .. import families
 from ..errors import DistilleryError
-from ..formats import dtype_from_name, dtype_name
+from ..formats import TensorSource, dtype_from_name, dtype_name
+from .depth import DepthSource, parse_groups, plan_depth, same_depth_student, write_depth
 from .importance import Calibration, check_calibration, magnitude_scores, proxy_calibration, run_calibration
 from .plan import STRATEGIES, WIDTH_METHODS, ShrinkPlan, WidthPlan, check_layers, select_blocks, select_width
 from .stream import SourceModel, expected_shapes, student_config, student_tensors, write_diffusers_folder, write_student
@@ -38,7 +42,7 @@ def plan_shrink(source, *, layers=None, strategy="uniform", keep_blocks=None, ke
     Cheap for the uniform/first/interval/list strategies with no width change; width shrinking reads the kept
     blocks once (magnitude) and importance runs the source block by block on calibration inputs.
     """
-    with SourceModel(source) as src:
+    with open_source(source) as src:
         return _plan(src, layers=layers, strategy=strategy, keep_blocks=keep_blocks, keep_first=keep_first,
                      heads=heads, width_method=width_method, calibration=calibration, device=device,
                      progress=progress, stop=stop)
@@ -47,10 +51,13 @@ def plan_shrink(source, *, layers=None, strategy="uniform", keep_blocks=None, ke
 def shrink(source, out, *, layers=None, strategy="uniform", keep_blocks=None, keep_first=None, heads=None,
            width_method="magnitude", calibration=None, dtype=None, diffusers_folder=None, device=None,
            progress=None, stop=None, reuse=False, overwrite=True, out_field="out") -> dict:
-    """Write a shrunk copy of the Qwen-Image DiT `source` to `out` (one safetensors file) and return a report.
+    """Write a shrunk copy of the DiT `source` to `out` (one safetensors file) and return a report.
 
-    `layers`: blocks to keep (default all); `strategy`: uniform | first | interval | list | importance;
-    `keep_blocks`: '0-9,50-59' for 'list'; `keep_first`: K for 'interval'; `heads`: heads per block (default all);
+    `layers`: blocks to keep (default all): a number for the main block stack, or per stack for a family with
+    several ('transformer_blocks=3,single_transformer_blocks=12' or a dict; an unnamed stack is kept whole); `strategy`: uniform | first | interval | list | importance;
+    `keep_blocks`: '0-9,50-59' for 'list' (per stack: 'transformer_blocks=0-2,4; single_transformer_blocks=0-9,19');
+    `keep_first`: K for 'interval' (per stack as `layers`); a depth-only family (no `WidthLayout`: FLUX.2) refuses
+    `heads` and the importance strategy, and its student keeps the source's naming (BFL stays BFL); `heads`: heads per block (default all);
     `width_method`: magnitude | importance; `calibration`: a `Calibration` (None = seeded Gaussian proxy, used
     only when a strategy needs scores); `dtype`: None/'keep', 'bf16', 'fp16', 'fp32' or 'fp8' (e4m3fn weight
     matrices); `diffusers_folder`: also write config.json + weights there; `device`: where calibration runs;
@@ -69,17 +76,19 @@ def shrink(source, out, *, layers=None, strategy="uniform", keep_blocks=None, ke
     if diffusers_folder is not None and Path(diffusers_folder).is_file():
         raise DistilleryError("diffusers_folder", str(diffusers_folder), "is a file, not a folder.",
                               "give a folder path (it is created if missing).")
-    with SourceModel(source) as src:
+    with open_source(source) as src:
         plan = _plan(src, layers=layers, strategy=strategy, keep_blocks=keep_blocks, keep_first=keep_first,
                      heads=heads, width_method=width_method, calibration=calibration, device=device,
                      progress=progress, stop=stop)
         if out.exists() and (reuse or not overwrite):
-            if reuse and _same_student(out, src, plan, target):
+            same = same_depth_student if isinstance(src, DepthSource) else _same_student
+            if reuse and same(out, src, plan, target):
                 return {"out": str(out), "reused": True, **plan.summary()}
             if not overwrite:
                 raise DistilleryError(out_field, str(out), "already exists and was made with other settings.",
                                       "choose another name, or turn on overwrite.")
-        written = write_student(src, plan, out, target, progress=progress, stop=stop)
+        write = write_depth if isinstance(src, DepthSource) else write_student
+        written = write(src, plan, out, target, progress=progress, stop=stop)
     if diffusers_folder is not None:
         write_diffusers_folder(out, Path(diffusers_folder), plan.config, plan.family)
     report = {"out": str(out), **plan.summary()}
@@ -87,6 +96,33 @@ def shrink(source, out, *, layers=None, strategy="uniform", keep_blocks=None, ke
                   diffusers_folder=None if diffusers_folder is None else str(diffusers_folder),
                   seconds=round(time.perf_counter() - start, 3))
     return report
+
+
+def open_source(source, field: str = "source"):
+    """The opened source: a `SourceModel` (depth and width) for a family with a `WidthLayout`, a
+    `depth.DepthSource` (depth only) for the others; a file no family reads gets `SourceModel`'s message."""
+    family = None
+    try:
+        with TensorSource(source, field) as probe:
+            family = families.get(families.detect(probe, field)[0])
+    except DistilleryError:
+        pass
+    if family is not None and family.width_layout is None:
+        return DepthSource(source, field)
+    return SourceModel(source, field)
+
+
+def _one_group(value, src: SourceModel, field: str, count: bool):
+    """`layers` / `keep_blocks` / `keep_first` given per block stack ('transformer_blocks=30' or a dict) for a
+    family whose width layout drops one stack: that stack's value."""
+    if not (isinstance(value, dict) or (isinstance(value, str) and "=" in value)):
+        return value
+    per = parse_groups(value, src.family, field, count)
+    other = [g for g in per if g != src.layout.group]
+    if other:
+        raise DistilleryError(field, value, f"Shrink DiT drops only {src.family.title}'s {src.layout.group}.",
+                              f"name only {src.layout.group}, or give a plain value.")
+    return per.get(src.layout.group)
 
 
 def _check_out(out, source, field: str = "out") -> Path:
@@ -125,6 +161,12 @@ def _same_student(out: Path, src: SourceModel, plan: ShrinkPlan, target: torch.d
 
 def _plan(src: SourceModel, *, layers, strategy, keep_blocks, keep_first, heads, width_method, calibration,
           device, progress, stop) -> ShrinkPlan:
+    if isinstance(src, DepthSource):
+        return plan_depth(src, layers=layers, strategy=strategy, keep_blocks=keep_blocks, keep_first=keep_first,
+                          heads=heads, width_method=width_method)
+    layers = _one_group(layers, src, "layers", True)
+    keep_blocks = _one_group(keep_blocks, src, "keep_blocks", False)
+    keep_first = _one_group(keep_first, src, "keep_first", True)
     config = src.config
     n = src.num_blocks
     # every cheap check first, so bad input fails before any (possibly long) calibration or scoring

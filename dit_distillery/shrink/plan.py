@@ -203,7 +203,7 @@ class ShrinkPlan:
     source_config: dict
     config: dict
     strategy: str
-    kept_blocks: list[int]
+    kept_blocks: list[int] | dict[str, list[int]]  # per block stack for a depth-only family
     width: WidthPlan | None = None
     block_scores: list[float] | None = None
     calibration: str | None = None  # "proxy", "provided" or None when no calibration ran
@@ -236,8 +236,20 @@ class ShrinkPlan:
 
         family = families.get(self.family)
         layout = family.width_layout
-        count = family.group(layout.group).count_key
         src, dst = self.source_config, self.config
+        if isinstance(self.kept_blocks, dict):  # a depth-only family: blocks per stack, width unchanged
+            counts = {a: family.group(a).count_key for a in self.kept_blocks}
+            heads, width = src.get(family.heads_key), family.dims(src).width
+            return {
+                "source": self.source, "strategy": self.strategy,
+                "layers_before": {a: src[k] for a, k in counts.items()},
+                "layers_after": {a: dst[k] for a, k in counts.items()},
+                "kept_blocks": self.kept_blocks, "heads_before": heads, "heads_after": heads,
+                "width_before": width, "width_after": width, "kept_heads": None, "width_method": None,
+                "block_scores": None, "calibration": None,
+                "params_before": self.params_before, "params_after": self.params_after, "notes": self.notes,
+            }
+        count = family.group(layout.group).count_key
         return {
             "source": self.source,
             "strategy": self.strategy,

@@ -120,8 +120,18 @@ def _advise_sequential(f) -> None:
 
 
 def streamable() -> list:
-    """The families Shrink DiT streams (those with a `width_layout`)."""
-    return [f for f in families.all() if f.width_layout is not None]
+    """The families Shrink DiT streams: by depth and width with a `width_layout` (`SourceModel`), by depth only
+    otherwise (`depth.DepthSource`)."""
+    return sorted(families.all(), key=lambda f: f.width_layout is None)  # stable: width-shrinkable first
+
+
+def refuse_scaled(src: TensorSource, path, field: str) -> None:
+    """A 'scaled fp8' checkpoint is refused by name: its weights need their per-layer scales applied."""
+    scaled = [k for k in src.keys() if k.endswith((".scale_weight", ".scale_input")) or k == "scaled_fp8"]
+    if scaled:
+        raise DistilleryError(field, str(path), "a 'scaled fp8' checkpoint (weights stored with per-layer "
+                              f"scale factors, e.g. {scaled[0]!r}): slicing it needs the scales applied, which "
+                              "Shrink DiT does not do.", "shrink the bf16 or the plain fp8_e4m3fn file instead.")
 
 
 class SourceModel:
@@ -140,13 +150,8 @@ class SourceModel:
 
     def _check(self, field: str) -> None:
         keys = self.src.keys()
-        titles = " or ".join(f.title for f in streamable())
-        scaled = [k for k in keys if k.endswith((".scale_weight", ".scale_input")) or k == "scaled_fp8"]
-        if scaled:
-            raise DistilleryError(field, str(self.path), "a 'scaled fp8' checkpoint (weights stored with per-layer "
-                                  f"scale factors, e.g. {scaled[0]!r}): slicing it needs the scales applied, which "
-                                  "Shrink DiT does not do.",
-                                  f"shrink the bf16 or the plain fp8_e4m3fn {titles} file instead.")
+        titles = ", ".join(f.title for f in streamable()[:-1]) + " or " + streamable()[-1].title
+        refuse_scaled(self.src, self.path, field)
         try:
             name, config, _ = families.detect(self.src)
         except DistilleryError as exc:
@@ -154,9 +159,9 @@ class SourceModel:
                                   f"choose a {titles} diffusion model.") from None
         family = families.get(name)
         if family.width_layout is None:
-            raise DistilleryError(field, str(self.path), f"a {family.title} model, not a {titles} DiT.",
-                                  f"Shrink DiT streams {titles}; shrink a {family.title} in memory by depth "
-                                  "(shrink.blocks.drop_blocks) or build a smaller one.")
+            raise DistilleryError(field, str(self.path), f"a {family.title} model, which has no width layout to "
+                                  "slice.", f"shrink a {family.title} by depth (shrink.shrink opens it as a "
+                                  "depth.DepthSource).")
         self.family, self.layout = family, family.width_layout
         self.group = family.group(self.layout.group)
         unsupported = [k for k in self.layout.unsupported if config.get(k)]
