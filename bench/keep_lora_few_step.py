@@ -140,7 +140,7 @@ def run(out: Path, cfg: KeepLoraConfig, demo_dir: Path | None, demo_preset: str,
         raise DistilleryError("--out", str(out), "holds a run with other settings (config.json).",
                               "choose another --out folder, or the preset it was run with.")
     atomic_write_json(saved, asdict(cfg))
-    seconds, t0 = {}, time.time()
+    seconds = {}
 
     # 0. ingredients: copied into our folder (the demo folder is only read)
     t = time.time()
@@ -208,7 +208,11 @@ def run(out: Path, cfg: KeepLoraConfig, demo_dir: Path | None, demo_preset: str,
     t = time.time()
     metrics = evaluate(out, cfg, base, teacher, turbo_file, style_file, repair_file, log)
     seconds["evaluate"] = time.time() - t
-    seconds["total"] = time.time() - t0
+    # A rerun reuses finished stages in ~0 s: keep each stage's seconds from the run that did its work (the larger).
+    kept = json.loads((out / "seconds.json").read_text()) if (out / "seconds.json").is_file() else {}
+    seconds = {k: max(v, kept.get(k, 0.0)) if k != "evaluate" else v for k, v in seconds.items()}
+    seconds["total"] = sum(seconds.values())
+    atomic_write_json(out / "seconds.json", seconds)
     metrics["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     metrics["teacher_data"] = {"rows": gen["rows_written"] + gen["rows_skipped"]}
     return metrics
@@ -312,7 +316,7 @@ def write_report(results_dir: Path, header: dict, cfg: KeepLoraConfig, m: dict, 
     lines += ["", "Ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in m["ratios"].items() if v is not None), "",
               f"Grid (`{png.name}`): teacher | turbo + style before | after, first {cfg.grid_rows} held-out pairs.", "",
               f"![grid]({png.name})", "", "Settings: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()) + ".",
-              "", "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in m["seconds"].items()) + ".", ""]
+              "", "Seconds per stage (each from the run that did it; a rerun reuses finished stages): " + ", ".join(f"{k} {v}" for k, v in m["seconds"].items()) + ".", ""]
     md = results_dir / f"{NAME}.md"
     atomic_write_text(md, "\n".join(lines))
     return [md, results_dir / f"{NAME}.json", png]
