@@ -27,6 +27,7 @@ COMMANDS = {
     "sample": "sample",
     "load-student": "load_student",
     "demo": "demo",
+    "recipe": "recipe",
 }
 
 
