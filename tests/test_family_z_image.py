@@ -339,6 +339,34 @@ def test_loads_from_its_diffusers_folder(pipe, saved):
     assert type(diffusers_pipe.transformer).__name__ == "ZImageTransformer2DModel"
 
 
+def test_base_and_turbo_folders_get_their_own_sampling_defaults(saved, tmp_path):
+    """The released folders differ in scheduler_config.json's shift (Turbo 3.0, Base 6.0): a Base folder samples
+    50 steps at CFG 4 by default, Turbo 8 steps without CFG; a folder without a scheduler config is taken as Turbo."""
+    import shutil
+
+    from dit_distillery.pipelines.loading import load_pipeline
+
+    assert FAMILY.sampling_defaults == z_image.TURBO_DEFAULTS == dict(steps=8, cfg_scale=1.0, height=1024, width=1024)
+    found = {}
+    for name, shift in (("Z-Image", 6.0), ("Z-Image-Turbo", 3.0), ("no-scheduler", None)):
+        folder = tmp_path / name
+        shutil.copytree(saved, folder)
+        index = json.loads((folder / "model_index.json").read_text())
+        del index["_dit_distillery"]["defaults"]  # as downloaded: no defaults of ours
+        (folder / "model_index.json").write_text(json.dumps(index))
+        if shift is None:
+            shutil.rmtree(folder / "scheduler")
+        else:
+            config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+            (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(config, shift=shift)))
+        found[name] = load_pipeline(folder).defaults
+    assert found["Z-Image"] == z_image.BASE_DEFAULTS == dict(steps=50, cfg_scale=4.0, height=1024, width=1024)
+    assert found["Z-Image-Turbo"] == found["no-scheduler"] == z_image.TURBO_DEFAULTS
+    assert FAMILY.folder_defaults({"_class_name": "QwenImagePipeline"}, saved) is None
+    assert load_pipeline(saved).defaults == json.loads((saved / "model_index.json").read_text())[
+        "_dit_distillery"]["defaults"]  # our own folders keep what they were saved with
+
+
 def test_loads_from_comfyui_single_files(pipe, saved, tmp_path, monkeypatch):
     """DiT in ComfyUI's names (with its prefix, no metadata), the text encoder as a Qwen3ForCausalLM file, the VAE
     in the original LDM layout: the same pipeline."""

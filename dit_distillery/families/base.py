@@ -279,9 +279,10 @@ class Family:
         """A single-file VAE in its original layout (ComfyUI's files) -> diffusers keys."""
         return state
 
-    def folder_defaults(self, index: dict) -> dict | None:
+    def folder_defaults(self, index: dict, folder=None) -> dict | None:
         """Sampling defaults a diffusers folder of this family implies through its model_index.json (e.g. a
-        step-distilled variant's `is_distilled`); None: the family's `sampling_defaults`."""
+        step-distilled variant's `is_distilled`) or its other files (`folder`, the folder's path, or None; Z-Image's
+        scheduler config); None: the family's `sampling_defaults`."""
         return None
 
     def tiny_pipeline(self, seed: int = 0) -> "TextToImagePipeline":

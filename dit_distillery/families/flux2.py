@@ -376,7 +376,7 @@ class Flux2Family(Family):
         converted.update({k: v for k, v in moved.items() if k.startswith("bn.")})
         return converted
 
-    def folder_defaults(self, index: dict) -> dict | None:
+    def folder_defaults(self, index: dict, folder=None) -> dict | None:
         """A klein folder's model_index.json says whether it is step-distilled (4 steps, CFG off)."""
         if index.get("_class_name") != self.pipeline_class:
             return None

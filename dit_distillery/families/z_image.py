@@ -46,6 +46,16 @@ FLUX1_VAE_CONFIG = {
     "force_upcast": True,
 }
 
+# Sampling defaults of the two released checkpoints (one architecture). Turbo: 8 steps, CFG off. Base (the
+# undistilled Tongyi-MAI/Z-Image): DiffSynth's example (examples/z_image/model_inference/Z-Image.py), 50 steps at
+# cfg_scale 4 in DiffSynth's (= our, ComfyUI's) convention.
+TURBO_DEFAULTS = dict(steps=8, cfg_scale=1.0, height=1024, width=1024)
+BASE_DEFAULTS = dict(steps=50, cfg_scale=4.0, height=1024, width=1024)
+# What tells the released diffusers folders apart: their model_index.json files are alike, but
+# scheduler/scheduler_config.json has shift 3.0 in Z-Image-Turbo and 6.0 in Z-Image (Base). (The sigma schedule
+# itself stays DiffSynth's shift 3 for both, as DiffSynth samples Base.)
+SCHEDULER_SHIFT_DEFAULTS = {3.0: TURBO_DEFAULTS, 6.0: BASE_DEFAULTS}
+
 BLOCK_GROUPS = ("layers", "noise_refiner", "context_refiner")
 # What ComfyUI's detection does not read from a file but fixes when the width is 3840 (Z-Image's branch): a student
 # that changes any of these does not load in stock ComfyUI.
@@ -319,8 +329,9 @@ class ZImageFamily(Family):
     # ComfyUI's ModelSamplingAuraFlow shift 3). The exponential shift with mu = ln 3 is the same curve; we keep the
     # static form so a saved pipeline's scheduler config equals the release's.
     schedule_templates = {"Z-Image": dict(shift=3.0, use_dynamic_shifting=False, shift_terminal=None)}
-    # Turbo (what people run): 8 steps, CFG off (ComfyUI cfg 1 = diffusers guidance_scale 0), 1024x1024.
-    sampling_defaults = dict(steps=8, cfg_scale=1.0, height=1024, width=1024)
+    # Turbo (what people run): 8 steps, CFG off (ComfyUI cfg 1 = diffusers guidance_scale 0), 1024x1024. A Base
+    # folder gets BASE_DEFAULTS (`folder_defaults`).
+    sampling_defaults = dict(TURBO_DEFAULTS)
     text_encoder_class = "Qwen3Model"
     default_text_max_length = 512
     report_text_tokens = 128  # padding is dropped: a long caption
@@ -427,6 +438,22 @@ class ZImageFamily(Family):
         from diffusers.loaders import single_file_utils as sfu
 
         return sfu.convert_ldm_vae_checkpoint(state, config)
+
+    def folder_defaults(self, index: dict, folder=None) -> dict | None:
+        """Base or Turbo, from the folder's scheduler config (`SCHEDULER_SHIFT_DEFAULTS`); None (Turbo's, the
+        family's) when the folder has none or another shift: a sampler's explicit steps/cfg always win."""
+        import json
+        from pathlib import Path
+
+        if index.get("_class_name") != self.pipeline_class or folder is None:
+            return None
+        try:
+            config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
+            shift = float(config.get("shift"))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+        found = SCHEDULER_SHIFT_DEFAULTS.get(shift)
+        return dict(found) if found is not None else None
 
     def tiny_pipeline(self, seed: int = 0):
         from .. import tiny

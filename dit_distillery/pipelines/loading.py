@@ -355,7 +355,7 @@ def load_pipeline(source: str | os.PathLike | None = None, *, dit=None, text_enc
         vae_model = load_vae(part(vae, "vae", "vae"), family, config_dir=vae_cfg, dtype=dtype, device=device)
     pipe = TextToImagePipeline(model, families.get(family).prompt_encoder(encoder_model, tok, encoder_meta),
                                _codec(family, codec_meta, vae_model), family, template=meta.get("template"),
-                               defaults=meta.get("defaults") or families.get(family).folder_defaults(index))
+                               defaults=meta.get("defaults") or families.get(family).folder_defaults(index, root))
     return pipe
 
 
