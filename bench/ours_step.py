@@ -1,9 +1,9 @@
 """Our training step without the trainer's start-up: the step function `trainer.loop.Trainer.run` executes.
 
 For the Qwen-Image micro-benchmarks (one 20B model, a handful of steps) the trainer's data preparation and cache
-build would dominate, so this runs the trainer's own pieces on batches already on the device:
-`_set_trainable` (peft LoRA, fp32 adapters, or fp32 full masters), `enable_gradient_checkpointing`,
-`_optimizer`, the warm-up/cosine `LambdaLR`, `TrainingModule` (DiT + loss; for Direct Distill the whole unrolled
+build would dominate, so this runs the trainer's own pieces (`trainer.setup`) on batches already on the device:
+`set_trainable` (peft LoRA, fp32 adapters, or fp32 full masters), `enable_gradient_checkpointing`,
+`make_optimizer`, the warm-up/cosine `LambdaLR`, `TrainingModule` (DiT + loss; for Direct Distill the whole unrolled
 student sampler), `accelerator.prepare`, then per step exactly the loop's body: autocast forward, backward,
 gradient clipping, optimiser and LR step, `zero_grad(set_to_none=True)`, and the loss reduced to a float (the
 loop's NaN check, which also synchronises).
@@ -21,20 +21,21 @@ from bench.common import StepClock
 
 def run_steps(dit: torch.nn.Module, job, make_batch: Callable[[int], dict], device, *, warmup: int, steps: int) -> dict:
     from dit_distillery.losses import SampleRNG, loss_from_dict
-    from dit_distillery.trainer.loop import TrainingModule, _accelerator, _optimizer, _set_trainable, lr_factor
+    from dit_distillery.trainer.setup import (TrainingModule, make_accelerator, make_lr_scheduler, make_optimizer,
+                                              set_trainable)
 
     job.validate()
-    acc = _accelerator(job)
+    acc = make_accelerator(job)
     loss_fn = loss_from_dict(job.loss)
     dit.train()
-    names = _set_trainable(job, dit)
+    names = set_trainable(job, dit)
     if job.gradient_checkpointing and hasattr(dit, "enable_gradient_checkpointing"):
         dit.enable_gradient_checkpointing()
     dit.to(device)
     trainable = sorted((n, p) for n, p in dit.named_parameters() if p.requires_grad)
     params = [p for _, p in trainable]
-    optimizer = _optimizer(job, params)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(job, s))
+    optimizer = make_optimizer(job, params)
+    scheduler = make_lr_scheduler(job, optimizer)
     module, optimizer = acc.prepare(TrainingModule(dit, loss_fn, None, 0.0, job.checkpoint_offload), optimizer)
     clock = StepClock(device, warmup)
     losses = []

@@ -134,7 +134,7 @@ def host_overheads(pipe, settings: dict, batch: int, device, repeats: int = 5) -
     from dit_distillery import losses
     from dit_distillery.trainer import Callbacks, TrainJob
     from dit_distillery.trainer.job import DataSpec, OutputSpec
-    from dit_distillery.trainer.loop import _accelerator, _move, prepare_data
+    from dit_distillery.trainer.setup import make_accelerator, move_batch, prepare_data
     from dit_distillery.data import collate
 
     size = settings["image_size"]
@@ -142,7 +142,7 @@ def host_overheads(pipe, settings: dict, batch: int, device, repeats: int = 5) -
                                  cache_dir=str(Path(settings["work"]) / "cache"), repeat=repeats + 2),
                    batch_size=batch, resume=None,
                    output=OutputSpec(dir=str(Path(settings["work"]) / "overheads")))
-    dataset, sampler, _, _ = prepare_data(job, pipe, _accelerator(job), Callbacks(), lambda: False)
+    dataset, sampler, _, _ = prepare_data(job, pipe, make_accelerator(job), Callbacks(), lambda: False)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate))
     data_times, loss_times = [], []
     loss = losses.FlowMatchingLoss()
@@ -152,7 +152,7 @@ def host_overheads(pipe, settings: dict, batch: int, device, repeats: int = 5) -
         for i in range(repeats + 1):
             common.sync(device)
             t0 = time.perf_counter()
-            item = _move(next(loader), device)
+            item = move_batch(next(loader), device)
             common.sync(device)
             t1 = time.perf_counter()
             loss(pipe.dit, item, losses.SampleRNG(0, i, [f"0:{r}" for r in item["row"]]))

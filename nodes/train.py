@@ -24,7 +24,6 @@ at the end of "optional".
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -167,12 +166,7 @@ class NodeCallbacks:
         self.progress, self.node_id, self.total = progress, node_id, total
         self.min_interval = min_interval
         self.run = _output_relative(out)  # where the run's files are, for /view URLs (metrics.jsonl, loss.png)
-        self.history: list[list] = []
-        metrics = out / "metrics.jsonl"  # a resumed run: what the earlier part of it logged
-        if metrics.is_file():
-            for line in metrics.read_text().splitlines():
-                item = json.loads(line)
-                self.history.append([item["step"], item["loss"]])
+        self.history: list[list] = []  # [step, loss]: on_history (a resumed run's earlier steps), then on_step
         self._last_sent = 0.0
         self.last: dict = {}
 
@@ -196,6 +190,9 @@ class NodeCallbacks:
     def on_data_progress(self, done: int, total: int) -> None:
         self.progress(done, total)
         self.send("data", force=done == total, message=f"encoding data {done}/{total}")
+
+    def on_history(self, history: list[dict]) -> None:
+        self.history = [[h["step"], h["loss"]] for h in history]
 
     def on_step(self, info) -> None:
         self.history.append([info.step, info.loss])

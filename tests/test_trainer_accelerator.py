@@ -4,7 +4,7 @@ not make the second one fail."""
 from accelerate.state import AcceleratorState
 
 from dit_distillery.trainer.job import TrainJob
-from dit_distillery.trainer.loop import _accelerator
+from dit_distillery.trainer.setup import make_accelerator as _accelerator
 
 
 def test_second_job_with_other_precision_gets_its_own():

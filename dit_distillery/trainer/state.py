@@ -7,6 +7,8 @@ refuse. A checkpoint here is a folder `checkpoint-<step>/` holding:
 * `optimizer.safetensors` — every optimizer state tensor, keyed `<param index>.<name>`, with the param groups and
   non-tensor state as JSON in its metadata;
 * `ema.safetensors` — the EMA shadow weights, when EMA is on;
+* `loss.safetensors` — the tensors of the loss's own trainables, when it has some (`trainer.setup`'s loss
+  protocol; the rest of its state is JSON in `state.json`);
 * `state.json` — step, data position, LR-scheduler state, loss history, RNG states (as lists), the job's hash,
   and `finite`: whether the checkpoint is good (finite weights and loss; set to false with the reason in
   `not_good` when the loss its weights gave next was NaN/inf). Resuming and pruning go by it.
@@ -68,7 +70,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(folder: str | os.PathLike, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict,
-                    state: dict, ema: dict[str, torch.Tensor] | None = None) -> Path:
+                    state: dict, ema: dict[str, torch.Tensor] | None = None,
+                    loss: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `folder/checkpoint-<step>/` atomically (see module docstring); returns its path."""
     folder = Path(folder)
     final = folder / f"checkpoint-{step:07d}"
@@ -80,6 +83,8 @@ def save_checkpoint(folder: str | os.PathLike, step: int, trainable: dict[str, t
         save_safetensors(tensors, tmp / "optimizer.safetensors", {"structure": structure})
         if ema is not None:
             save_safetensors(ema, tmp / "ema.safetensors")
+        if loss is not None:
+            save_safetensors(loss, tmp / "loss.safetensors")
         with open(tmp / "state.json", "w", encoding="utf-8") as f:
             json.dump(dict(state, step=step), f, default=_jsonable)
             f.flush()
@@ -162,7 +167,7 @@ def prune_checkpoints(folder: str | os.PathLike, keep_last: int) -> list[Path]:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint folder: {'trainable', 'optimizer', 'ema' (or None), 'state'}."""
+    """Read a checkpoint folder: {'trainable', 'optimizer', 'ema' (or None), 'loss' (or None), 'state'}."""
     path = Path(path)
     if not (path / "state.json").is_file():
         raise DistilleryError("resume", str(path), "not a complete checkpoint folder (no state.json).",
@@ -178,4 +183,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if (path / "ema.safetensors").is_file():
         with TensorSource(path / "ema.safetensors", "resume", prefixes=()) as src:
             ema = {k: check_finite(k, src.get(k), field="resume", path=src.files[0], fix=fix) for k in src.keys()}
-    return {"trainable": trainable, "optimizer": optimizer, "ema": ema, "state": state}
+    loss = None
+    if (path / "loss.safetensors").is_file():
+        with TensorSource(path / "loss.safetensors", "resume", prefixes=()) as src:
+            loss = {k: src.get(k) for k in src.keys()}
+    return {"trainable": trainable, "optimizer": optimizer, "ema": ema, "loss": loss, "state": state}
