@@ -34,7 +34,8 @@ def base_model(dit: torch.nn.Module) -> torch.nn.Module:
 
 def model_dtype(dit: torch.nn.Module) -> torch.dtype:
     for p in base_model(dit).parameters():
-        if p.is_floating_point():
+        # fp8-stored weights compute in the dtype of the rest (`fp8.load_weights` / `store_in_fp8`)
+        if p.is_floating_point() and p.element_size() > 1:
             return p.dtype
     return torch.float32
 

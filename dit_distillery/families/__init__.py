@@ -216,7 +216,9 @@ def _detect_tensors(src) -> tuple[str, dict]:
     config = decode_metadata_value(src.metadata.get(META_CONFIG))
     if family in _registry() and isinstance(config, dict):
         return family, config
-    keys = src.keys()
+    from ..fp8 import model_keys
+
+    keys = model_keys(src.keys())  # without a scaled fp8 file's scales and markers
     for fam in all():
         if fam.is_family(keys):
             return fam.name, fam.config_from_shapes(src.shape, keys)

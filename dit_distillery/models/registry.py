@@ -45,16 +45,22 @@ def build_empty(family: str, config: dict, device: str | torch.device = "meta") 
 
 
 def load_dit(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-             field: str = "model") -> torch.nn.Module:
+             field: str = "model", fp8: str = "keep") -> torch.nn.Module:
     """Load a DiT from one of our files, a diffusers folder, or a ComfyUI file of a known family.
 
     Shapes are checked against the model from the file's header before any data is read, and every tensor is
-    checked for NaN/inf as it loads (`weights_check`), so a mismatched or damaged file is refused by name."""
+    checked for NaN/inf as it loads (`weights_check`), so a mismatched or damaged file is refused by name.
+    fp8 files (plain float8_e4m3fn, or ComfyUI's scaled fp8 with its scales) keep their Linear weights in fp8,
+    computed in `dtype` (bf16 when None), or, with `fp8="dequantise"`, load as plain `dtype` weights (`fp8.py`)."""
+    from .. import fp8 as fp8_weights
     from ..weights_check import check_finite, check_shapes
 
+    fp8_weights.check_mode(fp8)
     with TensorSource(path, field) as src:
         name, config, _ = families.detect(src)
         family = families.get(name)
+        layout = fp8_weights.read_layout(src, field)  # the model's tensors, and a scaled fp8 file's scales
+        shapes = {k: src.shape(k) for k in layout.keys}
         # accelerate's init_empty_weights puts only parameters on meta: plain tensor attributes built in
         # __init__ (Qwen-Image's RoPE tables in pos_embed) stay real, so the loaded model can run.
         from accelerate import init_empty_weights
@@ -62,15 +68,15 @@ def load_dit(path: str | os.PathLike, dtype: torch.dtype | None = None, device: 
         with init_empty_weights():
             model = family.model_class()(**config)
         # the file may use ComfyUI's names for the family: its header shapes, renamed as the tensors will be
-        header = family.from_comfy({k: torch.empty(src.shape(k), device="meta") for k in src.keys()})
+        header = family.from_comfy({k: torch.empty(shapes[k], device="meta") for k in layout.keys})
         check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
                      {k: tuple(v.shape) for k, v in header.items()},
                      field=field, path=path, what=f"{name} model of its config ({family.describe(config)})",
                      fix=_dit_fix(src))
-        state = family.from_comfy({k: check_finite(k, src.get(k), field=field, path=path) for k in src.keys()})
-    if dtype is not None:
-        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    model.load_state_dict(state, assign=True, strict=True)
+        state = family.from_comfy({k: check_finite(k, src.get(k), field=field, path=path) for k in layout.keys})
+        scales = fp8_weights.rename_scales(layout.scales, shapes, family.from_comfy)
+    fp8_weights.load_weights(model, state, scales, dtype=dtype, mode=fp8, scaled=layout.scaled, field=field,
+                             path=path)
     return model.to(device).eval()
 
 
@@ -86,8 +92,10 @@ def save_dit(model: torch.nn.Module, path: str | os.PathLike, provenance: dict |
              dtype: torch.dtype | None = None, extra_metadata: dict | None = None) -> Path:
     """Write a DiT as one safetensors file with our metadata (atomic), under the tensor names stock ComfyUI
     reads for its family (`Family.to_comfy`; bare diffusers names for Qwen-Image and AAADiT)."""
+    from ..fp8 import dequantised_state
+
     family = families.of_model(model)
-    state = model.state_dict()
+    state = dequantised_state(model, dtype)  # a scaled fp8 model's weights times their scales: plain weights
     if dtype is not None:
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     state = family.to_comfy(state)
