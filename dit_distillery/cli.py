@@ -26,6 +26,7 @@ COMMANDS = {
     "train": "train",
     "sample": "sample",
     "load-student": "load_student",
+    "evaluate": "evaluate",
     "demo": "demo",
     "recipe": "recipe",
 }

@@ -8,7 +8,8 @@
 5. a depth-shrunk student (fewer blocks, interval strategy) distilled the same way (full weights);
 6. an evaluation on held-out prompt/seed pairs: latent MSE against the 50-step CFG-4 teacher for each student
    and for the undistilled teacher sampled at 4 steps CFG 1 (the baseline distillation must beat), and the
-   prompt-following accuracy of each (a simple colour/shape classifier, `data.synthetic.classify_image`).
+   prompt-following accuracy of each (a simple colour/shape classifier, `data.synthetic.classify_image`), with
+   PSNR, SSIM and images/s: Evaluate Student's metrics (`dit_distillery.evaluate`).
 
 Outputs in the demo folder: `grid.png` (teacher vs students), each run's `loss.png`, and `metrics.json`.
 Every stage resumes: run the same command again and finished stages are reused (training resumes from its last
@@ -17,7 +18,6 @@ checkpoint, dataset generation skips written rows).
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,12 +25,12 @@ from typing import Callable
 
 import torch
 
-from .charts import image_grid
+from .evaluate import HELD_OUT_START_SEED, colour_shape_accuracy  # noqa: F401 (bench/quality.py imports it here)
 from .formats import atomic_output, atomic_write_json
 from .progress import Stages, format_seconds
 from .trainer import Callbacks, TrainJob, train
 
-EVAL_SEED_OFFSET = 100_000  # held-out seeds never used for the teacher dataset
+EVAL_SEED_OFFSET = HELD_OUT_START_SEED  # held-out seeds never used for the teacher dataset
 
 
 @dataclass
@@ -111,19 +111,6 @@ def eval_pairs(cfg: DemoConfig) -> tuple[list[str], list[int]]:
     prompts = synthetic_prompts(cfg.eval_pairs, seed=cfg.seed + 7)
     seeds = [EVAL_SEED_OFFSET + i for i in range(cfg.eval_pairs)]
     return prompts, seeds
-
-
-def colour_shape_accuracy(images, prompts) -> dict:
-    """Fraction of images whose shape / colour / background (and all three) match the prompt."""
-    from .data.synthetic import classify_image, parse_caption
-
-    got = [classify_image(im) for im in images]  # (colour, shape, background), as parse_caption
-    want = [parse_caption(p) for p in prompts]
-    n = len(prompts)
-    return {"colour": sum(g[0] == w[0] for g, w in zip(got, want)) / n,
-            "shape": sum(g[1] == w[1] for g, w in zip(got, want)) / n,
-            "background": sum(g[2] == w[2] for g, w in zip(got, want)) / n,
-            "all": sum(tuple(g) == tuple(w) for g, w in zip(got, want)) / n}
 
 
 def run_demo(out: str | Path = "demo_out", config: DemoConfig | None = None,
@@ -261,37 +248,33 @@ def machine_info() -> dict:
 
 @torch.no_grad()
 def evaluate(out: Path, cfg: DemoConfig, teacher_file, lora_file, shrunk_file, log=print) -> dict:
-    """Latent MSE and prompt accuracy of each model against the 50-step CFG-4 teacher on held-out pairs."""
+    """Latent MSE, PSNR, SSIM, speed and prompt accuracy of each model against the 50-step CFG-4 teacher on held-out
+    pairs (`dit_distillery.evaluate`: Evaluate Student's metrics), and the grid."""
+    from .evaluate import Settings, compare, comparison_grid, describe, sample_pairs
     from .pipelines.loading import load_pipeline
     from .student import load_student
 
     prompts, seeds = eval_pairs(cfg)
     teacher = load_pipeline("default", dit=teacher_file)
-    few = dict(steps=cfg.student_steps, cfg_scale=cfg.student_cfg, height=cfg.size, width=cfg.size)
-    reference = teacher.sample(prompts, seeds=seeds, steps=cfg.teacher_sample_steps, cfg_scale=cfg.teacher_cfg,
-                               height=cfg.size, width=cfg.size, output="both")
+    settings = Settings(height=cfg.size, width=cfg.size)
+    few = dict(steps=cfg.student_steps, cfg=cfg.student_cfg, settings=settings)
+    reference = sample_pairs(teacher, prompts, seeds, steps=cfg.teacher_sample_steps, cfg=cfg.teacher_cfg,
+                             settings=settings)
     runs = {
-        "teacher_4step": teacher.sample(prompts, seeds=seeds, output="both", **few),
-        "student_lora": load_student(teacher, lora=lora_file).sample(prompts, seeds=seeds, output="both", **few),
-        "student_shrunk": load_pipeline("default", dit=shrunk_file).sample(prompts, seeds=seeds, output="both", **few),
+        "teacher_4step": sample_pairs(teacher, prompts, seeds, **few),
+        "student_lora": sample_pairs(load_student(teacher, lora=lora_file), prompts, seeds, **few),
+        "student_shrunk": sample_pairs(load_pipeline("default", dit=shrunk_file), prompts, seeds, **few),
     }
-    metrics = {"config": asdict(cfg), "eval_pairs": len(prompts),
-               "teacher": {"steps": cfg.teacher_sample_steps, "cfg": cfg.teacher_cfg,
-                           "accuracy": colour_shape_accuracy(reference.images, prompts)}}
+    metrics = {"config": asdict(cfg), "eval_pairs": len(prompts), "teacher": describe(reference)}
     for name, result in runs.items():
-        mse = float(((result.latents - reference.latents) ** 2).mean())
-        metrics[name] = {"steps": cfg.student_steps, "cfg": cfg.student_cfg, "latent_mse": mse,
-                         "accuracy": colour_shape_accuracy(result.images, prompts)}
+        metrics[name] = {**describe(result), **compare(result, reference)}
     base = metrics["teacher_4step"]["latent_mse"]
     for name in ("student_lora", "student_shrunk"):
         metrics[name]["mse_vs_baseline"] = metrics[name]["latent_mse"] / base if base else None
-    rows = cfg.grid_rows
-    grid = image_grid([[reference.images[i], runs["teacher_4step"].images[i], runs["student_lora"].images[i],
-                        runs["student_shrunk"].images[i]] for i in range(min(rows, len(prompts)))],
-                      row_labels=[re.sub(r"\ban? |( background$)", "", p) for p in prompts[:rows]],
-                      col_labels=[f"teacher {cfg.teacher_sample_steps}st cfg{cfg.teacher_cfg:g}",
-                                  f"teacher {cfg.student_steps}st cfg{cfg.student_cfg:g}", "LoRA student",
-                                  f"{cfg.shrunk_layers}-block student"])
+    grid = comparison_grid([(f"teacher {cfg.teacher_sample_steps}st cfg{cfg.teacher_cfg:g}", reference),
+                            (f"teacher {cfg.student_steps}st cfg{cfg.student_cfg:g}", runs["teacher_4step"]),
+                            ("LoRA student", runs["student_lora"]),
+                            (f"{cfg.shrunk_layers}-block student", runs["student_shrunk"])], cfg.grid_rows)
     with atomic_output(out / "grid.png") as tmp:
         grid.save(tmp, format="PNG")
     log(f"[evaluate] latent MSE vs the {cfg.teacher_sample_steps}-step teacher: baseline {base:.4f}, "

@@ -259,12 +259,13 @@ class _StepCounter:
 
 def sample_pairs(pipe, prompts: list[str], seeds: list[int], *, steps: int, cfg: float, settings: Settings,
                  callback=None, stop=None, warm_up: bool = True) -> Samples:
-    """Sample every pair (latents and images), timed after an untimed one-step warm-up (first-call costs such as
-    kernel selection and allocator growth must not count against whichever model happens to run first)."""
+    """Sample every pair (latents and images), timed after an untimed one-step warm-up on one batch (first-call
+    costs such as kernel selection and allocator growth must not count against whichever model runs first)."""
     common = dict(negative_prompt=settings.negative_prompt, height=settings.height, width=settings.width,
                   rand_device=settings.rand_device, stop=stop)
     if warm_up:
-        pipe.sample(prompts[:1], seeds=seeds[:1], steps=1, cfg_scale=cfg, output="both", **common)
+        first = settings.batch_size or len(prompts)
+        pipe.sample(prompts[:first], seeds=seeds[:first], steps=1, cfg_scale=cfg, output="both", **common)
     start = time.perf_counter()
     result = pipe.sample(prompts, seeds=seeds, steps=steps, cfg_scale=cfg, output="both", callback=callback,
                          batch_size=settings.batch_size, **common)

@@ -29,6 +29,8 @@ CALLS = [
     (["gen-dataset", "--out", "d"], 2),  # neither --prompts nor --synthetic-prompts
     (["load-student", "--strength", "strong"], 2),
     (["demo", "--preset", "no-such-preset"], 2),
+    (["evaluate", "--out", "o", "--steps", "many"], 2),
+    (["evaluate", "--out", "o"], 2),  # no held-out prompts: refused before torch is imported
     (["recipe", "no-such-recipe", "--base", "b", "--out", "o", "--prompts", "p"], 2),
     (["recipe", "keep-lora-few-step", "--base", "b", "--out", "o"], 2),  # no prompts
 ]

@@ -21,6 +21,7 @@ NODES = {
     "DD_DirectDistillLoss": "Direct Distill Loss", "DD_FlowMatchingLoss": "Flow-Matching Loss",
     "DD_TrainLoRAFull": "Train LoRA / Full", "DD_ExportTrainingJob": "Export Training Job",
     "DD_LossChart": "Loss Chart", "DD_LoadStudent": "Load Student", "DD_Sample": "Sample",
+    "DD_EvaluateStudent": "Evaluate Student",
 }
 
 # Saved workflows store widget values by position and links by input name and output slot, so these may only
@@ -33,6 +34,10 @@ FROZEN = {
                           "on_error", "caption_dropout"], [], [("dataset", "DD_DATASET"), ("summary", "STRING")]),
     "DD_DatasetFromImages": (["images", "captions", "name", "sizing", "width", "height", "max_pixels", "repeat",
                               "cache"], [], [("dataset", "DD_DATASET"), ("summary", "STRING")]),
+    "DD_EvaluateStudent": (["student", "prompts", "synthetic_prompts", "seeds_per_prompt", "start_seed", "steps", "cfg",
+                            "teacher_steps", "teacher_cfg", "width", "height", "batch_size", "grid_rows", "clip_model"],
+                           ["teacher", "teacher_dataset", "baseline"],
+                           [("table", "STRING"), ("grid", "IMAGE"), ("report_json", "STRING")]),
     "DD_DirectDistillLoss": (["student_steps", "student_cfg", "schedule_mu", "target", "default_steps",
                               "default_cfg"], [], [("loss", "DD_LOSS")]),
     "DD_ExportTrainingJob": (["pipeline", "dataset", "loss", "mode", "output_name", "steps", "batch_size",
