@@ -7,7 +7,7 @@ so the pack imports, and its nodes can be called, without ComfyUI.
 
 import importlib
 
-_MODULES = ["models", "data", "losses", "train", "student", "evaluate"]
+_MODULES = ["models", "comfy_models", "data", "losses", "train", "student", "evaluate"]
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -89,9 +89,9 @@ class BuildAAADiT:
 # Shrink DiT
 
 class ShrinkDiT:
-    DESCRIPTION = ("Makes a smaller DiT from exact slices of a source's weights: fewer blocks (depth; per block "
-                   "stack for FLUX.2 [klein]) and/or fewer heads per block (width; Qwen-Image, Z-Image, FLUX.2), "
-                   "streamed tensor by tensor so a 41 GB source needs about one "
+    DESCRIPTION = ("Makes a smaller DiT from exact slices of a source's weights: fewer blocks (depth) and/or fewer "
+                   "heads per block (width; Qwen-Image, Z-Image), or fewer blocks per stack (FLUX.2 [klein], "
+                   "depth only), streamed tensor by tensor so a 41 GB source needs about one "
                    "tensor of memory. Saves the student to models/diffusion_models (a depth-only student loads in "
                    "stock UNETLoader). Re-running with the same settings reuses the file.")
     CATEGORY = MODELS_CATEGORY
@@ -128,8 +128,8 @@ class ShrinkDiT:
                                "strategy 'interval': how many first blocks to keep; 0 = about a third."}),
                 "heads": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip":
                           "Attention heads per block to keep (width shrink; Qwen-Image has 24 of 128 channels); "
-                          "0 keeps all. A width-shrunk Qwen-Image or Z-Image student needs Load Student to load in "
-                          "ComfyUI; FLUX.2 [klein] ones (whole heads of 128, FFN 3x) load in UNETLoader too."}),
+                          "0 keeps all. A width-shrunk student needs Load Student to load in ComfyUI. FLUX.2 is "
+                          "shrunk by depth only: leave 0."}),
                 "width_method": (list(WIDTH_METHODS), {"default": "magnitude", "tooltip":
                                  "How kept heads/FFN units/channels are chosen: magnitude (weights only) or importance "
                                  "(activations on calibration inputs)."}),
@@ -151,8 +151,7 @@ class ShrinkDiT:
             "optional": {
                 "dit": (DIT, {"tooltip": "A DiT from another node (e.g. Load DiT); used when source is '[dit input]' "
                               "or instead of the source file."}),
-                "pipeline": (PIPELINE, {"tooltip": "Encodes the calibration prompts (a pipeline of the source's "
-                             "family)."}),
+                "pipeline": (PIPELINE, {"tooltip": "Encodes the calibration prompts (a Qwen-Image pipeline)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -182,8 +181,8 @@ class ShrinkDiT:
         if prompts and needs_scores:
             if pipeline is None:
                 raise DistilleryError("calibration_prompts", prompts[0], "prompts need a pipeline to encode them.",
-                                      "connect a pipeline of the source's family (Load Pipeline), or clear the "
-                                      "prompts to score with the seeded proxy.")
+                                      "connect a Qwen-Image pipeline (Load Pipeline), or clear the prompts to score "
+                                      "with the seeded proxy.")
             calibration = _calibration(pipeline, prompts, int(calibration_size), int(calibration_seed))
         progress = Progress(100, unique_id)
         with user_errors(progress):  # the same settings reuse the file (the core checks it)
@@ -415,6 +414,9 @@ class ModelSizeReport:
 def _pipeline_dit_spec(pipeline: PipelineRef) -> tuple[str, dict, str]:
     from dit_distillery import families
 
+    comfy = getattr(pipeline, "comfy", None)  # Pipeline from ComfyUI Models: the MODEL's family and config
+    if comfy is not None and not pipeline.dit:
+        return comfy.family, dict(comfy.config), comfy.describe()
     if pipeline.dit and not pipeline.loaded():
         family, config, _ = families.detect(pipeline.dit, "pipeline")
         return family, config, Path(pipeline.dit).name

@@ -350,6 +350,10 @@ class ExportTrainingJob:
 
     def export(self, pipeline, dataset, loss, num_processes, cluster_output_dir, **widgets):
         name = safe_name(widgets["output_name"], "output_name")
+        if getattr(pipeline, "not_exportable", None):  # e.g. Pipeline from ComfyUI Models
+            raise DistilleryError("pipeline", pipeline.describe(), pipeline.not_exportable,
+                                  "train it here with Train LoRA / Full, or export a pipeline made by Load Pipeline "
+                                  "from the same model files.")
         out = str(cluster_output_dir).strip() or f"out/{name}"
         job = build_job(pipeline, dataset, loss, out, **widgets)
         if job.data.synthetic is not None:
