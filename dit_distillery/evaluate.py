@@ -240,16 +240,18 @@ def held_out_pairs(prompts: list[str], seeds_per_prompt: int = 2,
 
 
 class _StepCounter:
-    """One progress(done, total) over several sampling runs."""
+    """One progress(done, total) over several sampling runs, in image-steps (a run of n images at s steps is n * s
+    of them, whatever its batching: `sample`'s callback counts steps over all its batches)."""
 
     def __init__(self, progress, total: int):
         self.progress, self.total, self.done = progress, max(1, total), 0
 
-    def callback(self):
+    def callback(self, units: int):
         if self.progress is None:
             return None
         base = self.done
-        return lambda step, _total, _preview=None: self.progress(base + step, self.total)
+        return lambda step, run_total, _preview=None: self.progress(base + units * step // max(1, run_total),
+                                                                    self.total)
 
     def finish(self, steps: int) -> None:
         self.done += steps
@@ -293,8 +295,8 @@ def read_teacher_dataset(folder: str | os.PathLike, pipe, *, max_pairs: int | No
     settings_file = path / SETTINGS_NAME
     fix = "give a folder written by Generate Distill Dataset (gen-dataset), or a teacher pipeline instead."
     if not settings_file.is_file():
-        raise DistilleryError(field_name, str(folder), f"is not a Generate Distill Dataset folder (no {SETTINGS_NAME}).",
-                              fix)
+        raise DistilleryError(field_name, str(folder), "is not a Generate Distill Dataset folder (no "
+                              f"{SETTINGS_NAME}).", fix)
     try:
         info = json.loads(settings_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -520,26 +522,27 @@ def evaluate_student(student, *, teacher=None, teacher_dataset: str | os.PathLik
     if teacher is not None:
         log(f"[evaluate] teacher: {n} pairs at {teacher_steps} steps, CFG {teacher_cfg:g}")
         reference = sample_pairs(teacher, prompts, seeds, steps=teacher_steps, cfg=teacher_cfg, settings=settings,
-                                 callback=counter.callback(), stop=stop)
+                                 callback=counter.callback(n * teacher_steps), stop=stop)
         counter.finish(n * teacher_steps)
     runs = {}
     if baseline is not None:
         log(f"[evaluate] undistilled baseline: {steps} steps, CFG {cfg:g}")
         runs["baseline"] = sample_pairs(baseline, prompts, seeds, steps=steps, cfg=cfg, settings=settings,
-                                        callback=counter.callback(), stop=stop)
+                                        callback=counter.callback(n * steps), stop=stop)
         counter.finish(n * steps)
     else:
         notes.append("no undistilled baseline: nothing to compare the student's MSE with.")
     log(f"[evaluate] student: {steps} steps, CFG {cfg:g}")
     runs["student"] = sample_pairs(student, prompts, seeds, steps=steps, cfg=cfg, settings=settings,
-                                   callback=counter.callback(), stop=stop)
+                                   callback=counter.callback(n * steps), stop=stop)
     counter.finish(n * steps)
 
     teacher_ips = reference.images_per_s
     if teacher is None:  # a dataset: time the teacher's settings on the baseline (the undistilled model)
         if baseline is not None:
             timed = sample_pairs(baseline, prompts[:speed_pairs], seeds[:speed_pairs], steps=reference.steps,
-                                 cfg=reference.cfg, settings=settings, callback=counter.callback(), stop=stop)
+                                 cfg=reference.cfg, settings=settings,
+                                 callback=counter.callback(speed_pairs * reference.steps), stop=stop)
             counter.finish(speed_pairs * reference.steps)
             teacher_ips = timed.images_per_s
             notes.append(f"teacher given as a dataset: its speed is the undistilled baseline's at the teacher's "

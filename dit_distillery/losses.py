@@ -1,5 +1,8 @@
 """The training objectives, as small configurable objects the trainer calls: `loss(dit, batch, rng) -> (loss, logs)`.
 
+DMD2 (`losses_dmd.DMDLoss`, "dmd") and trajectory imitation (`losses_trajectory.TrajectoryLoss`, "trajectory")
+live in their own modules and are registered in `LOSSES` at the end of this one.
+
 * `FlowMatchingLoss` (SFT): sigma drawn per sample, `x_t = (1 - sigma) x0 + sigma * noise`, target
   `noise - x0`, MSE weighted per sample. Defaults reproduce DiffSynth's `FlowMatchSFTLoss`: sigma uniform over the
   template's 1000-point training grid (mu 0.8) and its Gaussian loss weights; uniform and logit-normal sampling
@@ -240,3 +243,10 @@ def _mu_ok(mu):
     except (TypeError, ValueError):
         raise DistilleryError("loss.mu", mu, "must be 'diffsynth', 'resolution' or a number.",
                               "use 'resolution' to train on the schedule the model samples with.") from None
+
+
+# The losses kept in their own modules (they import this one's helpers inside functions, so either may load first).
+from .losses_dmd import DMDLoss  # noqa: E402
+from .losses_trajectory import TrajectoryLoss  # noqa: E402
+
+LOSSES.update({DMDLoss.kind: DMDLoss, TrajectoryLoss.kind: TrajectoryLoss})

@@ -283,8 +283,20 @@ def example_inputs(family: str, config: dict, *, batch: int, height: int, width:
                                                text_tokens=text_tokens, device=device, dtype=dtype)
 
 
+class _Repeated(torch.nn.Module):
+    """The model called `calls` times on the same inputs, every output kept: what stays saved across forwards
+    that share one backward (Direct Distill's unrolled student steps), persistent tables counted once."""
+
+    def __init__(self, model: torch.nn.Module, calls: int):
+        super().__init__()
+        self.model, self.calls = model, calls
+
+    def forward(self, **inputs):
+        return [self.model(**inputs) for _ in range(self.calls)]
+
+
 def _measure(family: str, config: dict, inputs: dict, lora: tuple[list[str], int] | None,
-             flash_attention: bool = True) -> SavedActivations:
+             flash_attention: bool = True, calls: int = 1) -> SavedActivations:
     model = build_meta(family, config)
     if lora is not None:
         from peft import LoraConfig, inject_adapter_in_model
@@ -294,7 +306,8 @@ def _measure(family: str, config: dict, inputs: dict, lora: tuple[list[str], int
         with torch.device("meta"):
             inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=names), model)
     torch.nn.Module.to(model, COMPUTE_DTYPE)  # nn.Module.to: diffusers' .to warns about fp32 modules
-    return measure_saved_activations(model, _all_blocks(model, family), inputs, flash_attention)
+    runner = model if calls == 1 else _Repeated(model, calls)
+    return measure_saved_activations(runner, _all_blocks(model, family), inputs, flash_attention)
 
 
 # ----------------------------------------------------------------------------------------------------------

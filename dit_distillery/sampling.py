@@ -44,13 +44,16 @@ def _batched(text: TextEmbeds, batch: int, field: str) -> TextEmbeds:
 def euler_denoise(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: Sequence[float], text: TextEmbeds, *,
                   cfg_scale: float = 1.0, negative_text: TextEmbeds | None = None,
                   callback: Callable[[int, int, torch.Tensor], None] | None = None,
-                  stop: Callable[[], bool] | None = None) -> torch.Tensor:
+                  stop: Callable[[], bool] | None = None,
+                  states: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Denoise `noise` (at sigmas[0]) through `sigmas` and then to 0; returns the final latents.
 
     velocity_fn(x, sigma [B], text) -> v (e.g. `functools.partial(predict_velocity, dit)`).
     callback(step, total, x0_preview) after each step: the current clean-image estimate `x - sigma * v`
     (detached), a far more legible preview than the noisy latents. stop() is polled before each step and
-    raises `StopRequested`. Differentiable when grad is enabled: nothing is updated in place.
+    raises `StopRequested`. states(i, x) before step i: the latents at sigmas[i] themselves (what Generate
+    Distill Dataset records as the teacher's trajectory). Differentiable when grad is enabled: nothing is
+    updated in place.
     """
     sigmas = [float(s) for s in sigmas]
     if not sigmas or any(not 0.0 < s <= 1.0 for s in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
@@ -68,6 +71,8 @@ def euler_denoise(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: Sequence
     for i, (s, s_next) in enumerate(zip(sigmas, sigmas[1:] + [0.0])):
         if stop is not None and stop():
             raise StopRequested(f"stopped before step {i + 1} of {total}")
+        if states is not None:
+            states(i, x)
         sigma = torch.full((batch,), s, device=x.device, dtype=torch.float32)
         v = guided_velocity(velocity_fn, x, sigma, text, cfg_scale, negative_text)
         if callback is not None:

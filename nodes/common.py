@@ -31,7 +31,7 @@ from dit_distillery.progress import format_seconds  # noqa: F401 (used by the no
 PIPELINE = "DD_PIPELINE"  # nodes.refs.PipelineRef: where a text-to-image pipeline's weights are (+ a LoRA)
 DIT = "DD_DIT"  # nodes.refs.DitRef: a DiT file (family + config)
 DATASET = "DD_DATASET"  # nodes.refs.DatasetRef: a TrainJob `data` section
-LOSS = "DD_LOSS"  # dict: a loss description, {"kind": "flow_matching" | "direct_distill", ...options}
+LOSS = "DD_LOSS"  # dict: a loss description, {"kind": "flow_matching" | "direct_distill" | "dmd" | "trajectory", ...}
 LOSS_HISTORY = "DD_LOSS_HISTORY"  # dict: {"title", "history": [{"step","loss","lr"}], "eval": [{"step","eval_loss"}]}
 
 CATEGORY = "DiT Distillery"

@@ -298,12 +298,19 @@ class GenerateDistillDataset:
                                 "Folder name in output/dit_distillery/datasets (one teacher set-up per folder)."}),
                 **_common_inputs(),
             },
+            "optional": {
+                "record_trajectory": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip":
+                                      "Also store the teacher's latents before this many of its steps (evenly "
+                                      "spread, the first its noise) beside each row's final latents: what the "
+                                      "Trajectory Loss imitates. 0 = none (Direct Distill and DMD need none). At "
+                                      "most teacher_steps."}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def generate(self, teacher, prompts, synthetic_prompts, seeds_per_prompt, start_seed, teacher_steps,
                  teacher_cfg, negative_prompt, width, height, student_steps, student_cfg, rand_device, batch_size,
-                 output_name, repeat, cache, unique_id=None):
+                 output_name, repeat, cache, record_trajectory=0, unique_id=None):
         from dit_distillery.data import read_metadata
         from dit_distillery.data.images import load_image
         from dit_distillery.gen_dataset import generate_distill_dataset, read_prompts
@@ -321,7 +328,8 @@ class GenerateDistillDataset:
                 start_seed=int(start_seed), teacher_steps=int(teacher_steps), teacher_cfg=float(teacher_cfg),
                 negative_prompt=str(negative_prompt), height=height or None, width=width or None,
                 student_steps=int(student_steps), student_cfg=float(student_cfg), rand_device=rand_device,
-                batch_size=int(batch_size), progress=progress, stop=progress.stop)
+                batch_size=int(batch_size), record_trajectory=int(record_trajectory), progress=progress,
+                stop=progress.stop)
         rows = read_metadata(folder)
         w, h = report["size"]
         spec = {"path": str(folder), "height": int(h), "width": int(w), "repeat": int(repeat), "cache": bool(cache)}

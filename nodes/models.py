@@ -388,10 +388,23 @@ class ModelSizeReport:
                 "dit": (DIT, {"tooltip": "Report on this DiT (wins over pipeline and preset)."}),
                 "pipeline": (PIPELINE, {"tooltip": "Report on this pipeline's DiT (wins over preset)."}),
             },
+                "plan": (["off", "lora", "full", "sample"], {"default": "off", "tooltip":
+                         "Also plan one run's peak GPU memory by part (LoRA or full training, or teacher sampling) "
+                         "and the blocks to swap for budget_gb."}),
+                "plan_loss": ("STRING", {"default": "sft", "tooltip":
+                              "sft, or direct:N (Direct Distill unrolling N student steps)."}),
+                "base_dtype": (["bf16", "fp8"], {"default": "bf16", "tooltip":
+                               "dtype of the frozen base weights (fp8: Linear weights in one byte)."}),
+                "budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 1.0, "tooltip":
+                              "GPU memory to fit (GB as cards are sold, i.e. GiB); 0 = no budget."}),
+                "blocks_to_swap": ("INT", {"default": -1, "min": -1, "max": 1000, "tooltip":
+                                   "Blocks kept on the CPU and streamed to the GPU; -1 = the fewest that fit "
+                                   "budget_gb (0 without a budget)."}),
         }
 
     def report(self, preset, layers, heads, height, width, batch, text_tokens, lora_rank, lora_targets,
-               gradient_checkpointing, dit=None, pipeline=None):
+               gradient_checkpointing, dit=None, pipeline=None, plan="off", plan_loss="sft", base_dtype="bf16",
+               budget_gb=0.0, blocks_to_swap=-1):
         from dit_distillery import families
         from dit_distillery.report import size_report, summary_lines, with_overrides
 
@@ -407,7 +420,21 @@ class ModelSizeReport:
                              lora_targets=lora_targets.strip() or None, text_tokens=text_tokens or None)
         overrides = [f"{n} {v}" for n, v in (("layers", layers), ("heads", heads)) if v]
         report["source"] = source + (f", with {' and '.join(overrides)}" if overrides else "")
-        text = "\n".join(f"{k}: {v}" for k, v in summary_lines(report).items())
+        lines = summary_lines(report)
+        if plan != "off":
+            from dit_distillery.memory_plan import GIB, memory_plan
+
+            budget = int(budget_gb * GIB) if budget_gb > 0 else None
+            planned = memory_plan((family, config), height=height, width=width, batch=batch, mode=plan,
+                                  loss=plan_loss, base_dtype=base_dtype, gradient_checkpointing=gradient_checkpointing,
+                                  lora_rank=lora_rank, lora_targets=lora_targets.strip() or None,
+                                  text_tokens=text_tokens or None)
+            planned.source = report["source"]
+            n = blocks_to_swap if blocks_to_swap >= 0 else (planned.blocks_needed(budget) if budget else 0)
+            planned = planned.with_swap(planned.max_swappable if n is None else n)
+            lines.update({f"memory {k}": v for k, v in planned.summary_lines(budget).items()})
+            report["memory_plan"] = planned.to_dict(budget)
+        text = "\n".join(f"{k}: {v}" for k, v in lines.items())
         return {"ui": {"text": [text]}, "result": (text, json.dumps(report, default=str))}
 
 

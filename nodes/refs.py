@@ -97,6 +97,15 @@ class PipelineRef:
         shares this one's text encoder and VAE."""
         return dataclasses.replace(self, dit=str(path), loras=(), parent=self, _pipe=None, _base=None)
 
+    def saved_as(self, path: str, pipe=None) -> "PipelineRef":
+        """This pipeline with its DiT replaced by `path`, a file just written (every LoRA merged into it):
+        downstream nodes see one DiT file (a training job can then add one LoRA of its own). `pipe`, the pipeline
+        the file was written from, is reused instead of loading the file again; give it only when it holds exactly
+        the file's values (the same dtype)."""
+        ref = self.with_dit(path)
+        ref._pipe = pipe
+        return ref
+
     def without_loras(self) -> "PipelineRef":
         """The same pipeline before its LoRAs (what a training job starts from: the job merges its LoRA itself).
         An ancestor that is exactly that is reused, with its loaded pipeline."""
@@ -157,7 +166,8 @@ class PipelineRef:
                                   "express.", "set text_max_length to 0 on Load Pipeline (the folder's setting).")
         if len(self.loras) > 1:
             raise DistilleryError("pipeline", self.describe(), "has several LoRAs on top; a training job merges one.",
-                                  "merge them into one DiT file first (Load Student with export_name), and train on it.")
+                                  "merge all but the last into a DiT file first: Load Student with export_name "
+                                  "(its pipeline output continues from that file), then the last LoRA.")
         model = {"pipeline": self.source or "default", "dit": self.dit, "text_encoder": self.text_encoder,
                  "vae": self.vae, "dtype": self.dtype}
         lora = {"preset": self.loras[0][0], "preset_strength": self.loras[0][1]} if self.loras else {}

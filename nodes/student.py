@@ -16,12 +16,15 @@ import os
 
 import torch
 
+from dit_distillery import schedule
 from dit_distillery.errors import DistilleryError
 
 from .common import (DIT, NONE, PIPELINE, STUDENT_CATEGORY, Progress, comfy_module, find_model, list_models,
                      model_dirs, model_write_dir, output_connected, path_inside, pixels_to_image, stat_key, user_errors)
 
 MODEL_SLOT = 1  # index of Load Student's MODEL output
+PIPELINE_SCHEDULE = "pipeline"  # Sample's schedule_template: the pipeline's own
+EXPORT_DTYPE = torch.bfloat16  # export_name's files
 
 
 class LoadStudent:
@@ -29,7 +32,7 @@ class LoadStudent:
                    "(Shrink DiT or full training) and/or a LoRA merged at a strength. Returns our pipeline (for "
                    "Sample, more training) and, for Qwen-Image students, a ComfyUI MODEL for stock samplers. "
                    "export_name also saves the merged DiT to models/diffusion_models (stock UNETLoader loads it "
-                   "when the student keeps Qwen-Image's width).")
+                   "when the student keeps Qwen-Image's width), and the pipeline output then uses that file.")
     CATEGORY = STUDENT_CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (PIPELINE, "MODEL", "STRING")
@@ -51,7 +54,9 @@ class LoadStudent:
                 "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip":
                              "LoRA strength (1 = as trained, 0 = off)."}),
                 "export_name": ("STRING", {"default": "", "tooltip":
-                                "If set, save the student's DiT (LoRA merged, bf16) as models/diffusion_models/<name>."}),
+                                "If set, save the student's DiT (LoRA merged, bf16) as models/diffusion_models/<name>, "
+                                "and continue from that file: a Train node after it merges one more LoRA of its own "
+                                "(e.g. Qwen-Image + a Lightning LoRA exported here, then your LoRA)."}),
             },
             "optional": {
                 "dit": (DIT, {"tooltip": "Student DiT from another node (Shrink DiT, Load DiT); wins over weights."}),
@@ -104,9 +109,12 @@ class LoadStudent:
             loadable, note = spec.comfy_loadable(config)
             lines = [ref.describe(), f"{family}, {sum(p.numel() for p in dit_module.parameters()):,} parameters"]
             if exported is not None:
-                info = export_comfy(pipe, exported, provenance={"exported_by": "DiT Distillery Load Student",
-                                                                "student": ref.describe()})
+                info = export_comfy(pipe, exported, dtype=EXPORT_DTYPE, provenance={
+                    "exported_by": "DiT Distillery Load Student", "student": ref.describe()})
                 lines.append(f"saved {info['path']}: {info['note']}")
+                # downstream: one DiT file, nothing left to merge; the merged DiT in memory is that file when it
+                # has the file's dtype (bf16, as on a GPU), else the file is read back
+                ref = pipeline.saved_as(str(exported), pipe if pipe.dtype == EXPORT_DTYPE else None)
             else:
                 lines.append(note)
             model = None
@@ -201,21 +209,32 @@ class Sample:
                                    "tooltip": "Image height; 0 = the pipeline's default."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Number of images."}),
             },
+            "optional": {
+                "schedule_template": ([PIPELINE_SCHEDULE, *schedule.templates()], {
+                    "default": PIPELINE_SCHEDULE, "tooltip": "Sigma schedule: the pipeline's own, or another one "
+                    "(Qwen-Image-Lightning for a student trained on it: Direct Distill Loss's schedule_template)."}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def sample(self, pipeline, prompt, negative_prompt, seed, steps, cfg, width, height, batch_size, unique_id=None):
+    def sample(self, pipeline, prompt, negative_prompt, seed, steps, cfg, width, height, batch_size, unique_id=None,
+               schedule_template=PIPELINE_SCHEDULE):
         if not str(prompt).strip():
             raise DistilleryError("prompt", prompt, "is empty.", "type what the image should show.")
         seeds = [int(seed) + i for i in range(int(batch_size))]
         with user_errors():
             pipe = pipeline.load()
         steps = steps or pipe.defaults["steps"]
+        sigmas = None
+        if schedule_template not in (None, "", PIPELINE_SCHEDULE):  # at the size sampled, as the pipeline's own
+            with user_errors():
+                sigmas = schedule.sigmas(schedule_template, steps, image_seq_len=pipe.image_seq_len(
+                    height or pipe.defaults["height"], width or pipe.defaults["width"]))
         progress = Progress(steps * len(seeds), unique_id)
         with user_errors(progress):
             result = pipe.sample(str(prompt), seeds=seeds, steps=steps, cfg_scale=None if cfg < 0 else float(cfg),
                                  negative_prompt=str(negative_prompt), height=height or None, width=width or None,
-                                 callback=progress.sampler_callback, stop=progress.stop, batch_size=1)
+                                 callback=progress.sampler_callback, stop=progress.stop, batch_size=1, sigmas=sigmas)
         return (pixels_to_image(result.pixels),)
 
 

@@ -165,7 +165,7 @@ def test_student_baseline_teacher_metrics_table_and_grid(base, student, tmp_path
     prompts, seeds = ev.held_out_pairs(PROMPTS, 2)
     calls = []
     result = ev.evaluate_student(student, teacher=base, baseline=base, prompts=prompts, seeds=seeds, grid_rows=3,
-                                 progress=lambda done, total: calls.append((done, total)), **FAST)
+                                 batch_size=2, progress=lambda done, total: calls.append((done, total)), **FAST)
     m = result.metrics
     assert m["pairs"] == 4 and m["prompts"] == 2 and m["size"] == [32, 32]
     for key in ("baseline", "student"):
@@ -178,7 +178,8 @@ def test_student_baseline_teacher_metrics_table_and_grid(base, student, tmp_path
     assert r["diversity_vs_teacher"] == pytest.approx(m["student"]["diversity"] / m["teacher"]["diversity"])
     assert r["speedup_vs_teacher"] == pytest.approx(m["student"]["images_per_s"] / m["teacher"]["images_per_s"])
     assert m["clip_model"] is None and any("CLIP" in n for n in m["notes"]) and any("LPIPS" in n for n in m["notes"])
-    assert calls[-1][0] == calls[-1][1] == 4 * (3 + 2 + 2)
+    assert calls[-1][0] == calls[-1][1] == 4 * (3 + 2 + 2)  # image-steps, over 2 batches per run
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and len(calls) > 6
     assert "undistilled" in result.table and "student / undistilled latent MSE" in result.table
     json.dumps(m, allow_nan=False)  # strict JSON: no inf/nan
     assert result.grid.size[0] > 3 * 128 and result.grid.size[1] > 3 * 128  # 3 columns x 3 rows of 128 px cells
@@ -304,7 +305,7 @@ def test_cli_refuses_before_loading_anything(tmp_path, capsys, argv, field):
 # ----------------------------------------------------------------------------------------------------------
 # The node
 
-def test_node_returns_table_grid_and_json(no_comfy, tmp_path):  # noqa: F811 (fixture)
+def test_node_returns_table_grid_and_json(no_comfy, tmp_path):
     from dit_distillery.models.registry import save_dit
     from dit_distillery.tiny import tiny_pipeline
     from tests.test_nodes_common import call, load_pack

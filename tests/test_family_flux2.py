@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from dit_distillery import families, schedule
 from dit_distillery.errors import DistilleryError
 from dit_distillery.families import flux2
+from tests.test_nodes_common import fake_comfy  # noqa: F401  (fixture)
 
 FAMILY = families.get("flux2")
 
@@ -504,6 +505,202 @@ def test_streamed_depth_shrink_of_both_groups(pipe, tmp_path, names, monkeypatch
     half = shrink_depth(path, tmp_path / "bf16.safetensors", layers={"transformer_blocks": 2}, dtype=torch.bfloat16)
     assert all(v.dtype == torch.bfloat16 for v in load_file(half["path"]).values())
     assert half["kept_blocks"] == {"transformer_blocks": [0, 2]}  # uniform keeps the last block last
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shrinking by width
+
+DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
+
+
+def _klein_file(tmp_path, names, seed=4, **config):
+    """A tiny klein DiT (weights drawn wide, so a mix-up of rows shows) saved under BFL or our names."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = FAMILY.model_class()(**FAMILY.tiny_config(**config)).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.2)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    path = tmp_path / f"klein_{names}.safetensors"
+    save_file(FAMILY.to_comfy(state) if names == "bfl" else state, str(path))
+    return path, state
+
+
+def _expected_slices(state, width, slots, head_dim, dim, units):
+    """Every student tensor (our names) as the source's rows and columns the width plan keeps, written out by hand
+    from the FLUX.2 layout: [shift, scale, gate] chunks, q | k | v | gate | up rows, [attention | MLP] columns."""
+    c, t, th = (torch.tensor(x) for x in (width.channels, width.temb, width.temb_hidden))
+
+    def chunks(ix, n, size):
+        return torch.cat([ix + k * size for k in range(n)])
+
+    want = {
+        "x_embedder.weight": state["x_embedder.weight"][c],
+        "context_embedder.weight": state["context_embedder.weight"][c],
+        "time_guidance_embed.timestep_embedder.linear_1.weight":
+            state["time_guidance_embed.timestep_embedder.linear_1.weight"][th],
+        "time_guidance_embed.timestep_embedder.linear_2.weight":
+            state["time_guidance_embed.timestep_embedder.linear_2.weight"][t][:, th],
+        "single_stream_modulation.linear.weight": state["single_stream_modulation.linear.weight"][chunks(c, 3, dim)][:, t],
+        "norm_out.linear.weight": state["norm_out.linear.weight"][chunks(c, 2, dim)][:, t],
+        "proj_out.weight": state["proj_out.weight"][:, c],
+    }
+    for m in ("img", "txt"):
+        key = f"double_stream_modulation_{m}.linear.weight"
+        want[key] = state[key][chunks(c, 6, dim)][:, t]
+    placed = {SINGLE: 0, DOUBLE: 0}
+    for slot, (attr, src) in enumerate(slots):
+        r = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in width.block_heads[slot]])
+        new, placed[attr] = placed[attr], placed[attr] + 1
+        old = lambda m: state[f"{attr}.{src}.{m}.weight"]  # noqa: E731
+        into = lambda m: f"{attr}.{new}.{m}.weight"  # noqa: E731
+        if attr == SINGLE:
+            u = torch.tensor(width.units["mlp"][slot])
+            rows = torch.cat([r, r + dim, r + 2 * dim, 3 * dim + u, 3 * dim + units + u])
+            want[into("attn.to_qkv_mlp_proj")] = old("attn.to_qkv_mlp_proj")[rows][:, c]
+            want[into("attn.to_out")] = old("attn.to_out")[c][:, torch.cat([r, dim + u])]
+            norms = ("attn.norm_q", "attn.norm_k")
+        else:
+            for m in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+                want[into(f"attn.{m}")] = old(f"attn.{m}")[r][:, c]
+            for m in ("to_out.0", "to_add_out"):
+                want[into(f"attn.{m}")] = old(f"attn.{m}")[c][:, r]
+            for ff, space in (("ff", "img_ffn"), ("ff_context", "txt_ffn")):
+                u = torch.tensor(width.units[space][slot])
+                want[into(f"{ff}.linear_in")] = old(f"{ff}.linear_in")[torch.cat([u, units + u])][:, c]
+                want[into(f"{ff}.linear_out")] = old(f"{ff}.linear_out")[c][:, u]
+            norms = ("attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k")
+        want.update({into(m): old(m) for m in norms})  # RMSNorm over one head: whole
+    return want
+
+
+@pytest.mark.parametrize("names", ["bfl", "diffusers"])
+def test_width_shrink_keeps_exact_slices_in_the_sources_naming(pipe, tmp_path, names):
+    """4 heads of 16 -> 2 and fewer blocks per stack: every student tensor is exactly the source's kept rows and
+    columns (a BFL file's fused qkv and swapped final modulation included), the student keeps the source's naming,
+    loads from its metadata and from its shapes alone, and predicts finite velocities for the tiny pipeline's
+    prompts."""
+    from dit_distillery.models import registry
+    from dit_distillery.shrink import plan_shrink, shrink
+
+    path, state = _klein_file(tmp_path, names, num_layers=3, num_single_layers=4, num_attention_heads=4,
+                              joint_attention_dim=pipe.dit.config.joint_attention_dim)
+    layers = f"{DOUBLE}=2,{SINGLE}=2"
+    out = tmp_path / "narrow.safetensors"
+    report = shrink(path, out, layers=layers, strategy="interval", heads=2)
+    assert (report["heads_before"], report["heads_after"], report["width_before"], report["width_after"]) == (
+        4, 2, 64, 32)
+    assert report["kept_blocks"] == {SINGLE: [0, 3], DOUBLE: [0, 2]} and report["width_method"] == "magnitude"
+    assert report["params_after"] < report["params_before"] / 3
+    stored = load_file(str(out))
+    assert any(k.startswith("double_blocks.") for k in stored) == (names == "bfl")  # the source's naming
+    width = plan_shrink(path, layers=layers, strategy="interval", heads=2).width  # the plan the file was made from
+    slots = [(SINGLE, i) for i in report["kept_blocks"][SINGLE]] + [(DOUBLE, i) for i in report["kept_blocks"][DOUBLE]]
+    assert len(width.block_heads) == 4 and report["kept_heads"] == width.block_heads
+    want = _expected_slices(state, width, slots, head_dim=16, dim=64, units=192)
+    got = FAMILY.from_comfy(stored)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    student = registry.load_dit(out)
+    config = registry.model_config(student)
+    assert (config["num_attention_heads"], config["attention_head_dim"], config["mlp_ratio"]) == (2, 16, 3.0)
+    assert (config["num_layers"], config["num_single_layers"]) == (2, 2)
+    assert FAMILY.config_from_shapes(lambda k: tuple(stored[k].shape), stored) == config  # its shapes say the same
+    x = torch.randn(1, 128, 2, 3)
+    with torch.no_grad():
+        v = FAMILY.velocity(student, x, torch.tensor([0.6]), pipe.prompt_encoder.encode(["a red fox"]))
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    again = shrink(path, out, layers=layers, strategy="interval", heads=2, reuse=True, overwrite=False)
+    assert again["reused"]
+
+
+def test_width_shrunk_klein_at_head_size_128_is_what_comfyui_detects(tmp_path):
+    """Whole heads of 128 and the FFN at 3x: ComfyUI's flux2 detection (transcribed) builds the narrow student from
+    its BFL keys exactly as the Load Student node's config says, so stock UNETLoader loads it."""
+    from dit_distillery.shrink import shrink
+
+    path, _ = _klein_file(tmp_path, "bfl", num_layers=1, num_single_layers=1, num_attention_heads=2,
+                          attention_head_dim=128, joint_attention_dim=16)
+    out = tmp_path / "w.safetensors"
+    report = shrink(path, out, heads=1)
+    stored = {k: tuple(v.shape) for k, v in load_file(str(out)).items()}
+    config = families.detect(str(out))[1]
+    assert report["width_after"] == 128 and stored["double_blocks.0.img_mlp.0.weight"] == (768, 128)
+    assert dict(config, timestep_guidance_channels=256) == dict(flux2.tiny_config(
+        num_layers=1, num_single_layers=1, num_attention_heads=1, attention_head_dim=128, joint_attention_dim=16),
+        timestep_guidance_channels=256)
+    assert FAMILY.comfy_model_config(dict(config, timestep_guidance_channels=256))[1]["num_heads"] == 1
+    detected = comfy_detect(stored)
+    assert (detected["hidden_size"], detected["num_heads"], detected["depth"], detected["depth_single_blocks"]) == (
+        128, 1, 1, 1)
+
+
+def test_calibration_runner_measures_what_the_whole_model_does(pipe, tmp_path):
+    """The block-by-block runner's block influence per stack equals the full model's (`shrink.blocks`, forward hooks
+    on one whole forward), and importance scoring of blocks and width writes a working student."""
+    from dit_distillery.conditioning import TextEmbeds
+    from dit_distillery.models import registry
+    from dit_distillery.shrink import Calibration, shrink
+    from dit_distillery.shrink.blocks import block_influence
+    from dit_distillery.shrink.depth import DepthSource
+
+    path, state = _klein_file(tmp_path, "bfl", num_layers=2, num_single_layers=3, num_attention_heads=4,
+                              joint_attention_dim=pipe.dit.config.joint_attention_dim)
+    g = torch.Generator().manual_seed(0)
+    cal = Calibration(torch.randn(2, 128, 3, 2, generator=g),
+                      TextEmbeds(torch.randn(2, 5, pipe.dit.config.joint_attention_dim, generator=g), None),
+                      torch.tensor([0.3, 0.8]))
+    with DepthSource(path) as src:
+        stats = FAMILY.width_layout.calibrate(src, cal)
+    model = registry.load_dit(path)
+    for attr in (DOUBLE, SINGLE):
+        whole = block_influence(model, cal.latents, cal.sigmas, cal.text, group=attr)
+        assert stats.block_scores[attr] == pytest.approx(whole, rel=1e-4, abs=1e-9)
+    assert set(stats.units[(SINGLE, 0)]) == {"mlp"} and stats.heads[(DOUBLE, 1)].shape == (4,)
+    out = tmp_path / "imp.safetensors"
+    report = shrink(path, out, layers=f"{SINGLE}=2", strategy="importance", heads=3, width_method="importance",
+                    calibration=cal)
+    assert report["calibration"] == "provided" and set(report["block_scores"]) == {DOUBLE, SINGLE}
+    assert report["kept_blocks"][SINGLE][-1] == 2 and len(report["kept_blocks"][SINGLE]) == 2
+    x = torch.randn(1, 128, 2, 2)
+    with torch.no_grad():
+        v = FAMILY.velocity(registry.load_dit(out), x, torch.tensor([0.5]), pipe.prompt_encoder.encode(["a"]))
+    assert v.shape == x.shape and torch.isfinite(v).all()
+
+
+def test_width_refusals_and_the_last_block_message_name_flux2(tmp_path):
+    from dit_distillery.shrink import shrink
+
+    path, _ = _klein_file(tmp_path, "bfl", num_layers=2, num_single_layers=2)
+    for kwargs, field, words in [(dict(heads=3), "heads", "2 heads per block"),
+                                 (dict(heads=0), "heads", "2 heads per block"),
+                                 (dict(strategy="importance"), "layers", "number of blocks to keep"),
+                                 (dict(strategy="list", keep_blocks=f"{SINGLE}=0"), "keep_blocks",
+                                  "last block of each FLUX.2 [klein] block stack")]:
+        with pytest.raises(DistilleryError) as info:
+            shrink(path, tmp_path / "x.safetensors", **kwargs)
+        assert info.value.field == field and words in str(info.value) and info.value.fix
+        assert "text branch" not in str(info.value) and "Qwen" not in str(info.value)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_and_node_shrink_klein_by_width(tmp_path, capsys, fake_comfy):  # noqa: F811 (fixture)
+    import shutil
+
+    from dit_distillery.cli import main
+    from tests.test_nodes_common import call
+
+    path, _ = _klein_file(tmp_path, "bfl", num_layers=2, num_single_layers=3, num_attention_heads=4)
+    out = tmp_path / "cli.safetensors"
+    code = main(["shrink", str(path), "--out", str(out), "--layers", f"{SINGLE}=2", "--heads", "3", "--json"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and report["heads_after"] == 3 and report["kept_blocks"] == {SINGLE: [0, 2], DOUBLE: [0, 1]}
+    assert families.detect(str(out))[1]["num_attention_heads"] == 3
+    shutil.copy(path, fake_comfy.base / "models" / "diffusion_models" / "klein.safetensors")
+    dit, text = call("DD_ShrinkDiT", source="klein.safetensors", target_blocks=0, block_list=f"{DOUBLE}=1",
+                     heads=2, name="klein_narrow.safetensors")
+    assert dit.family == "flux2" and (dit.config["num_attention_heads"], dit.config["num_layers"]) == (2, 1)
+    assert "heads_after: 2" in text and "double_blocks.0.img_attn.qkv.weight" in load_file(dit.path)
 
 
 def test_bfl_vae_file_loads(pipe, tmp_path):

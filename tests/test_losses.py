@@ -111,7 +111,7 @@ def test_loss_from_dict_validates():
     assert isinstance(loss_from_dict({"kind": "direct_distill", "steps": 4}), DirectDistillLoss)
     assert loss_from_dict({"kind": "flow_matching"}).to_dict()["kind"] == "flow_matching"
     with pytest.raises(DistilleryError, match="kind"):
-        loss_from_dict({"kind": "dmd"})
+        loss_from_dict({"kind": "gan"})  # dmd and trajectory exist (test_losses_dmd.py, _trajectory.py)
     with pytest.raises(DistilleryError, match="stepz"):
         loss_from_dict({"kind": "direct_distill", "stepz": 4})
     with pytest.raises(DistilleryError, match="mu"):

@@ -63,7 +63,8 @@ FROZEN = {
                        [("pipeline", "DD_PIPELINE"), ("model", "MODEL"), ("summary", "STRING")]),
     "DD_LossChart": (["loss_history", "smoothing", "log_scale", "width", "height"], [], [("chart", "IMAGE")]),
     "DD_ModelSizeReport": (["preset", "layers", "heads", "height", "width", "batch", "text_tokens", "lora_rank",
-                            "lora_targets", "gradient_checkpointing"], ["dit", "pipeline"],
+                            "lora_targets", "gradient_checkpointing"],
+                           ["dit", "pipeline", "plan", "plan_loss", "base_dtype", "budget_gb", "blocks_to_swap"],
                            [("report", "STRING"), ("report_json", "STRING")]),
     "DD_Sample": (["pipeline", "prompt", "negative_prompt", "seed", "steps", "cfg", "width", "height", "batch_size"],
                   [], [("images", "IMAGE")]),
@@ -316,6 +317,18 @@ def test_model_size_report_overrides_and_ui_text(no_comfy):
 
 def test_dataset_folder_relative_to_input_and_checked(fake_comfy):
     from dit_distillery.data import write_dataset
+def test_model_size_report_memory_plan(no_comfy):
+    """The optional memory plan: its lines in the text, the plan in the JSON, -1 blocks = the fewest that fit."""
+    cls = info_class("DD_ModelSizeReport")
+    out = cls().report(**dict(defaults(cls), preset="qwen-image", layers=4, height=256, width=256, plan="lora",
+                              plan_loss="direct:2", base_dtype="fp8", budget_gb=3.2, blocks_to_swap=-1))
+    text, report_json = out["result"]
+    plan = json.loads(report_json)["memory_plan"]
+    assert "memory peak" in text and "memory budget" in text
+    assert plan["setting"]["steps"] == 2 and plan["setting"]["base_dtype"] == "fp8"
+    assert plan["blocks_swapped"] == plan["blocks_needed"] == 3 and plan["fits"]  # 2.06 GiB + 1 GiB reserve
+
+
 
     write_dataset(fake_comfy.base / "input" / "shapes", 6, size=32)
     dataset, summary = call("DD_DatasetFolder", folder="shapes", sizing="fixed", width=32, height=32, repeat=2)

@@ -352,3 +352,44 @@ def test_cli_json_report_and_dry_run(source, tmp_path, capsys):
     error = json.loads(capsys.readouterr().out.splitlines()[0])["error"]
     assert error["field"] == "layers" and not dry.exists()
     assert main(["shrink", str(path), "--layers", "2"]) == 2 and "--out" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ other families
+
+def test_aaadit_shrinks_by_depth_through_shrink(tmp_path):
+    """AAADiT (no width layout) goes through `shrink()` as a depth-only source: its blocks renumbered as exact
+    copies, its config (heads from our metadata) kept, the student loads and runs; width is refused by name, and
+    a kept-last-block message names AAADiT."""
+    from dit_distillery import families
+    from dit_distillery.errors import DistilleryError
+
+    family = families.get("aaadit")
+    torch.manual_seed(0)
+    model = family.model_class()(**family.tiny_config(num_blocks=5, num_heads=4)).eval()
+    path = registry.save_dit(model, tmp_path / "aaadit.safetensors")
+    out = tmp_path / "aaadit_3.safetensors"
+    report = shrink(path, out, layers=3, strategy="interval", dtype="bf16")
+    assert report["kept_blocks"] == {"blocks": [0, 3, 4]} and report["heads_after"] == 4
+    assert report["params_after"] < report["params_before"]
+    student = registry.load_dit(out)
+    config = registry.model_config(student)
+    assert config == dict(registry.model_config(model), num_blocks=3)
+    source, got = model.state_dict(), load_file(str(out))
+    assert got.keys() == student.state_dict().keys()
+    for key, value in got.items():
+        if key.startswith("blocks."):
+            index, rest = key[len("blocks."):].split(".", 1)
+            key = f"blocks.{report['kept_blocks']['blocks'][int(index)]}.{rest}"
+        assert value.dtype == torch.bfloat16 and torch.equal(value, source[key].to(torch.bfloat16)), key
+    with torch.no_grad():
+        x = student(**family.example_inputs(config, batch=1, h=4, w=4, text_tokens=3, device="cpu",
+                                            dtype=torch.bfloat16))
+    assert torch.isfinite((x[0] if isinstance(x, tuple) else x).float()).all()
+    with pytest.raises(DistilleryError, match="by depth only") as info:
+        shrink(path, tmp_path / "w.safetensors", heads=2)
+    assert info.value.field == "heads"
+    with pytest.raises(DistilleryError, match="last block of each AAADiT block stack"):
+        shrink(path, tmp_path / "w.safetensors", strategy="list", keep_blocks="0,1")
+    assert not (tmp_path / "w.safetensors").exists()
+    with pytest.raises(DistilleryError, match="Qwen-Image's last block has a text branch that was never trained"):
+        parse_block_list("0", 3, family=families.get("qwen_image"))  # the reason is Qwen-Image's own

@@ -1,5 +1,5 @@
 """Shrink DiT on FLUX.2 [klein] through the public paths (`shrink.shrink`, the CLI, the node): depth per block
-stack, streamed, in the source's naming; width and importance refused by name."""
+stack, streamed, in the source's naming (width and importance: tests/test_family_flux2.py)."""
 
 import json
 
@@ -99,13 +99,13 @@ def test_cli_shrinks_flux2_per_stack(source, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and report["kept_blocks"] == {DOUBLE: [2], SINGLE: [0, 2, 3]}
     _check_student(out, model, report["kept_blocks"])
-    code = main(["shrink", str(path), "--out", str(tmp_path / "w.safetensors"), "--heads", "1", "--json"])
-    assert code == 2 and not (tmp_path / "w.safetensors").exists()
+    code = main(["shrink", str(path), "--out", str(tmp_path / "w.safetensors"), "--heads", "3", "--json"])
+    assert code == 2 and not (tmp_path / "w.safetensors").exists()  # the source has 2 heads
 
 
 @pytest.mark.parametrize("kwargs, field, words", [
-    (dict(heads=1), "heads", "by depth only"),
-    (dict(strategy="importance", layers=2), "strategy", "calibration runner"),
+    (dict(heads=3), "heads", "2 heads per block"),
+    (dict(strategy="importance"), "layers", "number of blocks to keep"),
     (dict(layers="double=2"), "layers", "no block stack"),
     (dict(layers=f"{DOUBLE}=9"), "layers", "3 blocks"),
     (dict(layers=f"{DOUBLE}=x"), "layers", "whole number"),
@@ -144,5 +144,5 @@ def test_node_shrinks_flux2_per_stack_and_reuses(source, fake_comfy):  # noqa: F
     _check_student(dit.path, model, {DOUBLE: [0, 2], SINGLE: [0, 3]})
     _, again = call("DD_ShrinkDiT", **options)
     assert "reused: True" in again
-    with pytest.raises(DistilleryError, match="depth only"):
-        call("DD_ShrinkDiT", **dict(options, heads=1, name="narrow.safetensors"))
+    with pytest.raises(DistilleryError, match="2 heads per block"):
+        call("DD_ShrinkDiT", **dict(options, heads=3, name="narrow.safetensors"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 HELP = ("make a smaller DiT by streaming exact slices of the source: Qwen-Image / Z-Image (fewer blocks and/or "
-        "heads), FLUX.2 [klein] (fewer blocks per stack)")
+        "heads), FLUX.2 [klein] (fewer blocks per stack and/or heads)")
 
 # `shrink.plan.STRATEGIES` / `WIDTH_METHODS`, repeated because importing the shrink package imports torch, which
 # `--help` must not; tests/test_cli_fast.py checks they agree.
@@ -28,7 +28,7 @@ def add_arguments(p) -> None:
                    help="interval strategy: keep this many first blocks (per stack like --layers); none = about a "
                    "third of --layers")
     p.add_argument("--heads", type=int, default=None, help="attention heads per block to keep (width shrink; "
-                   "not FLUX.2, shrunk by depth only)")
+                   "the residual stream and FFNs narrow with them)")
     p.add_argument("--width-method", choices=WIDTH_METHODS, default="magnitude",
                    help="how kept heads/FFN units/channels are chosen")
     p.add_argument("--dtype", default="keep", help="keep | bf16 | fp16 | fp32 | fp8 (e4m3fn weight matrices)")

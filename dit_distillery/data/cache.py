@@ -125,7 +125,8 @@ class LatentCache:
         return self._index[key][1]
 
     def load(self, key: str) -> dict:
-        """`latents` [C,h,w] float32, `embeds` [L,D], `mask` [L] bool, `target_latents` [C,h,w] float32 or None."""
+        """`latents` [C,h,w] float32, `embeds` [L,D], `mask` [L] bool, `target_latents` [C,h,w] float32 or None,
+        `trajectory` [K,C,h,w] and `trajectory_sigmas` [K] float32 or None (see `load_teacher_trajectory`)."""
         from safetensors import safe_open
 
         try:
@@ -138,12 +139,14 @@ class LatentCache:
             handle = safe_open(str(shard), framework="pt")
             names = set(handle.keys())
             self._handles[shard] = (handle, names)
-        target = f"{key}.target_latents"
+        target, path = f"{key}.target_latents", f"{key}.trajectory"
         return {
             "latents": handle.get_tensor(f"{key}.latents").float(),
             "embeds": handle.get_tensor(f"{key}.embeds"),
             "mask": handle.get_tensor(f"{key}.mask").bool(),
             "target_latents": handle.get_tensor(target).float() if target in names else None,
+            "trajectory": handle.get_tensor(path).float() if path in names else None,
+            "trajectory_sigmas": handle.get_tensor(f"{path}_sigmas").float() if path in names else None,
         }
 
     def cached_rows(self, rows: Iterable[Row]) -> list[Row]:
@@ -228,6 +231,9 @@ class LatentCache:
                     item["embeds"], item["mask"] = unpad_text(text, i, getattr(prompt_encoder, "trims_padding", False))
                     if row.latents is not None:
                         item["target_latents"] = load_teacher_latents(row, tuple(latents[i].shape))
+                        path = load_teacher_trajectory(row, tuple(latents[i].shape))
+                        if path is not None:
+                            item["trajectory"], item["trajectory_sigmas"] = path
                 except DistilleryError as exc:
                     bad(exc)
                     continue
@@ -360,3 +366,25 @@ def load_teacher_latents(row: Row, expected: tuple[int, ...]) -> torch.Tensor:
                               f"{tuple(expected)}.", "regenerate the teacher data at this resolution with this "
                               "family's codec (unpacked [C, h, w] latents), or drop the latents column.")
     return tensor.float()
+
+
+def load_teacher_trajectory(row: Row, expected: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The teacher's recorded trajectory of a row (Generate Distill Dataset's `record_trajectory`): latents
+    [K, C, h, w] at sigmas [K] (decreasing), or None when its latents file holds none."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(row.latents), framework="pt") as f:
+            if "trajectory" not in f.keys():
+                return None
+            path, sigmas = f.get_tensor("trajectory").float(), f.get_tensor("trajectory_sigmas").float()
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise DistilleryError(f"{row.where}, latents", str(row.latents), f"unreadable teacher trajectory ({exc}).",
+                              "regenerate the teacher data for this row.") from exc
+    if (path.dim() != 4 or tuple(path.shape[1:]) != tuple(expected) or sigmas.shape != (path.shape[0],)
+            or not bool((sigmas[1:] < sigmas[:-1]).all()) or not bool(((sigmas > 0) & (sigmas <= 1)).all())):
+        raise DistilleryError(f"{row.where}, latents", str(row.latents),
+                              f"its trajectory {tuple(path.shape)} at sigmas {sigmas.tolist()[:4]} is not K latents "
+                              f"of shape {tuple(expected)} at decreasing sigmas in (0, 1].",
+                              "regenerate the teacher data at this resolution with record_trajectory.")
+    return path, sigmas

@@ -2,7 +2,8 @@
 
 An item is a dict: `latents` [C,h,w] float32, `text` (embeds [L,D], mask [L] bool), `prompt`, `seed`,
 `rand_device`, `num_inference_steps`, `cfg_scale`, `teacher_steps`, `teacher_cfg`, `target_latents`
-([C,h,w] float32 or None), `size` (h, w) in pixels, `row` and `where` (to name the sample in messages).
+([C,h,w] float32 or None), `trajectory` / `trajectory_sigmas` (the teacher's recorded trajectory, [K,C,h,w] /
+[K], or None), `size` (h, w) in pixels, `row` and `where` (to name the sample in messages).
 `collate` stacks a batch and pads the prompts to the longest one as a `conditioning.TextEmbeds`.
 
 `repeat` behaves as DiffSynth's `--dataset_repeat`: item i is row `i % len(rows)`. `sizes` lists every item's
@@ -17,7 +18,7 @@ import torch
 
 from ..conditioning import TextEmbeds
 from ..errors import DistilleryError
-from .cache import LatentCache, encode_batch, load_teacher_latents, unpad_text
+from .cache import LatentCache, encode_batch, load_teacher_latents, load_teacher_trajectory, unpad_text
 from .images import Resolution, image_size, prepare_image
 from .metadata import Row
 
@@ -28,11 +29,13 @@ def _check_repeat(repeat) -> int:
     return repeat
 
 
-def _item(row: Row, latents, embeds, mask, target, size) -> dict:
+def _item(row: Row, latents, embeds, mask, target, size, trajectory=None) -> dict:
+    path, sigmas = trajectory if trajectory is not None else (None, None)
     return {"latents": latents, "text": (embeds, mask), "prompt": row.prompt, "seed": row.seed,
             "rand_device": row.rand_device, "num_inference_steps": row.num_inference_steps,
             "cfg_scale": row.cfg_scale, "teacher_steps": row.teacher_steps, "teacher_cfg": row.teacher_cfg,
-            "target_latents": target, "size": tuple(size), "row": row.row, "where": row.where}
+            "target_latents": target, "trajectory": path, "trajectory_sigmas": sigmas, "size": tuple(size),
+            "row": row.row, "where": row.where}
 
 
 class CachedDataset(torch.utils.data.Dataset):
@@ -60,8 +63,9 @@ class CachedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         i = index % len(self.rows)
         item = self.cache.load(self.keys[i])
+        trajectory = None if item.get("trajectory") is None else (item["trajectory"], item["trajectory_sigmas"])
         return _item(self.rows[i], item["latents"], item["embeds"], item["mask"], item["target_latents"],
-                     self._sizes[i])
+                     self._sizes[i], trajectory)
 
 
 class EncodingDataset(torch.utils.data.Dataset):
@@ -93,7 +97,8 @@ class EncodingDataset(torch.utils.data.Dataset):
         latents, text = encode_batch([pixels], [row.prompt], self.codec, self.prompt_encoder, self.device)
         embeds, mask = unpad_text(text, 0, getattr(self.prompt_encoder, "trims_padding", False))
         target = None if row.latents is None else load_teacher_latents(row, tuple(latents[0].shape))
-        return _item(row, latents[0].float(), embeds, mask, target, pixels.shape[-2:])
+        trajectory = None if row.latents is None else load_teacher_trajectory(row, tuple(latents[0].shape))
+        return _item(row, latents[0].float(), embeds, mask, target, pixels.shape[-2:], trajectory)
 
 
 def collate(items: list[dict]) -> dict:
@@ -109,7 +114,16 @@ def collate(items: list[dict]) -> dict:
                               "give every row a latents file, or none.")
     text = TextEmbeds.cat([TextEmbeds(it["text"][0][None], it["text"][1][None]) for it in items])
     batch = {"latents": torch.stack([it["latents"] for it in items]), "text": text,
-             "target_latents": None if targets[0] is None else torch.stack(targets)}
+             "target_latents": None if targets[0] is None else torch.stack(targets),
+             "trajectory": None, "trajectory_sigmas": None}
+    paths = [it.get("trajectory") for it in items]
+    if any(p is not None for p in paths):  # the Trajectory loss refuses a batch without them, naming the rows
+        if len({None if p is None else tuple(p.shape) for p in paths}) > 1:
+            raise DistilleryError("latents", [it["where"] for it in items], "the rows of this batch recorded "
+                                  "different teacher trajectories (or some none).",
+                                  "use one Generate Distill Dataset folder made with one record_trajectory.")
+        batch["trajectory"] = torch.stack(paths)
+        batch["trajectory_sigmas"] = torch.stack([it["trajectory_sigmas"] for it in items])
     for name in ("prompt", "seed", "rand_device", "num_inference_steps", "cfg_scale", "teacher_steps",
                  "teacher_cfg", "size", "row", "where"):
         batch[name] = [it[name] for it in items]

@@ -86,7 +86,13 @@ class WidthLayout:
     source run block by block on calibration inputs (importance scoring), None when the family has no such runner;
     `slices_width`: False for a family streamed by depth only (its `why_not_width` says why); `sliced_groups`: other
     block groups the width also narrows (never dropped), group name -> its blocks' spaces, each block with its own
-    head and FFN choice (Z-Image's refiners); `min_width`: the narrowest student it can slice.
+    head and FFN choice (Z-Image's refiners); `min_width`: the narrowest student it can slice; `ffn_ratio_key`: the
+    config key of a FFN width stored as a ratio of the residual width (FLUX.2's `mlp_ratio`): the units are then
+    `int(width x ratio)`, the model's own rounding, and `ffn_units` is not used; `per_stack`: the family's
+    droppable block stacks each keep their own count (FLUX.2's double- and single-stream blocks), so
+    `shrink.depth.DepthSource` streams it one block at a time under the model's own names (a ComfyUI-named file
+    is converted per block): `group`'s blocks use `block_spaces`, the other stacks' theirs in `sliced_groups` (then
+    dropped too), and `calibrate` returns a `shrink.importance.StackCalibrationStats`.
     """
 
     group: str
@@ -105,6 +111,18 @@ class WidthLayout:
     why_not_width: str = ""
     sliced_groups: dict[str, dict[str, tuple]] = field(default_factory=dict)
     min_width: int = 0
+    ffn_ratio_key: str | None = None
+    per_stack: bool = False
+
+    def units(self, config: dict, width: int) -> int:
+        """FFN units per unit space of a block `width` wide of the model `config` describes."""
+        if self.ffn_ratio_key is not None:
+            return int(width * config[self.ffn_ratio_key])
+        return self.ffn_units(width)
+
+    def stack_spaces(self, attr: str) -> dict[str, tuple]:
+        """The index spaces of the blocks of one block stack (`group`'s, or one of `sliced_groups`)."""
+        return self.block_spaces if attr == self.group else self.sliced_groups[attr]
 
     def heads(self, config: dict) -> int:
         return int(config[self.head_count_key])

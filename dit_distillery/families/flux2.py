@@ -19,7 +19,7 @@ the final layer's modulation as (shift, scale)): `to_comfy` writes them, LoRAs a
 from __future__ import annotations
 
 from ..errors import DistilleryError
-from .base import BlockGroup, Dims, Family
+from .base import BlockGroup, Dims, Family, WidthLayout
 
 
 def _config(num_layers, num_single_layers, heads, joint_attention_dim) -> dict:
@@ -248,6 +248,177 @@ def _single_image_io(args, kwargs, output, image_tokens):
     return x_in[:, -image_tokens:], x_out[:, -image_tokens:]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Shrink DiT by width: the index spaces of every tensor (under our names; a BFL file is converted block by block,
+# so its fused qkv is sliced as q, k and v) and the calibration runner
+
+def _calibrate(source, cal, device=None, progress=None, stop=None):
+    """Run a streamed klein source (`shrink.depth.DepthSource`) on a checked calibration, one block in memory, as
+    `Flux2Transformer2DModel.forward` does (time x 1000, the three shared modulations, RoPE of [text; image]), and
+    measure `shrink.importance.StackCalibrationStats`: each stack's block influence over image tokens, mean |x| per
+    residual channel at every block's input and after the last block (image tokens), mean L2 norm of each head's
+    attention output, mean |SwiGLU output| per FFN unit (a single-stream block's MLP half of its `to_out` input),
+    mean |SiLU(.)| of the time embedding (what the modulations and norm_out read) and of its MLP's hidden layer.
+    Prompt padding (the mask, when given) does not vote; the DiT still attends to it, as klein does."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate import init_empty_weights
+    from diffusers.models.transformers.transformer_flux2 import Flux2SingleTransformerBlock, Flux2TransformerBlock
+    from einops import rearrange
+
+    from ..errors import StopRequested
+    from ..shrink.importance import StackCalibrationStats, _token_mean
+    from ..shrink.stream import empty_model
+
+    with torch.no_grad():
+        device = torch.device(device or "cpu")
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # fp32 on CPU, as Qwen-Image's runner
+        config = source.config
+        heads, head_dim = source.heads, source.head_dim
+        inner = heads * head_dim
+        sizes = dict(dim=inner, num_attention_heads=heads, attention_head_dim=head_dim,
+                     mlp_ratio=config["mlp_ratio"], eps=config["eps"])
+
+        def load(attr, index, cls):
+            with init_empty_weights():
+                block = cls(**sizes)
+            state = {k: v.to(device=device, dtype=dtype) for k, v in source.block_state(attr, index).items()}
+            block.load_state_dict(state, assign=True, strict=True)
+            return block.eval()
+
+        stem = empty_model(dict(config, num_layers=0, num_single_layers=0), FAMILY)
+        stem.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in source.global_state().items()},
+                             assign=True, strict=True)
+        stem.eval()
+        latents = cal.latents.to(device=device, dtype=dtype)
+        b, _, h, w = latents.shape
+        hidden = stem.x_embedder(rearrange(latents, "b c h w -> b (h w) c"))
+        text = stem.context_embedder(cal.text.embeds.to(device=device, dtype=dtype))
+        mask = None if cal.text.mask is None else cal.text.mask.to(device)
+        seen = {}
+        hook = stem.time_guidance_embed.timestep_embedder.linear_2.register_forward_pre_hook(
+            lambda m, args: seen.__setitem__("temb_hidden", args[0].abs().double().mean(0)))
+        temb = stem.time_guidance_embed(cal.resolved_sigmas().to(device=device, dtype=dtype) * 1000, None)
+        hook.remove()
+        mod_img, mod_txt = stem.double_stream_modulation_img(temb), stem.double_stream_modulation_txt(temb)
+        mod_single = stem.single_stream_modulation(temb)
+        img_ids, txt_ids = _position_ids(h, w, text.shape[1], device)
+        (img_cos, img_sin), (txt_cos, txt_sin) = stem.pos_embed(img_ids), stem.pos_embed(txt_ids)
+        rope = (torch.cat([txt_cos, img_cos], 0), torch.cat([txt_sin, img_sin], 0))
+        stats = StackCalibrationStats({}, {}, None, {}, {}, F.silu(temb).abs().double().mean(0).cpu(),
+                                      seen["temb_hidden"].cpu())
+        del stem
+        double, single = config["num_layers"], config["num_single_layers"]
+        total, done = double + single, 0
+
+        def step(attr, s):
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total, stage="calibrate", block=f"{attr}.{s}")
+
+        def head_norms(x, weight):
+            return _token_mean(x.unflatten(-1, (heads, head_dim)).norm(dim=-1), weight)
+
+        stats.block_scores[DOUBLE[:-1]] = []
+        for s in range(double):
+            if stop is not None and stop():
+                raise StopRequested("calibration stopped")
+            block, got = load(DOUBLE[:-1], s, Flux2TransformerBlock), {}
+            hooks = [
+                block.attn.to_out[0].register_forward_pre_hook(
+                    lambda m, a: got.__setitem__("img_heads", head_norms(a[0], None))),
+                block.attn.to_add_out.register_forward_pre_hook(
+                    lambda m, a: got.__setitem__("txt_heads", head_norms(a[0], mask))),
+                block.ff.linear_out.register_forward_pre_hook(
+                    lambda m, a: got.__setitem__("img_ffn", _token_mean(a[0].abs(), None))),
+                block.ff_context.linear_out.register_forward_pre_hook(
+                    lambda m, a: got.__setitem__("txt_ffn", _token_mean(a[0].abs(), mask))),
+            ]
+            new_text, new_hidden = block(hidden_states=hidden, encoder_hidden_states=text, temb_mod_img=mod_img,
+                                         temb_mod_txt=mod_txt, image_rotary_emb=rope)
+            for hk in hooks:
+                hk.remove()
+            key = (DOUBLE[:-1], s)
+            cos = F.cosine_similarity(hidden.double(), new_hidden.double(), dim=-1)
+            stats.block_scores[DOUBLE[:-1]].append(float(1 - cos.mean()))
+            stats.residual_in[key] = (_token_mean(hidden.abs(), None) + _token_mean(text.abs(), mask)).cpu()
+            stats.heads[key] = (got["img_heads"] + got["txt_heads"]).cpu()
+            stats.units[key] = {"img_ffn": got["img_ffn"].cpu(), "txt_ffn": got["txt_ffn"].cpu()}
+            hidden, text = new_hidden, new_text
+            del block
+            step(DOUBLE[:-1], s)
+
+        image_tokens = hidden.shape[1]
+        x = torch.cat([text, hidden], 1)  # [text; image], as the model concatenates them
+        weight = None if mask is None else torch.cat([mask, mask.new_ones(b, image_tokens)], 1)
+        stats.block_scores[SINGLE[:-1]] = []
+        for s in range(single):
+            if stop is not None and stop():
+                raise StopRequested("calibration stopped")
+            block, got = load(SINGLE[:-1], s, Flux2SingleTransformerBlock), {}
+
+            def parallel_out(m, a):  # to_out reads [attention output | SwiGLU output]
+                got["heads"] = head_norms(a[0][..., :inner], weight)
+                got["mlp"] = _token_mean(a[0][..., inner:].abs(), weight)
+
+            hook = block.attn.to_out.register_forward_pre_hook(parallel_out)
+            new_x = block(hidden_states=x, encoder_hidden_states=None, temb_mod=mod_single, image_rotary_emb=rope)
+            hook.remove()
+            key = (SINGLE[:-1], s)
+            cos = F.cosine_similarity(x[:, -image_tokens:].double(), new_x[:, -image_tokens:].double(), dim=-1)
+            stats.block_scores[SINGLE[:-1]].append(float(1 - cos.mean()))
+            stats.residual_in[key] = _token_mean(x.abs(), weight).cpu()
+            stats.heads[key] = got["heads"].cpu()
+            stats.units[key] = {"mlp": got["mlp"].cpu()}
+            x = new_x
+            del block
+            step(SINGLE[:-1], s)
+        stats.residual_out = _token_mean(x[:, -image_tokens:].abs(), None).cpu()
+    return stats
+
+
+# "res" = the residual-stream channels (one subset for the whole model; "res*k": inside each of k stacked chunks:
+# the shared modulations' shift, scale, gate sets, norm_out's scale, shift); "temb" / "temb_hidden" = the time
+# embedding's channels / its MLP's hidden units (as wide as the residual stream); "heads" = the kept heads'
+# head-dim rows; "img_ffn" / "txt_ffn" / "mlp" = the kept SwiGLU units of the double blocks' image / text FFN and of
+# a single block's MLP ("*2": the gate | up halves of their input rows, both cut by the same units); "a+b": parts
+# end to end (the single block's fused q | k | v | gate | up rows and [attention | MLP] columns). No biases; the
+# RMSNorms over one head and the time input (256 sinusoid channels) are kept whole.
+_GLOBAL_SPACES = {
+    "x_embedder": ("res", None),
+    "context_embedder": ("res", None),
+    "time_guidance_embed.timestep_embedder.linear_1": ("temb_hidden", None),
+    "time_guidance_embed.timestep_embedder.linear_2": ("temb", "temb_hidden"),
+    "double_stream_modulation_img.linear": ("res*6", "temb"),
+    "double_stream_modulation_txt.linear": ("res*6", "temb"),
+    "single_stream_modulation.linear": ("res*3", "temb"),
+    "norm_out.linear": ("res*2", "temb"),
+    "proj_out": (None, "res"),
+}
+_DOUBLE_SPACES = {
+    **{f"attn.{m}": ("heads", "res") for m in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")},
+    "attn.to_out.0": ("res", "heads"), "attn.to_add_out": ("res", "heads"),
+    **{f"attn.{m}": (None, None) for m in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")},
+    "ff.linear_in": ("img_ffn*2", "res"), "ff.linear_out": ("res", "img_ffn"),
+    "ff_context.linear_in": ("txt_ffn*2", "res"), "ff_context.linear_out": ("res", "txt_ffn"),
+}
+_SINGLE_SPACES = {
+    "attn.to_qkv_mlp_proj": ("heads*3+mlp*2", "res"), "attn.to_out": ("res", "heads+mlp"),
+    "attn.norm_q": (None, None), "attn.norm_k": (None, None),
+}
+# Width = whole heads of the source's head size (ComfyUI derives the heads as width / 128); the FFNs keep the
+# source's `mlp_ratio` (ComfyUI assumes 3), so a width-shrunk klein student still loads in stock UNETLoader. Every
+# block of both stacks has its own heads and units; the last blocks were trained like the others (the last
+# double block's text output feeds the single blocks, the single blocks' weights serve text and image alike).
+WIDTH_LAYOUT = WidthLayout(
+    group=SINGLE[:-1], global_spaces=_GLOBAL_SPACES, block_spaces=_SINGLE_SPACES,
+    sliced_groups={DOUBLE[:-1]: _DOUBLE_SPACES}, ffn_spaces=("img_ffn", "txt_ffn", "mlp"),
+    ffn_ratio_key="mlp_ratio", per_stack=True, calibrate=_calibrate,
+    unsupported=("guidance_embeds",),  # FLUX.2 [dev]'s guidance embedder is not sliced (klein has none)
+)
+
+
 class Flux2Family(Family):
     name = "flux2"
     title = "FLUX.2 [klein]"
@@ -279,6 +450,7 @@ class Flux2Family(Family):
     # down to stay a lower bound.
     saved_per_token_width = 56
     ddp_find_unused_parameters = False
+    width_layout = WIDTH_LAYOUT
 
     # -- the model
     def model_class(self):

@@ -1,9 +1,10 @@
 """Shrink DiT: a smaller DiT made of exact slices of the source's weights, written by streaming (the families with
-a `WidthLayout`, Qwen-Image and Z-Image, by depth and width; the others, FLUX.2 [klein], by depth only, every
-droppable block stack with its own count: `depth.py`; the tensors it slices are the family's, families/*.py).
+a `WidthLayout`, Qwen-Image, Z-Image and FLUX.2 [klein], by depth and width; FLUX.2 and the families without a
+layout (AAADiT, depth only) with every droppable block stack keeping its own count: `depth.py`; the tensors it
+slices are the family's, families/*.py).
 
 Depth keeps N of the source's blocks (renumbered 0..N-1, in source order); width keeps H of the heads in every
-block, which narrows the residual stream to H x head_dim and the FFNs to 4x that. What is kept is decided in
+block, which narrows the residual stream to H x head_dim and the FFNs with it. What is kept is decided in
 `plan.py`, scored in `importance.py` and copied in `stream.py`. The output is one safetensors file with bare
 diffusers keys (a depth-only student loads in stock ComfyUI's UNETLoader) and our metadata (student config +
 provenance), so `models.registry.load_dit` rebuilds any student, width-shrunk ones included.
@@ -56,8 +57,9 @@ def shrink(source, out, *, layers=None, strategy="uniform", keep_blocks=None, ke
     `layers`: blocks to keep (default all): a number for the main block stack, or per stack for a family with
     several ('transformer_blocks=3,single_transformer_blocks=12' or a dict; an unnamed stack is kept whole); `strategy`: uniform | first | interval | list | importance;
     `keep_blocks`: '0-9,50-59' for 'list' (per stack: 'transformer_blocks=0-2,4; single_transformer_blocks=0-9,19');
-    `keep_first`: K for 'interval' (per stack as `layers`); a depth-only family (no `WidthLayout`: FLUX.2) refuses
-    `heads` and the importance strategy, and its student keeps the source's naming (BFL stays BFL); `heads`: heads per block (default all);
+    `keep_first`: K for 'interval' (per stack as `layers`); a depth-only family (no `WidthLayout`: AAADiT) refuses
+    `heads` and the importance strategy; every student keeps the source's naming (FLUX.2's BFL stays BFL);
+    `heads`: heads per block (default all);
     `width_method`: magnitude | importance; `calibration`: a `Calibration` (None = seeded Gaussian proxy, used
     only when a strategy needs scores); `dtype`: None/'keep', 'bf16', 'fp16', 'fp32' or 'fp8' (e4m3fn weight
     matrices); `diffusers_folder`: also write config.json + weights there; `device`: where calibration runs;
@@ -99,15 +101,16 @@ def shrink(source, out, *, layers=None, strategy="uniform", keep_blocks=None, ke
 
 
 def open_source(source, field: str = "source"):
-    """The opened source: a `SourceModel` (depth and width) for a family with a `WidthLayout`, a
-    `depth.DepthSource` (depth only) for the others; a file no family reads gets `SourceModel`'s message."""
+    """The opened source: a `SourceModel` (depth and width) for a family with a single-stack `WidthLayout`, a
+    `depth.DepthSource` (every stack its own count; width with a per-stack layout) for the others; a file no
+    family reads gets `SourceModel`'s message."""
     family = None
     try:
         with TensorSource(source, field) as probe:
             family = families.get(families.detect(probe, field)[0])
     except DistilleryError:
         pass
-    if family is not None and family.width_layout is None:
+    if family is not None and (family.width_layout is None or family.width_layout.per_stack):
         return DepthSource(source, field)
     return SourceModel(source, field)
 
@@ -163,7 +166,8 @@ def _plan(src: SourceModel, *, layers, strategy, keep_blocks, keep_first, heads,
           device, progress, stop) -> ShrinkPlan:
     if isinstance(src, DepthSource):
         return plan_depth(src, layers=layers, strategy=strategy, keep_blocks=keep_blocks, keep_first=keep_first,
-                          heads=heads, width_method=width_method)
+                          heads=heads, width_method=width_method, calibration=calibration, device=device,
+                          progress=progress, stop=stop)
     layers = _one_group(layers, src, "layers", True)
     keep_blocks = _one_group(keep_blocks, src, "keep_blocks", False)
     keep_first = _one_group(keep_first, src, "keep_first", True)
@@ -194,7 +198,8 @@ def _plan(src: SourceModel, *, layers, strategy, keep_blocks, keep_first, heads,
             raise DistilleryError("layers", None, "the importance strategy needs the number of blocks to keep.",
                                   f"give layers between 1 and {n}.")
         check_layers(layers, n)
-    select_blocks(strategy, n, layers, keep_blocks=keep_blocks, keep_first=keep_first, scores=[0.0] * n)
+    select_blocks(strategy, n, layers, keep_blocks=keep_blocks, keep_first=keep_first, scores=[0.0] * n,
+                  family=src.family)
     needs_calibration = strategy == "importance" or (width_shrink and width_method == "importance")
     stats = cal = None
     if needs_calibration:
@@ -202,7 +207,7 @@ def _plan(src: SourceModel, *, layers, strategy, keep_blocks, keep_first, heads,
         cal = check_calibration(given, config, family=src.family)
         stats = run_calibration(src, cal, device=device, progress=progress, stop=stop)
     kept = select_blocks(strategy, n, layers, keep_blocks=keep_blocks, keep_first=keep_first,
-                         scores=stats.block_scores if stats else None)
+                         scores=stats.block_scores if stats else None, family=src.family)
     width = None
     if width_shrink:
         scores = (stats.width_scores(kept) if width_method == "importance"

@@ -70,7 +70,8 @@ def drop_blocks(model, *, layers: int | None = None, strategy: str = "interval",
     if strategy == "importance" and scores is None:
         raise DistilleryError("strategy", strategy, "needs block scores.",
                               "compute them with block_influence(model, latents, sigma, text).")
-    kept = select_blocks(strategy, len(blocks), layers, keep_blocks=keep_blocks, keep_first=keep_first, scores=scores)
+    kept = select_blocks(strategy, len(blocks), layers, keep_blocks=keep_blocks, keep_first=keep_first, scores=scores,
+                         family=family)
     config = {k: v for k, v in dict(source.config).items() if not k.startswith("_")}
     config[g.count_key] = len(kept)
     # accelerate's init_empty_weights puts only parameters on meta: buffers and plain tensors built in __init__

@@ -1,13 +1,18 @@
-"""A streamed depth shrink of every block group of any family, in the file's own names: one block in memory.
+"""A streamed shrink of every block stack of a family, each by its own count, in the file's own names: one block
+in memory.
 
-`shrink()` slices the families with a `WidthLayout` (stream.py); the others (FLUX.2: BFL names where q, k and v
-are one fused tensor, and two droppable stacks, double- and single-stream) come here through `DepthSource`,
-`plan_depth` and `write_depth`: every droppable stack gets its own count / list (`parse_groups`), one strategy
-for all. It reads the source one unit at a time (one global tensor, or every tensor of one kept block, with plain
-file reads: `stream.RawReader`), maps it to our names (`Family.from_comfy`), renumbers the block, maps it back to
+`shrink()` slices the families with a single-stack `WidthLayout` in stream.py; the others come here through
+`DepthSource`, `plan_depth` and `write_depth`: every droppable stack gets its own count / list (`parse_groups`),
+one strategy for all. A family with a per-stack `WidthLayout` (FLUX.2: BFL names where q, k and v are one fused
+tensor, and two droppable stacks, double- and single-stream) is also narrowed here: heads per block (the residual
+stream and FFNs with them), chosen by weight magnitude or, with its calibration runner, by activations, and block
+influence for the importance strategy; a family without one (AAADiT) is shrunk by depth only. It reads the source
+one unit at a time (one global tensor, or every tensor of one kept block, with plain file reads:
+`stream.RawReader`), maps it to our names (`Family.from_comfy`), renumbers the block, slices the kept rows and
+columns (the layout's tables are in our names, so a fused BFL qkv is sliced as its q, k and v), maps it back to
 the source's naming (`Family.to_comfy` for a ComfyUI-named file) and writes it before reading the next; dropped
-blocks are never read. Kept tensors are exact copies (or casts to
-`dtype`). The student carries our metadata (family, config, provenance) like every DiT file we write.
+blocks are never read. Kept tensors are exact slices (or casts to `dtype`). The student carries our metadata
+(family, config, provenance) like every DiT file we write.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from .. import families
 from ..errors import DistilleryError, StopRequested
 from ..formats import StreamingSafetensorsWriter, TensorSource
 from ..models import registry
-from .plan import select_blocks
+from .plan import select_blocks, select_width
 
 DEPTH_STRATEGIES = ("uniform", "first", "interval", "list")
 
@@ -88,9 +93,11 @@ def parse_groups(value, family, field: str, count: bool) -> dict:
     return dict(value)
 
 
-def select_groups(family, config: dict, *, layers, strategy: str, keep_blocks=None, keep_first=None) -> dict:
+def select_groups(family, config: dict, *, layers, strategy: str, keep_blocks=None, keep_first=None,
+                  scores: dict | None = None) -> dict:
     """{stack: kept source indices} for every droppable stack of `family` (a stack nobody names is kept whole);
-    one `strategy` (plan.select_blocks) applied to each named stack with its own count, list and first-K."""
+    one `strategy` (plan.select_blocks) applied to each named stack with its own count, list and first-K (and
+    block scores, `scores[stack]`, for 'importance')."""
     counts = parse_groups(layers, family, "layers", True)
     lists = parse_groups(keep_blocks, family, "keep_blocks", False)
     firsts = parse_groups(keep_first, family, "keep_first", True)
@@ -105,7 +112,8 @@ def select_groups(family, config: dict, *, layers, strategy: str, keep_blocks=No
             continue
         try:
             kept[g.attr] = select_blocks(strategy, n, counts.get(g.attr), keep_blocks=lists.get(g.attr),
-                                         keep_first=firsts.get(g.attr))
+                                         keep_first=firsts.get(g.attr),
+                                         scores=None if scores is None else scores[g.attr], family=family)
         except DistilleryError as exc:
             prefix = "" if len(family.block_groups()) == 1 else f"{g.attr}: "
             raise DistilleryError(exc.field, exc.value, prefix + exc.problem, exc.fix) from None
@@ -113,9 +121,9 @@ def select_groups(family, config: dict, *, layers, strategy: str, keep_blocks=No
 
 
 class DepthSource:
-    """An opened, checked DiT source shrunk by depth only (a family without a `WidthLayout`): its family, config,
-    whether its file uses ComfyUI's names (`Family.to_comfy`), and its tensors grouped into units (one global
-    tensor, or every tensor of one block)."""
+    """An opened, checked DiT source whose block stacks are shrunk each by its own count (a family without a
+    `WidthLayout`, or with a per-stack one): its family, config, whether its file uses ComfyUI's names
+    (`Family.to_comfy`), and its tensors grouped into units (one global tensor, or every tensor of one block)."""
 
     def __init__(self, path, field: str = "source"):
         from .stream import RawReader
@@ -155,6 +163,29 @@ class DepthSource:
             else:
                 self.blocks.setdefault((attr, index), []).append(key)
 
+    @property
+    def width_layout(self):
+        """The family's per-stack `WidthLayout`, or None (shrunk by depth only)."""
+        layout = self.family.width_layout
+        return layout if layout is not None and layout.per_stack else None
+
+    def slots(self, kept: dict) -> list[tuple[str, int]]:
+        """(stack, source index) of every block of the student in writing order: a width plan's block slots."""
+        return [(attr, index) for _, attr, index in self.units(kept) if index is not None]
+
+    def read_state(self, keys) -> dict:
+        """Source tensors `keys` (file names: all of a unit) under our names, in fresh buffers."""
+        return self.family.from_comfy({k: self.reader.read(k) for k in keys})
+
+    def global_state(self) -> dict:
+        """Every tensor outside the blocks, under our names (a calibration runner's stem)."""
+        return self.read_state(self.globals)
+
+    def block_state(self, attr: str, index: int) -> dict:
+        """Block `index` of stack `attr` under our names, relative to the block (`attn.to_q.weight`)."""
+        head = f"{self.family.group(attr).prefix}{index}."
+        return {k[len(head):]: v for k, v in self.read_state(self.blocks[(attr, index)]).items()}
+
     def units(self, kept: dict) -> list[tuple[list[str], str, int | None]]:
         """(source keys, stack, source block index) in writing order: global tensors one by one, then each kept
         block of each stack (stacks not in `kept` whole)."""
@@ -164,28 +195,60 @@ class DepthSource:
                 units.append((self.blocks[(g.attr, index)], g.attr, index))
         return units
 
-    def convert(self, tensors: dict, attr: str, index: int | None, kept: dict, comfy_names: bool) -> dict:
+    def convert(self, tensors: dict, attr: str, index: int | None, kept: dict, comfy_names: bool,
+                width=None) -> dict:
         """One unit's tensors under the student's names: block `index` of `attr` renumbered to its place in
-        `kept[attr]`, written in ComfyUI's names (`comfy_names`) or ours."""
+        `kept[attr]`, its kept rows and columns when a width plan (`plan.WidthPlan`) is given, written in ComfyUI's
+        names (`comfy_names`) or ours. Meta tensors give the student's shapes."""
         state = self.family.from_comfy(tensors)
         if index is not None and attr in kept:
             state = _renumber(state, self.family.group(attr).prefix, index, kept[attr].index(index))
+        if width is not None:
+            state = self._slice(state, attr, index, kept, width)
         return self.family.to_comfy(state) if comfy_names else state
 
-    def layout(self, kept: dict, dtype, comfy_names: bool) -> list[tuple[str, torch.dtype, tuple]]:
+    def spaces(self, attr: str, name: str, ndim: int) -> tuple[str | None, str | None]:
+        """(row space, column space) of one of our tensor names (`attr` "": outside the blocks)."""
+        layout = self.width_layout
+        if attr:
+            name = name[len(self.family.group(attr).prefix):].split(".", 1)[1]
+        rows, cols = (layout.stack_spaces(attr) if attr else layout.global_spaces)[name.rsplit(".", 1)[0]]
+        return (rows, cols) if ndim == 2 else (rows, None) if ndim == 1 else (None, None)
+
+    def _slice(self, state: dict, attr: str, index: int | None, kept: dict, width) -> dict:
+        from .stream import _index, slice_tensor
+
+        dim = self.heads * self.head_dim
+        units = self.width_layout.units(self.config, dim)
+        slot = None if index is None else self.slots(kept).index((attr, index))
+        out = {}
+        for name, t in state.items():
+            rows, cols = (_index(space, width, slot, dim, units) for space in self.spaces(attr, name, t.ndim))
+            if t.is_meta:
+                shape = [len(ix) if ix is not None else n for ix, n in zip((rows, cols), t.shape)] + list(t.shape[2:])
+                out[name] = torch.empty(shape, dtype=t.dtype, device="meta")
+            else:
+                out[name] = slice_tensor(t, rows, cols)
+        return out
+
+    def layout(self, kept: dict, dtype, comfy_names: bool, width=None) -> list[tuple[str, torch.dtype, tuple]]:
         """(name, dtype, shape) of every student tensor in writing order (dtype: `stream.output_dtype`)."""
         from .stream import output_dtype
 
         out = []
         for keys, attr, index in self.units(kept):
             meta = {k: torch.empty(self.shapes[k], dtype=self.src.dtype(k), device="meta") for k in keys}
-            for name, t in self.convert(meta, attr, index, kept, comfy_names).items():
+            for name, t in self.convert(meta, attr, index, kept, comfy_names, width).items():
                 out.append((name, output_dtype(name, t.ndim, t.dtype, dtype), tuple(t.shape)))
         return out
 
     @property
     def heads(self) -> int | None:
         return self.config.get(self.family.heads_key)
+
+    @property
+    def head_dim(self) -> int:
+        return self.width_layout.head_dim(self.config)
 
     def close(self) -> None:
         self.reader.close()
@@ -199,13 +262,16 @@ class DepthSource:
         return False
 
 
-def plan_depth(source: DepthSource, *, layers, strategy, keep_blocks, keep_first, heads, width_method):
-    """The `ShrinkPlan` of a depth-only source: every check before anything is read; width and importance
-    scoring (which need a `WidthLayout` and its calibration runner) refused by name."""
+def plan_depth(source: DepthSource, *, layers, strategy, keep_blocks, keep_first, heads, width_method,
+               calibration=None, device=None, progress=None, stop=None):
+    """The `ShrinkPlan` of a `DepthSource`: every cheap check before anything is read. Width (`heads`) needs the
+    family's per-stack `WidthLayout`, and block or activation importance its calibration runner; a family without
+    them is refused by name."""
     from . import plan as plan_module
+    from .importance import check_calibration, proxy_calibration
     from .stream import expected_shapes
 
-    family, config = source.family, source.config
+    family, config, layout = source.family, source.config, source.width_layout
     stacks = [g.attr for g in family.block_groups() if not g.keep]
     example = ",".join(f"{g.attr}={max(1, config[g.count_key] // 2)}" for g in family.block_groups() if not g.keep)
     if strategy not in plan_module.STRATEGIES:
@@ -214,27 +280,97 @@ def plan_depth(source: DepthSource, *, layers, strategy, keep_blocks, keep_first
     if width_method not in plan_module.WIDTH_METHODS:
         raise DistilleryError("width_method", width_method, "unknown channel-selection method.",
                               f"use one of {list(plan_module.WIDTH_METHODS)}.")
-    if heads is not None and heads != source.heads:
+    source_heads = source.heads
+    if layout is None and heads is not None and heads != source_heads:
         raise DistilleryError("heads", heads, f"Shrink DiT shrinks {family.title} by depth only: it has no width "
-                              f"layout to slice heads from (the source keeps its {source.heads} heads).",
-                              f"leave heads empty (or {source.heads}) and shrink by depth: layers per block stack, "
+                              f"layout to slice heads from (the source keeps its {source_heads} heads).",
+                              f"leave heads empty (or {source_heads}) and shrink by depth: layers per block stack, "
                               f"e.g. '{example}'.")
-    if strategy == "importance":
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= source_heads):
+        raise DistilleryError("heads", heads, f"the source has {source_heads} heads per block; a student keeps "
+                              f"1..{source_heads} (head dim {source.head_dim} is kept).",
+                              f"choose a whole number between 1 and {source_heads}.")
+    width_shrink = layout is not None and heads is not None and heads < source_heads
+    if width_shrink and heads * source.head_dim < layout.min_width:
+        raise DistilleryError("heads", heads, f"{family.title} students are at least {layout.min_width} wide "
+                              f"({heads} x {source.head_dim} = {heads * source.head_dim}).",
+                              f"keep at least {-(-layout.min_width // source.head_dim)} heads.")
+    runner = None if layout is None else layout.calibrate
+    if strategy == "importance" and runner is None:
         raise DistilleryError("strategy", strategy, f"block importance needs a calibration runner, which "
                               f"{family.title} does not have.", f"use one of {list(DEPTH_STRATEGIES)}.")
+    if width_shrink and width_method == "importance" and runner is None:
+        raise DistilleryError("width_method", width_method, f"activation importance needs a calibration runner, "
+                              f"which {family.title} does not have.", "use width_method magnitude.")
+    needs_calibration = strategy == "importance" or (width_shrink and width_method == "importance")
+    unsupported = [k for k in (layout.unsupported if layout else ()) if config.get(k)]
+    if unsupported and (width_shrink or needs_calibration):
+        raise DistilleryError("source", str(source.path), f"a {family.title} variant with {unsupported}, which "
+                              "Shrink DiT slices and scores by depth only.", f"use a text-to-image {family.title} "
+                              "DiT, or shrink this one by depth (no heads, no importance).")
+    if strategy == "importance" and not parse_groups(layers, family, "layers", True):
+        raise DistilleryError("layers", layers, "the importance strategy needs the number of blocks to keep.",
+                              f"give layers per block stack, e.g. '{example}'.")
+    zeros = {g.attr: [0.0] * config[g.count_key] for g in family.block_groups()}
+    select_groups(family, config, layers=layers, strategy=strategy, keep_blocks=keep_blocks, keep_first=keep_first,
+                  scores=zeros)  # bad counts and lists fail here, before any calibration
+    stats = cal = None
+    if needs_calibration:
+        given = calibration if calibration is not None else proxy_calibration(config, family=family)
+        cal = check_calibration(given, config, family=family)
+        stats = runner(source, cal, device=device, progress=progress, stop=stop)
     kept = select_groups(family, config, layers=layers, strategy=strategy, keep_blocks=keep_blocks,
-                         keep_first=keep_first)
+                         keep_first=keep_first, scores=stats.block_scores if stats else None)
     student = dict(config, **{family.group(a).count_key: len(k) for a, k in kept.items()})
+    width = None
+    if width_shrink:
+        units = lambda w: layout.units(config, w)  # noqa: E731
+        dim = source_heads * source.head_dim
+        scores = (stats.width_scores(source.slots(kept), layout.ffn_spaces, units(dim))
+                  if width_method == "importance" else magnitude_scores(source, kept, progress=progress, stop=stop))
+        width = select_width(scores, heads, source.head_dim, width_method, units)
+        student = layout.with_heads(student, heads)
     notes = [f"{a} kept whole ({len(k)} blocks)." for a, k in kept.items() if len(stacks) > 1
              and len(k) == config[family.group(a).count_key]]
     loadable, why = family.comfy_loadable(student)
     if not loadable:
         notes.append(why)
+    if cal is not None and cal.kind == "proxy":
+        notes.append("scores came from a seeded Gaussian PROXY of latents and prompts; pass a Calibration of real "
+                     "encoded prompts for scores that reflect real images.")
     count = lambda shapes: sum(_numel(s) for s in shapes)  # noqa: E731
     return plan_module.ShrinkPlan(
         source=source.path.name, source_config=config, config=student, strategy=strategy, kept_blocks=kept,
+        width=width, block_scores=stats.block_scores if stats else None, calibration=cal.kind if cal else None,
         params_before=count(source.shapes.values()),
         params_after=count(expected_shapes(student, family).values()), notes=notes, family=family.name)
+
+
+def magnitude_scores(source: DepthSource, kept: dict, progress=None, stop=None):
+    """Weight-mass scores (`importance.MassScores`) of every index space, reading the non-block tensors and the
+    kept blocks once, one unit at a time, under our names; norms do not vote."""
+    from .importance import MassScores
+
+    layout = source.width_layout
+    dim = source.heads * source.head_dim
+    slots = source.slots(kept)
+    mass = MassScores(source.heads, source.head_dim, layout.units(source.config, dim), layout.ffn_spaces, len(slots))
+    units = source.units(kept)
+    for done, (keys, attr, index) in enumerate(units):
+        if stop is not None and stop():
+            raise StopRequested("scoring stopped")
+        slot = None if index is None else slots.index((attr, index))
+        # the source's last block of the layout's main stack: its untrained modules do not vote
+        last = attr == layout.group and index == source.config[source.family.group(attr).count_key] - 1
+        for name, t in source.read_state(keys).items():
+            rows, cols = source.spaces(attr, name, t.ndim)
+            if (rows, cols) == (None, None):
+                continue
+            module = name.split(".", 2)[-1].rsplit(".", 1)[0]
+            mass.add(slot, t, rows, cols, untrained=last and module in layout.last_block_untrained)
+        if progress is not None:
+            progress(done + 1, len(units), stage="score", tensor=keys[0])
+    return mass.scores()
 
 
 def _numel(shape) -> int:
@@ -246,14 +382,15 @@ def _numel(shape) -> int:
 
 def write_depth(source: DepthSource, plan, out: Path, dtype: torch.dtype | None, progress=None, stop=None,
                 comfy_names: bool | None = None) -> int:
-    """Stream the depth-only student of `plan` into `out` (atomically), one unit in memory, in the source's
-    naming unless `comfy_names` says; returns the bytes written. Dropped blocks are never read."""
+    """Stream the student of `plan` (depth, and width when it has a width plan) into `out` (atomically), one unit
+    in memory, in the source's naming unless `comfy_names` says; returns the bytes written. Dropped blocks are
+    never read."""
     from ..runlock import remove_leftovers
     from .stream import _write_error, check_free_space, convert, metadata_for
 
     names = source.comfy_names if comfy_names is None else comfy_names
-    kept = plan.kept_blocks
-    layout = source.layout(kept, dtype, names)
+    kept, width = plan.kept_blocks, plan.width
+    layout = source.layout(kept, dtype, names, width)
     produced = source.family.from_comfy({k: torch.empty(s, device="meta") for k, _, s in layout})
     expected = registry.build_empty(source.family.name, plan.config).state_dict()
     if {k: tuple(v.shape) for k, v in produced.items()} != {k: tuple(v.shape) for k, v in expected.items()}:
@@ -273,7 +410,7 @@ def write_depth(source: DepthSource, plan, out: Path, dtype: torch.dtype | None,
             if stop is not None and stop():
                 raise StopRequested("depth shrink stopped before the student was complete; nothing was written")
             tensors = {k: source.reader.read(k) for k in keys}
-            for name, t in source.convert(tensors, attr, index, kept, names).items():
+            for name, t in source.convert(tensors, attr, index, kept, names, width).items():
                 writer.write(name, convert(t, want[name]))
             del tensors
             if progress is not None:
@@ -296,7 +433,7 @@ def same_depth_student(out: Path, source: DepthSource, plan, dtype) -> bool:
             if existing.metadata_value(registry.META_PROVENANCE) != json.loads(json.dumps(plan.provenance(),
                                                                                         default=str)):
                 return False
-            layout = source.layout(plan.kept_blocks, dtype, source.comfy_names)
+            layout = source.layout(plan.kept_blocks, dtype, source.comfy_names, plan.width)
             return set(existing.keys()) == {n for n, _, _ in layout} and all(
                 existing.dtype(n) == d for n, d, _ in layout)
     except DistilleryError:

@@ -1,7 +1,8 @@
 """Scores that decide what a shrunk DiT keeps: calibration activations, or weight magnitudes.
 
 * Calibration (`run_calibration`): the source runs block by block on calibration inputs, by the family's runner
-  (`WidthLayout.calibrate`; Qwen-Image's in families/qwen_image.py). The stem (img_in, txt_norm/txt_in, the
+  (`WidthLayout.calibrate`; Qwen-Image's in families/qwen_image.py; FLUX.2's, which measures each block stack
+  on its own, `StackCalibrationStats`, in families/flux2.py). The stem (img_in, txt_norm/txt_in, the
   timestep embedding, RoPE) is diffusers' own modules, loaded from the source's non-block weights; then ONE
   diffusers block at a time is built, loaded from the source, run and freed, so memory stays at one block (1.4 GB
   in fp32 for the real Qwen-Image) plus the activations. It measures:
@@ -33,7 +34,7 @@ import torch
 from .. import families
 from ..conditioning import TextEmbeds
 from ..errors import DistilleryError, StopRequested
-from .plan import WidthScores
+from .plan import WidthScores, space_parts
 from .stream import SourceModel, read_ahead
 
 
@@ -120,6 +121,30 @@ class CalibrationStats:
         )
 
 
+@dataclass
+class StackCalibrationStats:
+    """`CalibrationStats` of a family whose block stacks each keep their own count (a per-stack `WidthLayout`:
+    FLUX.2): block influence per stack, and the other measurements per block, keyed (stack, source index)."""
+
+    block_scores: dict[str, list[float]]  # stack -> per source block
+    residual_in: dict[tuple[str, int], torch.Tensor]  # [D] at each block's input
+    residual_out: torch.Tensor  # [D] after the last block (image tokens)
+    heads: dict[tuple[str, int], torch.Tensor]  # [H]
+    units: dict[tuple[str, int], dict[str, torch.Tensor]]  # FFN unit space -> [units], the spaces a block has
+    temb: torch.Tensor
+    temb_hidden: torch.Tensor
+
+    def width_scores(self, slots: list[tuple[str, int]], spaces, units: int) -> WidthScores:
+        """Scores of the kept blocks `slots` ((stack, source index), in the width plan's order); a space a block
+        does not have scores zeros (its choice is never used)."""
+        zeros = torch.zeros(units, dtype=torch.float64)
+        return WidthScores(
+            channels=sum(self.residual_in[b] for b in slots) + self.residual_out,
+            temb=self.temb, temb_hidden=self.temb_hidden, heads=[self.heads[b] for b in slots],
+            units={space: [self.units[b].get(space, zeros) for b in slots] for space in spaces},
+        )
+
+
 def _token_mean(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Mean over batch and tokens of x [B, L, ...]; `weight` [B, L] masks out padding tokens."""
     x = x.double()
@@ -168,32 +193,58 @@ def _row_col_mass(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return rows, cols
 
 
+class MassScores:
+    """Weight-mass accumulators of every index space: shared by the whole model (residual channels, timestep
+    embedding, the timestep MLP's hidden units) and per block slot (heads, each FFN unit space)."""
+
+    def __init__(self, heads: int, head_dim: int, units: int, spaces, slots: int):
+        self.heads, self.head_dim, self.dim, self.units = heads, head_dim, heads * head_dim, units
+        zeros = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
+        self.shared = {"res": zeros(self.dim), "temb": zeros(self.dim), "temb_hidden": zeros(self.dim)}
+        self.spaces = tuple(spaces)
+        self.per_block = [{"heads": zeros(heads), **{space: zeros(units) for space in self.spaces}}
+                          for _ in range(slots)]
+
+    def add(self, slot: int | None, tensor: torch.Tensor, row_space, col_space, untrained: bool = False) -> None:
+        """One tensor's row and column masses into its spaces (`slot`: its block's, None outside the blocks;
+        `untrained`: it does not vote for residual channels or heads)."""
+        rows, cols = _row_col_mass(tensor)
+        local = self.per_block[slot] if slot is not None else None
+        self._add(row_space, rows, local, untrained)
+        self._add(col_space, cols, local, untrained)
+
+    def _add(self, space, mass, local, skip_shared) -> None:
+        if space is None or mass is None:
+            return
+        offset = 0
+        for name, chunks in space_parts(space):  # a fused tensor: each part of its rows/columns into its space
+            size = chunks * (self.units if name in self.spaces else self.dim)
+            part, offset = mass[offset:offset + size], offset + size
+            if name == "res":
+                if not skip_shared:
+                    self.shared["res"] += part.reshape(-1, self.dim).sum(0)  # res*k: summed over the chunks
+            elif name in self.shared:
+                self.shared[name] += part
+            elif name == "heads":  # (a fused qkv: the 3 chunks summed)
+                if not skip_shared:
+                    local["heads"] += part.reshape(-1, self.heads, self.head_dim).sum((0, 2))
+            else:
+                local[name] += part.reshape(-1, self.units).sum(0)
+
+    def scores(self) -> WidthScores:
+        return WidthScores(
+            channels=self.shared["res"], temb=self.shared["temb"], temb_hidden=self.shared["temb_hidden"],
+            heads=[b["heads"] for b in self.per_block],
+            units={space: [b[space] for b in self.per_block] for space in self.spaces},
+        )
+
+
 def magnitude_scores(source: SourceModel, kept_blocks: list[int], progress=None, stop=None) -> WidthScores:
     """Weight-mass scores of every index space, reading the non-block layers and the kept blocks once."""
     heads, head_dim = source.heads, source.head_dim
-    dim = heads * head_dim
-    zeros = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
-    shared = {"res": zeros(dim), "temb": zeros(dim), "temb_hidden": zeros(dim)}
-    per_block = []
-
-    def add(space, mass, local, skip_shared):
-        if space is None or mass is None:
-            return
-        if space.startswith("res"):
-            if not skip_shared:
-                shared["res"] += mass.reshape(-1, dim).sum(0)  # res*2 / res*6: sum over the stacked chunks
-        elif space in shared:
-            shared[space] += mass
-        elif space == "heads" or space.startswith("heads*"):  # (a fused qkv: the 3 chunks summed)
-            if not skip_shared:
-                local["heads"] += mass.reshape(-1, heads, head_dim).sum((0, 2))
-        else:
-            local[space] += mass
-
+    mass = MassScores(heads, head_dim, source.layout.ffn_units(heads * head_dim), source.layout.ffn_spaces,
+                      len(kept_blocks) + source.extra_blocks)  # the kept blocks, then those of `sliced_groups`
     keys = [(source.extra_slot(k, len(kept_blocks)), k) for k in source.global_keys()]
-    units = source.layout.ffn_units(dim)
-    for i in range(len(kept_blocks) + source.extra_blocks):  # the kept blocks, then those of `sliced_groups`
-        per_block.append({"heads": zeros(heads), **{space: zeros(units) for space in source.layout.ffn_spaces}})
     for i, s in enumerate(kept_blocks):
         keys += [(i, k) for k in source.keys_of_block(s)]
     keys = [(i, k) for i, k in keys if source.spaces_of(k, len(source.shapes[k])) != (None, None)]  # norms: no vote
@@ -204,16 +255,9 @@ def magnitude_scores(source: SourceModel, kept_blocks: list[int], progress=None,
             raise StopRequested("scoring stopped")
         block, module, _ = source.split_key(key)
         row_space, col_space = source.spaces_of(key, tensor.ndim)
-        rows, cols = _row_col_mass(tensor)
+        mass.add(i, tensor, row_space, col_space, untrained=block == last and module in
+                 source.layout.last_block_untrained)
         del tensor
-        untrained = block == last and module in source.layout.last_block_untrained
-        local = per_block[i] if i is not None else None
-        add(row_space, rows, local, untrained)
-        add(col_space, cols, local, untrained)
         if progress is not None:
             progress(done + 1, len(keys), stage="score", tensor=key)
-    return WidthScores(
-        channels=shared["res"], temb=shared["temb"], temb_hidden=shared["temb_hidden"],
-        heads=[b["heads"] for b in per_block],
-        units={space: [b[space] for b in per_block] for space in source.layout.ffn_spaces},
-    )
+    return mass.scores()

@@ -16,7 +16,8 @@ text states forward):
   inputs (see `importance.py`); the N-1 most influential of the other blocks are kept.
 
 Width: the student keeps H of the source's heads in every block (head dim and RoPE axes unchanged), so its
-residual stream is H x head_dim wide and its FFNs 4x that (diffusers' FeedForward hard-codes mult=4). Every index
+residual stream is H x head_dim wide and its FFNs as wide as the family's layout says for that width (Qwen-Image
+4x, diffusers' FeedForward default; Z-Image 8/3x; FLUX.2 its `mlp_ratio`, kept). Every index
 set is chosen by `top_k` on a score vector (see `importance.py` for the two ways scores are made) and kept in
 source order, so every student weight is an exact slice of the source's.
 """
@@ -33,8 +34,20 @@ STRATEGIES = ("uniform", "first", "interval", "list", "importance")
 WIDTH_METHODS = ("magnitude", "importance")
 
 
-def parse_block_list(spec, num_source: int, field: str = "keep_blocks") -> list[int]:
-    """'0-9,50-59' (or a list of ints) -> sorted source indices; rejects out-of-range and duplicate entries."""
+def why_last(family=None) -> str:
+    """Why the source's last block must stay, in the terms of `family` (a `families.Family`; None: any DiT)."""
+    if family is None:
+        return "Shrink DiT always keeps it as the student's last block"
+    layout = family.width_layout
+    if layout is not None and layout.last_block_untrained:
+        return (f"{family.title}'s last block has a text branch that was never trained, so it is always kept as "
+                "the student's last block")
+    return f"Shrink DiT always keeps the last block of each {family.title} block stack as the student's last block"
+
+
+def parse_block_list(spec, num_source: int, field: str = "keep_blocks", family=None) -> list[int]:
+    """'0-9,50-59' (or a list of ints) -> sorted source indices; rejects out-of-range and duplicate entries
+    (`family` names the model in the last-block message)."""
     if isinstance(spec, str):
         indices = []
         for part in (p.strip() for p in spec.split(",")):
@@ -68,9 +81,8 @@ def parse_block_list(spec, num_source: int, field: str = "keep_blocks") -> list[
     if dup:
         raise DistilleryError(field, spec, f"block(s) {dup[:5]} listed more than once.", "list each block once.")
     if num_source - 1 not in indices:
-        raise DistilleryError(field, spec, f"the source's last block ({num_source - 1}) is missing: its text branch was "
-                              "never trained, so it is always kept as the student's last block.",
-                              f"add {num_source - 1} to the list.")
+        raise DistilleryError(field, spec, f"the source's last block ({num_source - 1}) is missing: "
+                              f"{why_last(family)}.", f"add {num_source - 1} to the list.")
     return sorted(indices)
 
 
@@ -91,8 +103,9 @@ def check_layers(layers, num_source: int) -> int:
 
 
 def select_blocks(strategy: str, num_source: int, layers: int | None, *, keep_blocks=None, keep_first=None,
-                  scores=None) -> list[int]:
-    """Source indices of the kept blocks, ascending (student block i = source block result[i])."""
+                  scores=None, family=None) -> list[int]:
+    """Source indices of the kept blocks, ascending (student block i = source block result[i]); `family` (a
+    `families.Family`) names the model in messages."""
     if strategy not in STRATEGIES:
         raise DistilleryError("strategy", strategy, "unknown depth strategy.", f"use one of {list(STRATEGIES)}.")
     if keep_blocks is not None and strategy != "list":
@@ -105,7 +118,7 @@ def select_blocks(strategy: str, num_source: int, layers: int | None, *, keep_bl
         if keep_blocks is None:
             raise DistilleryError("keep_blocks", None, "strategy 'list' needs the blocks to keep.",
                                   "give keep_blocks like '0-9,50-59'.")
-        kept = parse_block_list(keep_blocks, num_source)
+        kept = parse_block_list(keep_blocks, num_source, family=family)
         if layers is not None and check_layers(layers, num_source) != len(kept):
             raise DistilleryError("layers", layers, f"the block list keeps {len(kept)} blocks, not {layers}.",
                                   "drop layers or make it match the list.")
@@ -132,6 +145,16 @@ def select_blocks(strategy: str, num_source: int, layers: int | None, *, keep_bl
         raise ValueError("importance selection needs one score per source block")
     others = top_k(torch.as_tensor(list(scores[:last]), dtype=torch.float64), layers - 1)
     return others + [last]
+
+
+def space_parts(space: str) -> list[tuple[str, int]]:
+    """'heads*3+mlp*2' -> [('heads', 3), ('mlp', 2)]: the parts of an index space laid end to end, each `chunks`
+    stacked copies of one space (FLUX.2's fused q | k | v | SwiGLU gate | up rows); 'res' -> [('res', 1)]."""
+    parts = []
+    for part in space.split("+"):
+        name, _, chunks = part.partition("*")
+        parts.append((name, int(chunks) if chunks else 1))
+    return parts
 
 
 def top_k(scores: torch.Tensor, k: int) -> list[int]:
@@ -203,9 +226,9 @@ class ShrinkPlan:
     source_config: dict
     config: dict
     strategy: str
-    kept_blocks: list[int] | dict[str, list[int]]  # per block stack for a depth-only family
+    kept_blocks: list[int] | dict[str, list[int]]  # per block stack for a `depth.DepthSource`
     width: WidthPlan | None = None
-    block_scores: list[float] | None = None
+    block_scores: list[float] | dict[str, list[float]] | None = None  # per stack as kept_blocks
     calibration: str | None = None  # "proxy", "provided" or None when no calibration ran
     params_before: int = 0
     params_after: int = 0
@@ -237,16 +260,17 @@ class ShrinkPlan:
         family = families.get(self.family)
         layout = family.width_layout
         src, dst = self.source_config, self.config
-        if isinstance(self.kept_blocks, dict):  # a depth-only family: blocks per stack, width unchanged
+        if isinstance(self.kept_blocks, dict):  # blocks per stack (`depth.DepthSource`); heads per block slot
             counts = {a: family.group(a).count_key for a in self.kept_blocks}
-            heads, width = src.get(family.heads_key), family.dims(src).width
             return {
                 "source": self.source, "strategy": self.strategy,
                 "layers_before": {a: src[k] for a, k in counts.items()},
                 "layers_after": {a: dst[k] for a, k in counts.items()},
-                "kept_blocks": self.kept_blocks, "heads_before": heads, "heads_after": heads,
-                "width_before": width, "width_after": width, "kept_heads": None, "width_method": None,
-                "block_scores": None, "calibration": None,
+                "kept_blocks": self.kept_blocks, "heads_before": src.get(family.heads_key),
+                "heads_after": dst.get(family.heads_key), "width_before": family.dims(src).width,
+                "width_after": family.dims(dst).width, "kept_heads": self.width.block_heads if self.width else None,
+                "width_method": self.width.method if self.width else None,
+                "block_scores": self.block_scores, "calibration": self.calibration,
                 "params_before": self.params_before, "params_after": self.params_after, "notes": self.notes,
             }
         count = family.group(layout.group).count_key
@@ -273,7 +297,8 @@ class ShrinkPlan:
 # for the whole model); "res*2"/"res*6" = that subset inside each of 2 or 6 stacked chunks; "temb" = the
 # timestep-embedding channels; "temb_hidden" = the timestep MLP's hidden units; "heads" = the kept heads' whole
 # head_dim-row groups ("heads*3": inside each of 3 stacked chunks, a fused qkv); an FFN unit space (the layout's `ffn_spaces`, e.g. "img_ffn"/"txt_ffn") = the kept FFN
-# units of that FFN; None = kept whole. A weight [out, in] uses (row
+# units of that FFN ("img_ffn*2": a SwiGLU's gate | up rows); "a+b" = parts laid end to end (`space_parts`:
+# FLUX.2's fused "heads*3+mlp*2" rows, q | k | v | gate | up); None = kept whole. A weight [out, in] uses (row
 # space, column space); its bias uses the row space.
 
 

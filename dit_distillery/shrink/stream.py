@@ -23,7 +23,7 @@ from ..errors import DistilleryError, StopRequested
 from ..formats import StreamingSafetensorsWriter, TensorSource, atomic_output, atomic_write_text
 from ..models import registry
 from ..weights_check import check_finite
-from .plan import ShrinkPlan, WidthPlan, spaces_of, split_key
+from .plan import ShrinkPlan, WidthPlan, space_parts, spaces_of, split_key
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn; larger values would become NaN when cast
@@ -120,9 +120,10 @@ def _advise_sequential(f) -> None:
 
 
 def streamable() -> list:
-    """The families Shrink DiT streams: by depth and width with a `width_layout` (`SourceModel`), by depth only
-    otherwise (`depth.DepthSource`)."""
-    return sorted(families.all(), key=lambda f: f.width_layout is None)  # stable: width-shrinkable first
+    """The families Shrink DiT streams: with a single-stack `width_layout` (`SourceModel`) first, then those
+    `depth.DepthSource` streams (a per-stack layout, then depth only)."""
+    return sorted(families.all(), key=lambda f: (f.width_layout is None,  # stable within each kind
+                                                 f.width_layout is not None and f.width_layout.per_stack))
 
 
 def refuse_scaled(src: TensorSource, path, field: str) -> None:
@@ -158,10 +159,10 @@ class SourceModel:
             raise DistilleryError(field, str(self.path), f"not a {titles} DiT (" + exc.problem + ")",
                                   f"choose a {titles} diffusion model.") from None
         family = families.get(name)
-        if family.width_layout is None:
-            raise DistilleryError(field, str(self.path), f"a {family.title} model, which has no width layout to "
-                                  "slice.", f"shrink a {family.title} by depth (shrink.shrink opens it as a "
-                                  "depth.DepthSource).")
+        if family.width_layout is None or family.width_layout.per_stack:
+            raise DistilleryError(field, str(self.path), f"a {family.title} model, whose block stacks are shrunk "
+                                  "each by its own count.", f"shrink a {family.title} with shrink.shrink (it opens "
+                                  "it as a depth.DepthSource).")
         self.family, self.layout = family, family.width_layout
         self.group = family.group(self.layout.group)
         unsupported = [k for k in self.layout.unsupported if config.get(k)]
@@ -274,10 +275,18 @@ def student_config(source: SourceModel, layers: int, heads: int | None) -> dict:
     return config
 
 
-def _index(space: str | None, width: WidthPlan | None, block: int | None, dim: int) -> torch.Tensor | None:
-    """The kept indices of one dimension of a source tensor (None = keep it whole)."""
+def _index(space: str | None, width: WidthPlan | None, block: int | None, dim: int,
+           units: int = 0) -> torch.Tensor | None:
+    """The kept indices of one dimension of a source tensor (None = keep it whole); `dim`: the source's width,
+    `units`: its FFN units per unit space (needed by spaces with several parts or chunks of units)."""
     if space is None or width is None:
         return None
+    if "+" in space:  # parts laid end to end, each as wide in the source as its space (x its chunks)
+        out, offset = [], 0
+        for part, (name, chunks) in zip(space.split("+"), space_parts(space)):
+            out.append(_index(part, width, block, dim, units) + offset)
+            offset += chunks * (units if name in width.units else dim)
+        return torch.cat(out)
     if space == "res":
         return torch.tensor(width.channels)
     if space.startswith("res*"):
@@ -293,8 +302,10 @@ def _index(space: str | None, width: WidthPlan | None, block: int | None, dim: i
         base = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in width.block_heads[block]])
         chunks = int(space[6:]) if space != "heads" else 1
         return torch.cat([base + c * dim for c in range(chunks)])
-    if space in width.units:
-        return torch.tensor(width.units[space][block])
+    name, chunks = space_parts(space)[0]
+    if name in width.units:
+        base = torch.tensor(width.units[name][block])
+        return torch.cat([base + c * units for c in range(chunks)]) if chunks > 1 else base
     raise KeyError(space)
 
 
