@@ -43,7 +43,7 @@ the DiT while swap is on (disable first). Blocks compiled with `torch.compile` a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
