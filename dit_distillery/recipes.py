@@ -269,8 +269,8 @@ def _student_base(out: Path, inputs: Inputs, device, dtype, log) -> str:
 def _teacher_data(out: Path, inputs: Inputs, s: RecipeSettings, device, dtype, log, progress, stop) -> list[int]:
     """Stage 2: the teacher's dataset; returns its [width, height]."""
     from .gen_dataset import generate_distill_dataset
+    from .lora import merge_lora, read_lora
     from .pipelines.loading import load_pipeline
-    from .student import load_student
 
     key = {"settings": {k: v for k, v in asdict(s).items() if k in (
                "prompts", "seeds_per_prompt", "start_seed", "teacher_steps", "teacher_cfg", "negative_prompt",
@@ -284,8 +284,8 @@ def _teacher_data(out: Path, inputs: Inputs, s: RecipeSettings, device, dtype, l
         return state["size"]
     teacher = load_pipeline(inputs.base, dit=inputs.base_dit, text_encoder=inputs.text_encoder, vae=inputs.vae,
                             device=device, dtype=dtype)
-    if inputs.lora is not None:
-        teacher = load_student(teacher, lora=inputs.lora, strength=inputs.lora_strength)  # merged into a copy
+    if inputs.lora is not None:  # merged in place: this pipeline is ours alone, so no second copy of the DiT
+        merge_lora(teacher.dit, read_lora(inputs.lora, "lora"), inputs.lora_strength, "lora")
     report = generate_distill_dataset(
         teacher, s.prompts, out / "teacher_data", seeds_per_prompt=s.seeds_per_prompt, start_seed=s.start_seed,
         teacher_steps=s.teacher_steps, teacher_cfg=s.teacher_cfg, negative_prompt=s.negative_prompt,
