@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,45 @@ def _check_prompts(prompts) -> list[str]:
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise DistilleryError("prompt", prompts, "expected a non-empty list of strings.", "give one prompt per image.")
     return prompts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizers shipped with the pack (dit_distillery/tokenizers/README.md): single text-encoder files need no download
+
+TOKENIZERS = Path(__file__).parent / "tokenizers"
+# Qwen3's tokens after Qwen2.5's last (<|file_sep|>, 151664), in id order: 151665-151668, not special (as Qwen3's own)
+QWEN3_ADDED_TOKENS = ("<tool_response>", "</tool_response>", "<think>", "</think>")
+# Qwen3's chat template for what prompt encoding renders: system and user turns, the generation prompt, and the empty
+# think block `enable_thinking=False` adds (no default system prompt, unlike Qwen2.5's). Tools and reasoning in
+# assistant turns are left out: give the model's own tokenizer folder (--tokenizer) for chat use.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+BUNDLED = ("qwen2_5", "qwen3")
+
+
+def bundled_tokenizer(name: str, field: str = "tokenizer"):
+    """A tokenizer shipped with the pack: "qwen2_5" (Qwen-Image's Qwen2.5-VL) or "qwen3" (Qwen3's: the same
+    vocabulary and merges plus its four added tokens and chat template). A fresh object on every call."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    if name not in BUNDLED:
+        raise DistilleryError(field, name, "no tokenizer of this name ships with the pack.",
+                              f"give the model's tokenizer folder, or one of {list(BUNDLED)}.")
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / "qwen2_5")
+    if name == "qwen3":
+        first = len(tokenizer)
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN3_ADDED_TOKENS])
+        if tokenizer.convert_tokens_to_ids("</think>") != first + 3 or first != 151665:
+            raise RuntimeError("the shipped Qwen2.5 tokenizer files changed: Qwen3's added tokens got other ids")
+        tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

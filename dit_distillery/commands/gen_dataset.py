@@ -12,9 +12,9 @@ HELP = "Generate a Direct-Distill teacher dataset (PNG + latents + DiffSynth met
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--pipeline", default="default", help="teacher: diffusers-layout folder (e.g. a local "
-                   "Qwen/Qwen-Image), 'tiny', 'tiny:qwen_image' or 'default'")
-    p.add_argument("--dit", help="DiT file or transformer folder replacing the pipeline's")
+    from .sample import add_model_arguments
+
+    add_model_arguments(p, "teacher: ")
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompts", help="a text file with one prompt per line (blank and # lines skipped), "
                          "or the prompt text itself")
@@ -40,8 +40,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> dict:
     from ..gen_dataset import generate_distill_dataset, read_prompts, synthetic_prompts
-    from ..pipelines.loading import load_pipeline
-    from .sample import _placement, untrained_warning
+    from .sample import _placement, load_model, untrained_warning
 
     warning = untrained_warning(args.pipeline, args.dit)
     if warning:  # a teacher with random weights makes a dataset of noise
@@ -51,7 +50,7 @@ def run(args) -> dict:
     else:
         prompts = read_prompts(args.prompts)
     device, dtype = _placement(args.device, args.dtype)
-    pipe = load_pipeline(args.pipeline, dit=args.dit, device=device, dtype=dtype)
+    pipe = load_model(args, device, dtype)
     bar = None
     if not args.json:  # a bar on a terminal, a line every 10% in a log
         from ..progress import Stages

@@ -18,13 +18,7 @@ HELP = "Generate images from prompts with a pipeline folder (or 'tiny' / 'defaul
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--pipeline", default="default",
-                   help="diffusers-layout folder (e.g. a local Qwen/Qwen-Image), 'tiny', 'tiny:qwen_image' or 'default'")
-    p.add_argument("--dit", help="DiT file or transformer folder replacing the pipeline's (e.g. a trained student)")
-    p.add_argument("--text-encoder", help="text encoder folder, or .safetensors file (then also --text-encoder-config)")
-    p.add_argument("--text-encoder-config", help="folder with the text encoder's config.json (for a single file)")
-    p.add_argument("--tokenizer", help="tokenizer folder replacing the pipeline's")
-    p.add_argument("--vae", help="VAE folder or .safetensors file replacing the pipeline's")
+    add_model_arguments(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several images)")
     p.add_argument("--negative-prompt", default="", help="negative prompt (used when --cfg is not 1)")
     p.add_argument("--seed", type=int, action="append", help="seed (repeat for several images) (default: 0)")
@@ -39,6 +33,34 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, help="images denoised together (default: all)")
     p.add_argument("--out", required=True, help="output PNG path")
     p.add_argument("--latents-out", help="also save the final latents to this .safetensors file")
+
+
+def add_model_arguments(p, what: str = "") -> None:
+    """--pipeline, the component files and --fp8 (shared by sample and gen-dataset)."""
+    p.add_argument("--pipeline", default="default", help=f"{what}diffusers-layout folder (e.g. a local "
+                   "Qwen/Qwen-Image), 'tiny', 'tiny:qwen_image' or 'default'; not needed when --dit, --text-encoder "
+                   "and --vae are all files (ComfyUI's models/diffusion_models, text_encoders, vae)")
+    p.add_argument("--dit", help="DiT file or transformer folder replacing the pipeline's (e.g. a trained student, "
+                   "or ComfyUI's bf16 / fp8 / fp8_scaled file)")
+    p.add_argument("--text-encoder", help="text encoder folder or .safetensors file (ComfyUI's bf16 / fp8_scaled "
+                   "files need nothing else; another file needs --text-encoder-config)")
+    p.add_argument("--text-encoder-config", help="folder with the text encoder's config.json (for a single file "
+                   "the family cannot read alone)")
+    p.add_argument("--tokenizer", help="tokenizer folder replacing the pipeline's (default for single files: the one "
+                   "shipped with the pack)")
+    p.add_argument("--vae", help="VAE folder or .safetensors file replacing the pipeline's")
+    p.add_argument("--fp8", default="keep", choices=("keep", "dequantise"),
+                   help="fp8 DiT / text-encoder weights: keep them in fp8 (half the memory of bf16, computed in "
+                        "--dtype) or dequantise them on load")
+
+
+def load_model(args, device, dtype):
+    """The pipeline the model arguments name."""
+    from ..pipelines.loading import load_pipeline
+
+    return load_pipeline(args.pipeline, dit=args.dit, text_encoder=args.text_encoder,
+                         text_encoder_config=args.text_encoder_config, tokenizer=args.tokenizer, vae=args.vae,
+                         device=device, dtype=dtype, fp8=args.fp8)
 
 
 def _placement(device: str, dtype: str):
@@ -88,7 +110,6 @@ def output_paths(out: str, count: int) -> list[Path]:
 
 def run(args) -> dict:
     from ..formats import atomic_output, save_safetensors
-    from ..pipelines.loading import load_pipeline
 
     if args.latents_out and not args.latents_out.endswith(".safetensors"):
         raise DistilleryError("latents_out", args.latents_out, "must be a .safetensors file.", "use e.g. latents.safetensors.")
@@ -96,9 +117,7 @@ def run(args) -> dict:
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     device, dtype = _placement(args.device, args.dtype)
-    pipe = load_pipeline(args.pipeline, dit=args.dit, text_encoder=args.text_encoder,
-                         text_encoder_config=args.text_encoder_config, tokenizer=args.tokenizer, vae=args.vae,
-                         device=device, dtype=dtype)
+    pipe = load_model(args, device, dtype)
     seeds = args.seed or [0]
     count = max(len(args.prompt), len(seeds))
     paths = output_paths(args.out, count)

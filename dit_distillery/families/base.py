@@ -175,6 +175,12 @@ class Family:
     vae_class: str = ""  # diffusers class of its VAE
     pipeline_class: str = ""  # model_index.json `_class_name` of its diffusers pipeline folders
     transformer_library: str = "diffusers"  # model_index.json library of its DiT class
+    # the tokenizer shipped with the pack (dit_distillery/tokenizers, `text.bundled_tokenizer`) used when a pipeline is
+    # given as single files without a tokenizer folder ("": a tokenizer folder is needed)
+    bundled_tokenizer: str = ""
+    # the transformers class a single text-encoder file loads into when it is not `text_encoder_class` (Qwen-Image:
+    # the Qwen2.5-VL text model without its vision tower); pipeline folders saved from it name it
+    text_only_encoder_class: str = ""
 
     # -- LoRA
     lora_presets: dict[str, list[str]] = {}  # preset name -> module-name suffixes
@@ -280,8 +286,22 @@ class Family:
         raise NotImplementedError
 
     def text_encoder_config(self) -> dict | None:
-        """The text encoder's transformers config.json content for a single text-encoder file given without its
-        config folder (None: such a file needs its folder, as for Qwen-Image's and AAADiT's encoders)."""
+        """The released text encoder's transformers config.json content, when the family has one encoder (None:
+        several, or none known)."""
+        return None
+
+    def text_encoder_key(self, key: str) -> str | None:
+        """A single text-encoder file's tensor name (ComfyUI's `models/text_encoders` names, the original
+        checkpoint's or transformers') -> its name in the class `text_encoder_from_shapes` builds; None for the
+        file's tensors that class leaves out (a vision tower, an LM head: prompts need hidden states only)."""
+        return key
+
+    def text_encoder_from_shapes(self, shape_of: Callable[[str], tuple], keys) -> tuple[str, Any] | None:
+        """(transformers class name, its config object) for a single text-encoder file given without a config
+        folder, from its tensors (`text_encoder_key` names) and their shapes: the released encoder's config when the
+        file's width is a released one (the loader then checks every shape against it), else one read from the
+        shapes. Raises a DistilleryError when the file is not this family's encoder; None: the family cannot build
+        its encoder from a file alone (give the config folder)."""
         return None
 
     def codec(self, vae) -> "Codec":

@@ -36,6 +36,15 @@ KLEIN_9B_CONFIG = _config(8, 24, 32, 12288)
 KLEIN_4B_PARAMS = 3_875_544_576
 KLEIN_9B_PARAMS = 9_078_581_248
 
+# Their text encoders, Qwen/Qwen3-4B and Qwen/Qwen3-8B config.json (ComfyUI's qwen_3_4b / qwen_3_8b files): a single
+# text-encoder file is read with the one of its width (`Flux2Family.text_encoder_from_shapes`).
+_QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "num_hidden_layers": 36,
+          "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu",
+          "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000, "attention_bias": False,
+          "bos_token_id": 151643, "eos_token_id": 151645}
+QWEN3_4B_CONFIG = dict(_QWEN3, hidden_size=2560, intermediate_size=9728, tie_word_embeddings=True)
+QWEN3_8B_CONFIG = dict(_QWEN3, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False)
+
 TEXT_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers (hidden states, not decoder layers)
 TEXT_TOKENS = 512
 BASE_DEFAULTS = dict(steps=50, cfg_scale=4.0, height=1024, width=1024)  # Flux2KleinPipeline's defaults
@@ -430,6 +439,7 @@ class Flux2Family(Family):
     schedule_template = "FLUX.2"
     sampling_defaults = dict(BASE_DEFAULTS)
     text_encoder_class = "Qwen3Model"  # the checkpoints' Qwen3ForCausalLM without its LM head
+    bundled_tokenizer = "qwen3"
     default_text_max_length = TEXT_TOKENS
     report_text_tokens = TEXT_TOKENS  # always padded to 512, and the DiT attends to every one
     vae_class = "AutoencoderKLFlux2"
@@ -521,6 +531,19 @@ class Flux2Family(Family):
                 BlockGroup("transformer_blocks", "num_layers", image_io=_double_image_io))
 
     # -- pipeline components
+    def text_encoder_key(self, key: str) -> str | None:
+        from ._qwen_text import qwen3_key
+
+        return qwen3_key(key)
+
+    def text_encoder_from_shapes(self, shape_of, keys):
+        """klein 4B's Qwen3-4B or 9B's Qwen3-8B, by the file's width."""
+        from ._qwen_text import qwen3_config
+
+        return qwen3_config(shape_of, keys, {2560: QWEN3_4B_CONFIG, 4096: QWEN3_8B_CONFIG},
+                            "FLUX.2 [klein]'s Qwen3 text encoder", "give klein's text encoder (ComfyUI: "
+                            "models/text_encoders/qwen_3_4b.safetensors for klein 4B, qwen_3_8b for klein 9B).")
+
     def prompt_encoder(self, text_encoder, tokenizer, settings: dict):
         from ..text import Qwen3PromptEncoder
 

@@ -25,6 +25,30 @@ QWEN_IMAGE_CONFIG = {
 }
 QWEN_IMAGE_PARAMS = 20_430_401_088
 
+# Qwen/Qwen-Image text_encoder/config.json (= Qwen/Qwen2.5-VL-7B-Instruct), as transformers' Qwen2_5_VLConfig takes
+# it: 8,292,166,656 parameters, of which a single text-encoder file loads the 7,070,619,136 of the text model
+# (ComfyUI's qwen_2.5_vl_7b.safetensors and its fp8_scaled variant).
+QWEN25_VL_7B_CONFIG = {
+    "text_config": {
+        "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "hidden_act": "silu", "max_position_embeddings": 128000,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "sliding_window": 32768, "max_window_layers": 28, "use_sliding_window": False, "tie_word_embeddings": False,
+        "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+    },
+    "vision_config": {
+        "depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+        "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+        "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+        "temporal_patch_size": 2,
+    },
+    "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653, "vision_token_id": 151654, "bos_token_id": 151643, "eos_token_id": 151645,
+    "tie_word_embeddings": False,
+}
+QWEN25_VL_7B_PARAMS = 8_292_166_656
+QWEN25_VL_7B_TEXT_PARAMS = 7_070_619_136
+
 # Keys that only a Qwen-Image DiT has (ComfyUI's detector uses txt_norm.weight).
 SIGNATURE_KEYS = ("txt_norm.weight", "img_in.weight", "txt_in.weight", "proj_out.weight")
 BLOCK_PREFIX = "transformer_blocks."
@@ -262,6 +286,11 @@ class QwenImageFamily(Family):
     schedule_template = "Qwen-Image"
     sampling_defaults = dict(steps=50, cfg_scale=4.0, height=1328, width=1328)
     text_encoder_class = "Qwen2_5_VLForConditionalGeneration"
+    # A single text-encoder file loads only the text model: for text prompts diffusers' QwenImagePipeline runs
+    # nothing else (no image input reaches the vision tower; it reads hidden states, not the LM head's logits), and
+    # the hidden states are the same (tests/test_single_files.py); 1.2B fewer parameters in memory.
+    text_only_encoder_class = "Qwen2_5_VLTextModel"
+    bundled_tokenizer = "qwen2_5"
     default_text_max_length = 1024
     # prompts are not padded; 256 tokens covers long captions (DiffSynth trains up to 512)
     report_text_tokens = 256
@@ -358,6 +387,18 @@ class QwenImageFamily(Family):
 
         return QwenImagePromptEncoder(text_encoder, tokenizer,
                                       max_length=int(settings.get("max_length", self.default_text_max_length)))
+
+    def text_encoder_key(self, key: str) -> str | None:
+        from ._qwen_text import qwen25_vl_key
+
+        return qwen25_vl_key(key)
+
+    def text_encoder_from_shapes(self, shape_of, keys):
+        from ._qwen_text import qwen25_vl_config
+
+        return qwen25_vl_config(shape_of, keys, QWEN25_VL_7B_CONFIG, "Qwen-Image's Qwen2.5-VL text encoder",
+                                "give Qwen-Image's text encoder (ComfyUI: models/text_encoders/"
+                                "qwen_2.5_vl_7b.safetensors or qwen_2.5_vl_7b_fp8_scaled.safetensors).")
 
     def codec(self, vae):
         from ..codecs import QwenImageVAECodec

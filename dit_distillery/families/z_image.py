@@ -333,6 +333,7 @@ class ZImageFamily(Family):
     # folder gets BASE_DEFAULTS (`folder_defaults`).
     sampling_defaults = dict(TURBO_DEFAULTS)
     text_encoder_class = "Qwen3Model"
+    bundled_tokenizer = "qwen3"
     default_text_max_length = 512
     report_text_tokens = 128  # padding is dropped: a long caption
     vae_class = "AutoencoderKL"
@@ -424,6 +425,18 @@ class ZImageFamily(Family):
 
     def text_encoder_config(self) -> dict:
         return dict(QWEN3_4B_CONFIG)
+
+    def text_encoder_key(self, key: str) -> str | None:
+        from ._qwen_text import qwen3_key
+
+        return qwen3_key(key)
+
+    def text_encoder_from_shapes(self, shape_of, keys):
+        from ._qwen_text import qwen3_config
+
+        release = self.text_encoder_config()
+        return qwen3_config(shape_of, keys, {release["hidden_size"]: release}, "Z-Image's Qwen3 text encoder",
+                            "give Z-Image's text encoder (ComfyUI: models/text_encoders/qwen_3_4b.safetensors).")
 
     def codec(self, vae):
         from ..codecs import ShiftScaleVAECodec

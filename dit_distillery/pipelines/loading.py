@@ -7,12 +7,15 @@ Sources:
 * single files, as ComfyUI users keep them, each replacing one component of a folder or given all together:
   the DiT (`models/diffusion_models`, read by `models.registry.load_dit`), the VAE (`models/vae`: diffusers keys,
   or the original Wan/LDM layouts converted with diffusers' own converters) and the text encoder
-  (`models/text_encoders`: a transformers checkpoint file, which needs its `config.json` folder beside it;
-  transformers has no single-file loader);
+  (`models/text_encoders`: ComfyUI's files, bf16, fp8 or scaled fp8, built with transformers' own classes and
+  the family's released config, `Family.text_encoder_from_shapes`; other transformers checkpoint files with their
+  `config.json` folder), the tokenizer then being the one shipped with the pack (`text.bundled_tokenizer`);
 * "default" (the demo's), "tiny" (= "tiny:aaadit") and "tiny:<family>": the built-in random pipelines (`tiny`,
   `Family.tiny_pipeline`).
 
 Only safetensors are read (`use_safetensors=True` everywhere). Anything missing raises a DistilleryError naming it.
+fp8 weights (DiT and text-encoder files) stay in fp8 and compute in the pipeline's dtype unless `fp8="dequantise"`
+(`dit_distillery.fp8`).
 """
 
 from __future__ import annotations
@@ -79,6 +82,13 @@ def save_pipeline(pipe: TextToImagePipeline, folder: str | os.PathLike, *, overw
         raise DistilleryError("dit", type(dit).__name__, "holds LoRA adapters; a pipeline folder stores plain weights.",
                               "merge the LoRA (peft merge_and_unload) or save the LoRA file on its own.")
     encoder, codec = pipe.prompt_encoder, pipe.codec
+    from ..fp8 import compute_dtype
+
+    for what, module in (("dit", dit), ("text_encoder", encoder.text_encoder)):
+        if compute_dtype(module) is not None:
+            raise DistilleryError(what, type(module).__name__, "holds fp8-stored weights, which a diffusers folder "
+                                  "cannot describe (no scales).",
+                                  "load the pipeline with fp8='dequantise' (CLI: --fp8 dequantise) to save it.")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -144,8 +154,9 @@ def _exists(path, field: str) -> Path:
     return path
 
 
-def load_dit(path, *, dtype=None, device="cpu", field: str = "dit") -> torch.nn.Module:
-    """A DiT from a diffusers `transformer/` folder (config.json) or any file/folder `registry.load_dit` reads."""
+def load_dit(path, *, dtype=None, device="cpu", field: str = "dit", fp8: str = "keep") -> torch.nn.Module:
+    """A DiT from a diffusers `transformer/` folder (config.json) or any file/folder `registry.load_dit` reads
+    (fp8 files as `fp8` says: "keep" or "dequantise")."""
     from ..models import registry
 
     path = _exists(path, field)
@@ -159,7 +170,7 @@ def load_dit(path, *, dtype=None, device="cpu", field: str = "dit") -> torch.nn.
         for key, tensor in model.state_dict().items():
             check_finite(key, tensor, field=field, path=path)
         return model.to(device).eval()
-    return registry.load_dit(path, dtype=dtype, device=device, field=field)
+    return registry.load_dit(path, dtype=dtype, device=device, field=field, fp8=fp8)
 
 
 def _check_folder_shapes(cls, path: Path, field: str) -> None:
@@ -183,9 +194,18 @@ def _check_folder_shapes(cls, path: Path, field: str) -> None:
                      "these weights, or download the folder again.")
 
 
-def load_tokenizer(path, field: str = "tokenizer"):
+def load_tokenizer(path, field: str = "tokenizer", family: str | None = None):
+    """A tokenizer folder; None: the tokenizer shipped with the pack for `family` (single-file pipelines)."""
     from transformers import AutoTokenizer
 
+    if path is None:
+        bundled = families.get(family).bundled_tokenizer if family is not None else ""
+        if not bundled:
+            raise DistilleryError(field, None, "no tokenizer given, and none ships with the pack for this model.",
+                                  "give the model's tokenizer/ folder (--tokenizer), or a diffusers folder.")
+        from ..text import bundled_tokenizer
+
+        return bundled_tokenizer(bundled, field)
     path = _exists(path, field)
     try:
         return AutoTokenizer.from_pretrained(path)
@@ -194,52 +214,93 @@ def load_tokenizer(path, field: str = "tokenizer"):
                               "give the model's tokenizer/ folder (tokenizer.json or vocab.json + merges.txt).") from exc
 
 
-def load_text_encoder(path, family: str, *, config_dir=None, dtype=None, device="cpu", field: str = "text_encoder"):
-    """A transformers text encoder from its folder, or from a single safetensors file plus a config.json folder."""
+def load_text_encoder(path, family: str, *, config_dir=None, dtype=None, device="cpu", field: str = "text_encoder",
+                      fp8: str = "keep"):
+    """A transformers text encoder from its folder, or from a single safetensors file: ComfyUI's (bf16, fp8, scaled
+    fp8) read with the family's own configuration, or another checkpoint file with its config.json folder."""
     import transformers
 
     spec = families.get(family)
     path = _exists(path, field)
     if path.is_file():
-        return _text_encoder_from_file(path, family, config_dir, dtype, device, field)
+        return _text_encoder_from_file(path, family, config_dir, dtype, device, field, fp8)
     config = path / "config.json"
     if not config.is_file():
         raise DistilleryError(field, str(path), "has no config.json.", "give a transformers model folder.")
     arch = (json.loads(config.read_text()).get("architectures") or [spec.text_encoder_class])[0]
     # Qwen3 checkpoints are usually Qwen3ForCausalLM: we only need the hidden states, so skip the LM head.
     arch = {"Qwen3ForCausalLM": "Qwen3Model"}.get(arch, arch)
-    if arch not in {f.text_encoder_class for f in families.all()}:
+    if arch not in {c for f in families.all() for c in (f.text_encoder_class, f.text_only_encoder_class) if c}:
         raise DistilleryError(field, str(path), f"holds a {arch}.",
                               f"use {spec.text_encoder_class} for a {family} pipeline.")
     cls = getattr(transformers, arch)
     return cls.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()
 
 
-def _text_encoder_from_file(path: Path, family: str, config_dir, dtype, device, field: str):
-    from safetensors import safe_open
+def _text_encoder_from_file(path: Path, family: str, config_dir, dtype, device, field: str, fp8: str = "keep"):
+    from ..formats import TensorSource
+    from ..fp8 import read_layout
 
     if path.suffix != ".safetensors":
         raise DistilleryError(field, str(path), "only .safetensors weights are read.", "convert the file to safetensors.")
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-    if any(k.endswith("scaled_fp8") or k.endswith(".scale_weight") for k in keys):
-        raise DistilleryError(field, str(path), "is a ComfyUI fp8-scaled text encoder, which transformers cannot read.",
-                              "use the bf16/fp16 text encoder file, or the model's text_encoder/ folder.")
-    known = families.get(family).text_encoder_config()
-    if (config_dir is None or not (Path(config_dir) / "config.json").is_file()) and known is None:
-        raise DistilleryError(field, str(path), "a single text-encoder file has no configuration, and transformers "
-                              "cannot load one from a file alone.",
-                              "also give the config folder: the text_encoder/ folder of the diffusers model "
-                              "(config.json is enough), or use that folder instead of the file.")
+    with TensorSource(path, field, prefixes=()) as src:
+        layout = read_layout(src, field)
+        quantised = layout.scaled or any(src.dtype(k) in (torch.float8_e4m3fn, torch.float8_e5m2) for k in layout.keys)
+        given = config_dir is not None and (Path(config_dir) / "config.json").is_file()
+        if not given or quantised:  # the family's own configuration: ComfyUI's files, fp8 ones included
+            built = _text_encoder_single(src, layout, families.get(family), dtype, field, fp8)
+            if built is not None:
+                return built.to(device).eval()
+            if quantised:
+                raise DistilleryError(field, str(path), "is an fp8 text encoder, which this pack reads only for the "
+                                      "families that know their encoder's configuration.",
+                                      "use the bf16 file with its config folder, or the model's text_encoder/ folder.")
+            raise DistilleryError(field, str(path), "a single text-encoder file has no configuration, and the "
+                                  f"{family} family cannot build its encoder from the file alone.",
+                                  "also give the config folder: the text_encoder/ folder of the diffusers model "
+                                  "(config.json is enough), or use that folder instead of the file.")
     # transformers reads a folder: give it one made of the config and a link to the file, so its own key
     # conversions (e.g. older Qwen2.5-VL layouts) apply.
     with tempfile.TemporaryDirectory(prefix="dit_distillery_te_") as tmp:
-        if config_dir is not None and (Path(config_dir) / "config.json").is_file():
-            shutil.copy(Path(config_dir) / "config.json", Path(tmp) / "config.json")
-        else:  # the family's released encoder (Z-Image's qwen_3_4b.safetensors)
-            (Path(tmp) / "config.json").write_text(json.dumps(known))
+        shutil.copy(Path(config_dir) / "config.json", Path(tmp) / "config.json")
         os.symlink(path.resolve(), Path(tmp) / "model.safetensors")
         return load_text_encoder(tmp, family, dtype=dtype, device=device, field=field)
+
+
+def _text_encoder_single(src, layout, spec, dtype, field: str, fp8: str):
+    """A text encoder from one file without config folder (ComfyUI's `models/text_encoders`), built with the family's
+    configuration for it (`Family.text_encoder_from_shapes`) and checked against the file's shapes before any data is
+    read; fp8 weights kept in fp8 (`fp8.load_weights`). None when the family has no such configuration."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    from ..fp8 import load_weights
+    from ..weights_check import check_finite, check_shapes
+
+    names = {}  # the model's name -> the file's
+    for key in layout.keys:
+        ours = spec.text_encoder_key(key)
+        if ours is not None:
+            names[ours] = key
+    shapes = {ours: tuple(src.shape(key)) for ours, key in names.items()}
+    try:
+        built = spec.text_encoder_from_shapes(shapes.__getitem__, list(shapes))
+    except DistilleryError as exc:  # name the file, not the tensors
+        raise DistilleryError(field, str(src.path), exc.problem, exc.fix) from exc
+    if built is None:
+        return None
+    class_name, config = built
+    with init_empty_weights():
+        model = getattr(transformers, class_name)(config)
+    size = f"{config.num_hidden_layers} layers, width {config.hidden_size}"
+    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, field=field, path=src.path,
+                 what=f"{class_name} of {spec.title}'s text encoder ({size})",
+                 fix=f"the file is incomplete or not {spec.title}'s text encoder: download it again, or give the "
+                     "file that goes with this model.")
+    state = {ours: check_finite(key, src.get(key), field=field, path=src.path) for ours, key in names.items()}
+    scales = {ours: layout.scales[key] for ours, key in names.items() if key in layout.scales}
+    return load_weights(model, state, scales, dtype=dtype, mode=fp8, scaled=layout.scaled, field=field,
+                        path=src.path)
 
 
 def load_vae(path, family: str, *, config_dir=None, dtype=None, device="cpu", field: str = "vae"):
@@ -295,22 +356,30 @@ def _codec(family: str, meta: dict, vae) -> Codec:
 
 def load_pipeline(source: str | os.PathLike | None = None, *, dit=None, text_encoder=None, text_encoder_config=None,
                   tokenizer=None, vae=None, vae_config=None, text_max_length: int | None = None, device="cpu",
-                  dtype: torch.dtype | None = None, seed: int = 0) -> TextToImagePipeline:
+                  dtype: torch.dtype | None = None, seed: int = 0, fp8: str = "keep") -> TextToImagePipeline:
     """A pipeline from a diffusers folder / built-in name, with any component replaced by a file or folder.
 
-    source: a diffusers-layout folder, a built-in name (`builtin_names()`), or None (then give every component).
+    source: a diffusers-layout folder, a built-in name (`builtin_names()`), or None (then give the DiT, text
+    encoder and VAE; the tokenizer defaults to the one shipped for the family). "default" (the CLI's and the
+    training job's default) given with all three of dit, text_encoder and vae means the same as None.
     dit: a DiT file (ComfyUI diffusion_models, our trained students) or transformer folder.
     text_encoder (+ text_encoder_config, a folder with its config.json), tokenizer, vae (+ vae_config): likewise.
     text_max_length: prompt tokens (default: the folder's setting, else 1024 Qwen-Image / 128 AAADiT). It matters
     for AAADiT, which attends to the padding: use the length the DiT was trained with.
+    fp8: "keep" (fp8 weights of the DiT and text encoder stay fp8, computed in `dtype`) or "dequantise".
     """
+    from ..fp8 import check_mode
+
+    check_mode(fp8)
+    if str(source) == "default" and all(x is not None for x in (dit, text_encoder, vae)):
+        source = None  # the model given as files: nothing of the built-in would be used
     if source is not None and str(source) in builtin_names():
         if any(x is not None for x in (text_encoder, tokenizer, vae)):
             raise DistilleryError("source", str(source), "built-in pipelines only take a replacement DiT.",
                                   "save the built-in pipeline with save_pipeline, then replace components of the folder.")
         pipe = _builtin(str(source), seed)
         if dit is not None:
-            pipe = pipe.with_dit(load_dit(dit, dtype=dtype))
+            pipe = pipe.with_dit(load_dit(dit, dtype=dtype, fp8=fp8))
         return pipe.to(device=device, dtype=dtype)
 
     root = None if source is None else _exists(source, "pipeline")
@@ -337,7 +406,7 @@ def load_pipeline(source: str | os.PathLike | None = None, *, dit=None, text_enc
         raise DistilleryError(what, None, f"no {what} given" + (f" and {root} has no {sub}/ folder." if root else "."),
                               f"give the {what} (a file or folder), or a diffusers folder that contains {sub}/.")
 
-    model = load_dit(part(dit, "transformer", "dit"), dtype=dtype, device=device)
+    model = load_dit(part(dit, "transformer", "dit"), dtype=dtype, device=device, fp8=fp8)
     family = families.of_model(model).name
     expected = _index_family(index)
     if dit is None and expected and expected != family:
@@ -345,8 +414,11 @@ def load_pipeline(source: str | os.PathLike | None = None, *, dit=None, text_enc
                               "the folder is inconsistent; re-save it.")
     te_config = text_encoder_config or (root / "text_encoder" if root is not None else None)
     encoder_model = load_text_encoder(part(text_encoder, "text_encoder", "text_encoder"), family, config_dir=te_config,
-                                      dtype=dtype, device=device)
-    tok = load_tokenizer(part(tokenizer, "tokenizer", "tokenizer"))
+                                      dtype=dtype, device=device, fp8=fp8)
+    if tokenizer is None and not (root is not None and (root / "tokenizer").exists()):
+        tok = load_tokenizer(None, family=family)  # the one shipped with the pack
+    else:
+        tok = load_tokenizer(part(tokenizer, "tokenizer", "tokenizer"))
     codec_meta = meta.get("codec", {"kind": "vae"})
     vae_model = None
     if codec_meta.get("kind") != "pixel" or vae is not None:
