@@ -194,6 +194,11 @@ def _hook_class():
             return output
 
         def new_forward(self, module, x, *args, **kwargs):
+            if module.weight.requires_grad:  # it would get no gradient: say so instead of training nothing
+                raise DistilleryError("dit", "fp8 weights", "an fp8-stored Linear weight was set to train; fp8 "
+                                      "storage is for frozen weights (a LoRA's base).",
+                                      "load the model with fp8='dequantise' (CLI: --fp8 dequantise) to train all of "
+                                      "its weights, or train a LoRA on it.")
             # a model cast as a whole afterwards (`.to(dtype=...)`) computes in its new dtype, scale still applied
             dtype = self.compute_dtype if module.weight.dtype in FP8_DTYPES else module.weight.dtype
             bias = None if module.bias is None else module.bias.to(dtype)

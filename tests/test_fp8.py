@@ -232,6 +232,9 @@ def test_store_in_fp8_keeps_biases_norms_and_lora_and_saves_fp8_for_backward():
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
     assert _rel(model(x), ref(x)) < 0.05
     torch.testing.assert_close(copy.deepcopy(model)(x), model(x))  # hooks survive a deep copy (student export)
+    model.requires_grad_(True)  # full training of an fp8 base: refused, not silently frozen
+    with pytest.raises(DistilleryError, match="fp8 storage is for frozen weights"):
+        model(x)
 
 
 def test_store_in_fp8_skips_trained_weights_and_named_modules():
