@@ -221,6 +221,11 @@ class DMDLoss:
         self.optimizer = torch.optim.AdamW(self.fake_params, lr=float(lr), weight_decay=self.fake_weight_decay)
         self.empty_text, self.caption_dropout, self.accelerator = empty_text, caption_dropout, accelerator
 
+    def unrolled_steps(self) -> int:
+        """DiT calls whose activations the generator's step keeps (the trainer's memory refusal): one, plus Direct
+        Distill's unrolled sampler for the regression term."""
+        return 1 + ((self.steps or 1) if self.regression_weight > 0 else 0)
+
     def _ready(self):
         if self.optimizer is None:
             raise DistilleryError("loss", self.kind, "the DMD loss was not set up (it has no fake score yet).",

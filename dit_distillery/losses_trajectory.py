@@ -6,8 +6,8 @@ sigma 0, linearly interpolated in between (an Euler step moves x linearly in sig
 path where it was recorded and its chord elsewhere); the teacher's and the student's sigma grids need not share a
 point. For each student step `s_i -> s_{i+1}` (and finally to 0) the student, started ON the teacher's path at
 `X(s_i)`, must predict the chord velocity `(X(s_{i+1}) - X(s_i)) / (s_{i+1} - s_i)`: the step that lands on the
-teacher's path again. Each step is one DiT call with no unrolling (unlike Direct Distill), so its cost is N
-independent forward/backward passes and memory stays that of one step.
+teacher's path again. Each step is one DiT call on the teacher's path (no gradient runs through the student's
+own chain, unlike Direct Distill); the N calls' graphs are kept until the one backward, as Direct Distill's are.
 
 This is DiffSynth's TrajectoryImitationLoss (Z-Image) made generic over families and fed from the dataset instead
 of running the teacher in the training step. Its optional image term (DiffSynth: LPIPS between the decoded
@@ -79,6 +79,10 @@ class TrajectoryLoss:
     def setup(self, ctx) -> None:
         """Take the codec the image term decodes with (`ctx.codec`, or `ctx.pipe.codec`)."""
         self.codec = getattr(ctx, "codec", None) or getattr(getattr(ctx, "pipe", None), "codec", None)
+
+    def unrolled_steps(self) -> int:
+        """DiT calls whose activations one training step keeps (the trainer's memory refusal)."""
+        return (self.steps or 1) * (2 if self.image_weight > 0 else 1)
 
     def _distill(self):
         from .losses import DirectDistillLoss

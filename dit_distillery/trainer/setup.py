@@ -18,7 +18,8 @@ optimiser and several updates per student update) may also define these; the tra
   states, counters) as nested dicts/lists/tuples of tensors and JSON values. Checkpoints store it as safetensors +
   JSON (`checkpoints.flatten_state`), never pickled; tensors come back on the CPU.
 
-`FlowMatchingLoss` and `DirectDistillLoss` define none of them.
+`FlowMatchingLoss` and `DirectDistillLoss` define none of them; `DMDLoss` (losses_dmd) defines all (its fake score),
+`TrajectoryLoss` only `setup` (the codec of its image term).
 """
 
 from __future__ import annotations
@@ -147,8 +148,9 @@ def move_batch(batch: dict, device) -> dict:
     out = dict(batch)
     out["latents"] = batch["latents"].to(device)
     out["text"] = batch["text"].to(device)
-    if batch.get("target_latents") is not None:
-        out["target_latents"] = batch["target_latents"].to(device)
+    for name in ("target_latents", "trajectory", "trajectory_sigmas"):
+        if batch.get(name) is not None:
+            out[name] = batch[name].to(device)
     return out
 
 
@@ -357,7 +359,8 @@ def check_memory(job: TrainJob, pipe, loss, accelerator, height: int, width: int
     text_tokens = 0 if pipe.prompt_encoder.trims_padding else int(getattr(pipe.prompt_encoder, "max_length", 0))
     mixed = accelerator.mixed_precision != "no"
     dtype_bytes = 2 if mixed else torch.empty((), dtype=pipe.dtype).element_size()
-    unrolled = (loss.steps or 1) if isinstance(loss, DirectDistillLoss) else 1
+    unrolled = loss.unrolled_steps() if hasattr(loss, "unrolled_steps") else \
+        (loss.steps or 1) if isinstance(loss, DirectDistillLoss) else 1
     acts = unrolled * training_activation_bytes(pipe.family, config, batch=job.batch_size,
                                                 tokens=pipe.image_seq_len(height, width) + text_tokens,
                                                 checkpointing=job.gradient_checkpointing, dtype_bytes=dtype_bytes)

@@ -11,18 +11,24 @@ import torch
 
 from ..charts import image_grid, loss_chart
 from ..formats import atomic_output, atomic_write_json, atomic_write_text
-from ..losses import DirectDistillLoss, SampleRNG
+from ..losses import DirectDistillLoss, DMDLoss, SampleRNG, TrajectoryLoss
+
+DISTILL = (DirectDistillLoss, TrajectoryLoss, DMDLoss)  # losses whose student samples with few steps, beside a teacher
 from .job import TrainJob
 
 
 def sample_settings(job: TrainJob, pipe, loss, dataset=None) -> dict:
-    """Steps, CFG and size of the validation samples. For Direct Distill, the student's own settings: the
-    validation's, else the loss's, else the dataset's rows', else the loss defaults."""
+    """Steps, CFG and size of the validation samples. For distillation (Direct Distill, Trajectory, DMD), the
+    student's own settings: the validation's, else the loss's, else the dataset's rows', else the loss defaults
+    (a DMD student samples at CFG 1)."""
     v, d = job.validation, pipe.defaults
-    if isinstance(loss, DirectDistillLoss):
+    if isinstance(loss, DISTILL):
         row = dataset.rows[0] if dataset is not None else None
         steps = v.steps or loss.steps or (row and row.num_inference_steps) or loss.default_steps
-        cfg = next(c for c in (v.cfg, loss.cfg, row and row.cfg_scale, loss.default_cfg) if c is not None)
+        if isinstance(loss, DMDLoss):
+            cfg = v.cfg if v.cfg is not None else 1.0
+        else:
+            cfg = next(c for c in (v.cfg, loss.cfg, row and row.cfg_scale, loss.default_cfg) if c is not None)
     else:
         steps, cfg = v.steps or d["steps"], v.cfg if v.cfg is not None else d["cfg_scale"]
     height = v.height or job.data.height or d["height"]
@@ -133,7 +139,7 @@ class Validator:
         steps, CFG), sampled before any update (call it before `prepare_model`) and kept on disk, so a resumed
         run (whose DiT has already changed) shows the same teacher."""
         v = self.job.validation
-        if not (self.main and v.prompts and v.teacher and isinstance(self.loss, DirectDistillLoss)):
+        if not (self.main and v.prompts and v.teacher and isinstance(self.loss, DISTILL)):
             return
         from PIL import Image
 
