@@ -66,8 +66,9 @@ class Workflow:
 
     # -- nodes -----------------------------------------------------------------------------------------------
     def node(self, type: str, title: str | None = None, box_width: int = 320, node_mode: int = 0,
-             models: list[str] = (), **widgets) -> dict:
-        """Add a node; `widgets` by name (the rest keep their defaults), `node_mode` 2 = muted."""
+             models: list[str] = (), model_files: dict | None = None, **widgets) -> dict:
+        """Add a node; `widgets` by name (the rest keep their defaults), `node_mode` 2 = muted; `models`: the
+        files it needs, with their folder and download URL from `model_files` (default `QWEN_MODELS`)."""
         spec = self.info[type]
         values = []
         for widget in widget_layout(spec):
@@ -106,7 +107,8 @@ class Workflow:
         ours = type.startswith("DD_")
         properties = {"Node name for S&R": type, "cnr_id": PACK_ID if ours else "comfy-core"}
         if models:
-            properties["models"] = [{"name": name, "url": QWEN_MODELS[name][1], "directory": QWEN_MODELS[name][0]}
+            table = QWEN_MODELS if model_files is None else model_files
+            properties["models"] = [{"name": name, "url": table[name][1], "directory": table[name][0]}
                                     for name in models]
         entry = {"id": len(self.nodes) + 1, "type": type, "pos": [0, 0], "size": [box_width, height], "flags": {},
                  "order": 0, "mode": node_mode, "inputs": sockets, "outputs": outputs, "properties": properties,
@@ -538,12 +540,341 @@ dataset (`metadata.csv` with `image,prompt`), dynamic resolution up to **1024×1
     return w.to_json()
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Recipes (issue 12 §3): keep a LoRA few-step on Z-Image-Turbo / Qwen-Image + Lightning; FLUX.2 [klein] to 4 steps.
+# Memory figures: Model Size Report (bf16 weights; LoRA rank 32 training with gradient checkpointing).
+
+_HF = "https://huggingface.co/"
+Z_IMAGE_MODELS = {
+    "z_image_turbo_bf16.safetensors": ("diffusion_models", _HF + "Comfy-Org/z_image_turbo/resolve/main/split_files/"
+                                       "diffusion_models/z_image_turbo_bf16.safetensors"),
+    "z_image_bf16.safetensors": ("diffusion_models", _HF + "Comfy-Org/z_image/resolve/main/split_files/"
+                                 "diffusion_models/z_image_bf16.safetensors"),
+    "qwen_3_4b.safetensors": ("text_encoders", _HF + "Comfy-Org/z_image_turbo/resolve/main/split_files/"
+                              "text_encoders/qwen_3_4b.safetensors"),
+    "ae.safetensors": ("vae", _HF + "Comfy-Org/z_image_turbo/resolve/main/split_files/vae/ae.safetensors"),
+}
+Z_IMAGE_FOLDER = "Z-Image-Turbo"  # models/diffusers/Z-Image-Turbo: Tongyi-MAI/Z-Image-Turbo's tokenizer + configs
+KLEIN_MODELS = {
+    "flux-2-klein-base-4b.safetensors": ("diffusion_models", _HF + "Comfy-Org/flux2-klein/resolve/main/split_files/"
+                                         "diffusion_models/flux-2-klein-base-4b.safetensors"),
+    "qwen_3_4b.safetensors": ("text_encoders", _HF + "Comfy-Org/flux2-klein/resolve/main/split_files/"
+                              "text_encoders/qwen_3_4b.safetensors"),
+    "flux2-vae.safetensors": ("vae", _HF + "Comfy-Org/flux2-dev/resolve/main/split_files/vae/flux2-vae.safetensors"),
+}
+KLEIN_FOLDER = "FLUX.2-klein-base-4B"  # models/diffusers/FLUX.2-klein-base-4B: its tokenizer + configs
+LIGHTNING_MODELS = {
+    "Qwen-Image-Lightning-8steps-V1.0.safetensors": ("loras", _HF + "lightx2v/Qwen-Image-Lightning/resolve/main/"
+                                                     "Qwen-Image-Lightning-8steps-V1.0.safetensors"),
+}
+# The user's own LoRA (no download): the name the workflows show until it is picked in the Load Student node.
+USER_LORAS = {"z_image": "my_z_image_lora.safetensors", "qwen_image": "my_qwen_image_lora.safetensors"}
+RECIPE_PROMPTS = """A portrait of a woman in a sunlit garden, soft focus background, natural light.
+A red fox sitting in a snowy forest at dusk, soft light, highly detailed fur.
+A cozy cafe interior in the morning, sunlight through large windows, wooden tables, a latte with heart art.
+An old fisherman mending a net on a wooden pier, overcast sky, documentary photo.
+A bowl of ramen with a soft-boiled egg, steam rising, top-down food photography.
+A watercolor painting of a lighthouse on a cliff, crashing waves, seagulls.
+A neon sign that reads "OPEN LATE" above a rainy street at night, reflections on the pavement.
+A cat sleeping on a stack of books beside a window, afternoon light."""
+RECIPE_SAMPLE = RECIPE_PROMPTS.split("\n")[1]
+KEEP_LORA_PROMPTS_NOTE = """**Prompts** (Generate Distill Dataset): replace the examples with prompts your LoRA is
+meant for, with its trigger words: the repair is learnt on what the teacher draws from them. 50–200 prompts
+generalise better than 8 (the rows are kept: queue again after adding more)."""
+
+
+def _keep_lora_compare(w, teacher, before, after, steps_teacher, cfg_teacher, steps, size, prefix,
+                       schedule_template="pipeline"):
+    """Three Sample nodes (teacher | before | after, one prompt and seed) stitched side by side and saved."""
+    extra = {} if schedule_template == "pipeline" else {"schedule_template": schedule_template}
+    samples = [
+        w.node("DD_Sample", title=f"Teacher: {steps_teacher} steps, CFG {cfg_teacher:g}", prompt=RECIPE_SAMPLE,
+               seed=0, steps=steps_teacher, cfg=cfg_teacher, width=size, height=size),
+        w.node("DD_Sample", title=f"Before: {steps} steps, CFG 1", prompt=RECIPE_SAMPLE, seed=0, steps=steps, cfg=1.0,
+               width=size, height=size, **extra),
+        w.node("DD_Sample", title=f"After (repair LoRA): {steps} steps, CFG 1", prompt=RECIPE_SAMPLE, seed=0,
+               steps=steps, cfg=1.0, width=size, height=size, **extra),
+    ]
+    stitch_a = w.node("ImageStitch", spacing_width=8)
+    stitch_b = w.node("ImageStitch", spacing_width=8)
+    save = w.node("SaveImage", title="Teacher | before | after", box_width=360, filename_prefix=prefix)
+    for sample, source in zip(samples, (teacher, before, after)):
+        w.connect(*source, sample, "pipeline")
+    w.connect(samples[0], "images", stitch_a, "image1")
+    w.connect(samples[1], "images", stitch_a, "image2")
+    w.connect(stitch_a, "IMAGE", stitch_b, "image1")
+    w.connect(samples[2], "images", stitch_b, "image2")
+    w.connect(stitch_b, "IMAGE", save, "images")
+    return samples, [stitch_a, stitch_b, save]
+
+
+def keep_lora_few_step_z_image(info) -> dict:
+    """Your Z-Image LoRA on Z-Image-Turbo at 8 steps: the Base + LoRA teacher (50 steps, CFG 4) repairs it."""
+    w = Workflow(info)
+    lora = USER_LORAS["z_image"]
+    note = w.note(f"""
+## Keep my LoRA few-step: Z-Image-Turbo
+A LoRA trained on **Z-Image (Base)** and used on **Z-Image-Turbo** at 8 steps comes out blurry or off-style: the
+step distillation and your LoRA move the same weights and were never trained together. This graph repairs it
+with a second, small LoRA:
+1. **Teacher** = Z-Image Base + your LoRA, sampled the slow way: **50 steps, CFG 4** (Load Student: Base weights
+   and your LoRA on the Turbo pipeline's text encoder and VAE).
+2. **Generate Distill Dataset**: the teacher draws every prompt and keeps its exact final latents; the rows ask
+   the student for **8 steps, CFG 1**.
+3. **Student** = Turbo + your LoRA (merged); **Train** a new LoRA (rank 32, lr 1e-4) with **Direct Distill Loss**:
+   the student samples 8 steps from the teacher's noise, with gradients through all of them, and is pulled onto
+   the teacher's result.
+4. **Teacher | before | after**, saved to `output/dit_distillery/keep_lora_z_image_*.png`.
+
+Use it afterwards in any Z-Image-Turbo workflow: LoraLoaderModelOnly with your LoRA, then another with
+`models/loras/my_z_image_lora_turbo_repair.safetensors` (strength 1), 8 steps, CFG 1.
+
+{KEEP_LORA_PROMPTS_NOTE}
+
+### Models
+* `models/loras/{lora}`: **your LoRA** (pick it in both Load Student nodes).
+* `z_image_turbo_bf16.safetensors` and `z_image_bf16.safetensors` (models/diffusion_models), `qwen_3_4b.safetensors`
+  (text_encoders), `ae.safetensors` (vae): ComfyUI's Z-Image files; ComfyUI offers to download them.
+* `models/diffusers/{Z_IMAGE_FOLDER}/`: from Tongyi-MAI/Z-Image-Turbo, `model_index.json` and `tokenizer/` (the
+  files above replace its weights).
+
+### Memory (bf16, 1024²)
+Each 6B DiT is 11.5 GiB and the text encoder 7.5 GiB. The teacher dataset needs Base + your LoRA (~31 GiB with the
+Turbo pipeline loaded); training adds Turbo + your LoRA and its training copy (Model Size Report: 14.8 GiB for LoRA
+training at 1024² with gradient checkpointing, more for the 8 unrolled steps). The whole graph keeps about 65 GiB
+loaded: an 80 GB GPU. On a smaller one run the same recipe from the command line, one stage per process
+(~20 GiB each): `python -m dit_distillery recipe keep-lora-few-step --base models/diffusers/Z-Image --turbo
+z_image_turbo_bf16.safetensors --lora {lora} --prompts prompts.txt --out runs/repair` (see the README).
+""", (480, 1060))
+    pipeline = w.node("DD_LoadPipeline", title="Load Pipeline (Z-Image-Turbo)", box_width=380,
+                      models=["z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors"],
+                      model_files=Z_IMAGE_MODELS, source=Z_IMAGE_FOLDER, dit_name="z_image_turbo_bf16.safetensors",
+                      text_encoder_name="qwen_3_4b.safetensors", vae_name="ae.safetensors")
+    teacher = w.node("DD_LoadStudent", title="Teacher: Z-Image Base + your LoRA", box_width=380,
+                     models=["z_image_bf16.safetensors"], model_files=Z_IMAGE_MODELS,
+                     weights="z_image_bf16.safetensors", lora=lora, strength=1.0)
+    student = w.node("DD_LoadStudent", title="Student: Turbo + your LoRA", box_width=380, lora=lora, strength=1.0)
+    size = w.node("DD_ModelSizeReport", box_width=380, height=1024, width=1024, lora_rank=32)
+    size_text = w.node("PreviewAny", title="Memory needed (LoRA training)", box_width=380)
+    distill_data = w.node("DD_GenerateDistillDataset", title="Teacher dataset (50 steps, CFG 4)", box_width=400,
+                          prompts=RECIPE_PROMPTS, seeds_per_prompt=2, start_seed=0, teacher_steps=50,
+                          teacher_cfg=4.0, width=1024, height=1024, student_steps=8, student_cfg=1.0,
+                          rand_device="cpu", batch_size=1, output_name="keep_lora_z_image")
+    preview = w.node("PreviewImage", title="Teacher images", box_width=400)
+    loss = w.node("DD_DirectDistillLoss", box_width=400)
+    train = w.node("DD_TrainLoRAFull", title="Train repair LoRA (Direct Distill, 8 steps, CFG 1)", box_width=420,
+                   mode="lora", output_name="my_z_image_lora_turbo_repair", steps=1000, batch_size=1,
+                   learning_rate=1e-4, warmup_steps=50, lora_rank=32, lora_targets="preset",
+                   gradient_checkpointing=True, save_every=250, seed=0)
+    chart = w.node("DD_LossChart")
+    chart_view = w.node("PreviewImage", title="Loss")
+    samples, tail = _keep_lora_compare(w, (teacher, "pipeline"), (student, "pipeline"), (train, "model"), 50, 4.0, 8,
+                                       1024, "dit_distillery/keep_lora_z_image")
+    w.columns([[note], [pipeline, teacher, student, size, size_text], [distill_data, preview, loss], [train],
+               [chart, chart_view], samples, tail])
+
+    w.connect(pipeline, "pipeline", teacher, "pipeline")
+    w.connect(pipeline, "pipeline", student, "pipeline")
+    w.connect(pipeline, "pipeline", size, "pipeline")
+    w.connect(size, "report", size_text, "source")
+    w.connect(teacher, "pipeline", distill_data, "teacher")
+    w.connect(distill_data, "preview", preview, "images")
+    w.connect(student, "pipeline", train, "pipeline")
+    w.connect(distill_data, "dataset", train, "dataset")
+    w.connect(loss, "loss", train, "loss")
+    w.connect(train, "loss_history", chart, "loss_history")
+    w.connect(chart, "chart", chart_view, "images")
+    w.group("1 · models: Turbo, the Base + LoRA teacher, the Turbo + LoRA student", [pipeline, teacher, student,
+                                                                                    size, size_text], "#3f789e")
+    w.group("2 · teacher dataset: 50 steps, CFG 4 → rows for 8 steps, CFG 1", [distill_data, preview, loss], "#8A8")
+    w.group("3 · repair LoRA: Direct Distill at 8 steps", [train, chart, chart_view], "#b58b2a")
+    w.group("4 · teacher | before | after", samples + tail, "#a1309b")
+    return w.to_json()
+
+
+def keep_lora_few_step_qwen_image(info) -> dict:
+    """Your Qwen-Image LoRA with the Lightning 8-step LoRA: the Qwen-Image + LoRA teacher (40 steps, CFG 4)."""
+    w = Workflow(info)
+    lora = USER_LORAS["qwen_image"]
+    lightning = "Qwen-Image-Lightning-8steps-V1.0.safetensors"
+    note = w.note(f"""
+## Keep my LoRA few-step: Qwen-Image + Lightning (8 steps)
+Your LoRA, trained on Qwen-Image, loses its look when stacked with the **Lightning 8-step LoRA**. This graph trains
+a small repair LoRA on top of both:
+1. **Teacher** = Qwen-Image + your LoRA at **40 steps, CFG 4** (DiffSynth's teacher setting), 1328².
+2. **Student base** = Qwen-Image with Lightning merged and saved as
+   `models/diffusion_models/qwen_image_lightning_8steps_merged.safetensors` (Load Student's export_name: the
+   graph continues from that file), then your LoRA on top.
+3. **Train** a new LoRA (rank 32, lr 1e-4) with **Direct Distill Loss** at **8 steps, CFG 1** on Lightning's
+   schedule (`schedule_template` Qwen-Image-Lightning: shift 3 at every size, as Lightning was trained).
+4. **Teacher | before | after**, saved to `output/dit_distillery/keep_lora_qwen_image_*.png`.
+
+Use it afterwards: Qwen-Image + Lightning 8-step LoRA + your LoRA + `models/loras/my_qwen_image_lora_lightning_repair
+.safetensors`, 8 steps, CFG 1. For the 4-step Lightning LoRA, pick it in the export node and set 4 student steps.
+
+{KEEP_LORA_PROMPTS_NOTE}
+
+* `models/loras/{lora}`: **your LoRA** (pick it in both Load Student nodes); `models/loras/{lightning}`
+  (lightx2v/Qwen-Image-Lightning; ComfyUI offers to download it).
+
+{QWEN_SETUP}
+### Memory (bf16, 1328²)
+The 20B DiT is 38 GiB and the text encoder about 16 GiB. The teacher dataset needs Qwen-Image and Qwen-Image + your
+LoRA (~95 GiB); training adds the Lightning-merged DiT and its training copy (Model Size Report: 45.5 GiB for LoRA
+training with gradient checkpointing): about 170 GiB in one graph. Run the training elsewhere with
+**Export Training Job** (muted: select it, Ctrl+M), or run the recipe from the command line, one stage per process
+(~55 GiB teacher, ~50 GiB training): `python -m dit_distillery recipe keep-lora-few-step --base
+models/diffusers/Qwen-Image --turbo-lora {lightning} --lora {lora} --student-schedule Qwen-Image-Lightning
+--teacher-steps 40 --prompts prompts.txt --out runs/repair` (see the README).
+""", (500, 1180))
+    pipeline = w.node("DD_LoadPipeline", title="Load Pipeline (Qwen-Image)", box_width=380,
+                      models=list(QWEN_MODELS), **QWEN_PIPELINE)
+    teacher = w.node("DD_LoadStudent", title="Teacher: Qwen-Image + your LoRA", box_width=380, lora=lora,
+                     strength=1.0)
+    baked = w.node("DD_LoadStudent", title="Qwen-Image + Lightning, merged and saved", box_width=380,
+                   models=[lightning], model_files=LIGHTNING_MODELS, lora=lightning, strength=1.0,
+                   export_name="qwen_image_lightning_8steps_merged.safetensors")
+    student = w.node("DD_LoadStudent", title="Student: + your LoRA", box_width=380, lora=lora, strength=1.0)
+    size = w.node("DD_ModelSizeReport", box_width=380, height=1328, width=1328, lora_rank=32)
+    size_text = w.node("PreviewAny", title="Memory needed (LoRA training)", box_width=380)
+    distill_data = w.node("DD_GenerateDistillDataset", title="Teacher dataset (40 steps, CFG 4)", box_width=400,
+                          prompts=RECIPE_PROMPTS, seeds_per_prompt=2, start_seed=0, teacher_steps=40,
+                          teacher_cfg=4.0, width=1328, height=1328, student_steps=8, student_cfg=1.0,
+                          rand_device="cpu", batch_size=1, output_name="keep_lora_qwen_image")
+    preview = w.node("PreviewImage", title="Teacher images", box_width=400)
+    loss = w.node("DD_DirectDistillLoss", title="Direct Distill Loss (Lightning schedule)", box_width=400,
+                  schedule_template="Qwen-Image-Lightning")
+    train_widgets = dict(mode="lora", output_name="my_qwen_image_lora_lightning_repair", steps=1000, batch_size=1,
+                         learning_rate=1e-4, warmup_steps=50, lora_rank=32, lora_targets="preset",
+                         gradient_checkpointing=True, save_every=250, seed=0)
+    train = w.node("DD_TrainLoRAFull", title="Train repair LoRA (Direct Distill, 8 steps, CFG 1)", box_width=420,
+                   **train_widgets)
+    export = w.node("DD_ExportTrainingJob", title="Export Training Job (cluster)", box_width=420, node_mode=2,
+                    num_processes=1, **train_widgets)
+    samples, tail = _keep_lora_compare(w, (teacher, "pipeline"), (student, "pipeline"), (train, "model"), 40, 4.0, 8,
+                                       1328, "dit_distillery/keep_lora_qwen_image",
+                                       schedule_template="Qwen-Image-Lightning")
+    w.columns([[note], [pipeline, teacher, baked, student], [size, size_text, distill_data, preview, loss], [train],
+               [export], samples, tail])
+
+    w.connect(pipeline, "pipeline", teacher, "pipeline")
+    w.connect(pipeline, "pipeline", baked, "pipeline")
+    w.connect(baked, "pipeline", student, "pipeline")
+    w.connect(student, "pipeline", size, "pipeline")
+    w.connect(size, "report", size_text, "source")
+    w.connect(teacher, "pipeline", distill_data, "teacher")
+    w.connect(distill_data, "preview", preview, "images")
+    for trainer in (train, export):
+        w.connect(student, "pipeline", trainer, "pipeline")
+        w.connect(distill_data, "dataset", trainer, "dataset")
+        w.connect(loss, "loss", trainer, "loss")
+    w.group("1 · the Qwen-Image + LoRA teacher; the Lightning student base, saved", [pipeline, teacher, baked,
+                                                                                    student], "#3f789e")
+    w.group("2 · teacher dataset: 40 steps, CFG 4 → rows for 8 steps, CFG 1",
+            [size, size_text, distill_data, preview, loss], "#8A8")
+    w.group("3 · repair LoRA: Direct Distill at 8 steps", [train, export], "#b58b2a")
+    w.group("4 · teacher | before | after", samples + tail, "#a1309b")
+    return w.to_json()
+
+
+def distill_flux2_klein_4step(info) -> dict:
+    """FLUX.2 [klein] base 4B (50 steps, CFG 4) distilled into a 4-step, CFG-1 LoRA by Direct Distill."""
+    w = Workflow(info)
+    note = w.note(f"""
+## Distill FLUX.2 [klein] base 4B to 4 steps, CFG 1
+The undistilled klein base needs **50 steps with CFG 4** (100 DiT calls per image). This graph trains a LoRA that
+draws the same images in **4 steps without CFG** (4 calls), Direct Distill as in DiffSynth's recipe:
+1. **Generate Distill Dataset**: the base draws every prompt (50 steps, CFG 4, 1024²) and keeps its exact final
+   latents; the rows ask the student for 4 steps, CFG 1.
+2. **Train** a LoRA (rank 32, lr 1e-4) on the same base with **Direct Distill Loss**: the student samples 4 steps
+   from the teacher's noise with gradients through all of them and is pulled onto the teacher's result. The
+   validation grid shows the teacher beside the student.
+3. **Teacher 50 steps | base 4 steps | student 4 steps**, saved to `output/dit_distillery/klein_4step_*.png`.
+
+The LoRA is saved to `models/loras/flux2_klein_base_4b_4step.safetensors` (stock LoraLoaderModelOnly reads it on
+`flux-2-klein-base-4b.safetensors`: 4 steps, CFG 1). Put your own prompts in Generate Distill Dataset: more
+prompts (hundreds) generalise better; queue again to add rows or continue training.
+
+### Models
+* `flux-2-klein-base-4b.safetensors` (models/diffusion_models), `qwen_3_4b.safetensors` (text_encoders),
+  `flux2-vae.safetensors` (vae): ComfyUI's FLUX.2 [klein] files; ComfyUI offers to download them.
+* `models/diffusers/{KLEIN_FOLDER}/`: from black-forest-labs/FLUX.2-klein-base-4B, `model_index.json` and
+  `tokenizer/` (the files above replace its weights).
+
+### Memory (bf16, 1024²)
+The 4B DiT is 7.2 GiB and the text encoder 7.5 GiB: the teacher dataset needs about 16 GiB; LoRA training shares
+the base's weights (Model Size Report: 9.4 GiB with gradient checkpointing, more for the 4 unrolled steps), about
+25 GiB in all. Command line: `python -m dit_distillery recipe distill-klein --base models/diffusers/{KLEIN_FOLDER}
+--prompts prompts.txt --out runs/klein_4step`.
+""", (480, 960))
+    pipeline = w.node("DD_LoadPipeline", title="Load Pipeline (FLUX.2 [klein] base 4B)", box_width=380,
+                      models=list(KLEIN_MODELS), model_files=KLEIN_MODELS, source=KLEIN_FOLDER,
+                      dit_name="flux-2-klein-base-4b.safetensors", text_encoder_name="qwen_3_4b.safetensors",
+                      vae_name="flux2-vae.safetensors")
+    size = w.node("DD_ModelSizeReport", box_width=380, height=1024, width=1024, lora_rank=32)
+    size_text = w.node("PreviewAny", title="Memory needed (LoRA training)", box_width=380)
+    distill_data = w.node("DD_GenerateDistillDataset", title="Teacher dataset (50 steps, CFG 4)", box_width=400,
+                          prompts=RECIPE_PROMPTS, seeds_per_prompt=2, start_seed=0, teacher_steps=50,
+                          teacher_cfg=4.0, width=1024, height=1024, student_steps=4, student_cfg=1.0,
+                          rand_device="cpu", batch_size=1, output_name="klein_base_4b_distill_1024")
+    preview = w.node("PreviewImage", title="Teacher images", box_width=400)
+    loss = w.node("DD_DirectDistillLoss", box_width=400)
+    train = w.node("DD_TrainLoRAFull", title="Train LoRA (Direct Distill, 4 steps, CFG 1)", box_width=420,
+                   mode="lora", output_name="flux2_klein_base_4b_4step", steps=2000, batch_size=1,
+                   learning_rate=1e-4, warmup_steps=50, lora_rank=32, lora_targets="preset",
+                   gradient_checkpointing=True, save_every=250, validation_prompts=RECIPE_SAMPLE,
+                   validation_seeds="0", validation_every=250, seed=0)
+    chart = w.node("DD_LossChart")
+    chart_view = w.node("PreviewImage", title="Loss")
+    student = w.node("DD_LoadStudent", title="Load Student (base + the 4-step LoRA)")
+    samples = [
+        w.node("DD_Sample", title="Teacher: 50 steps, CFG 4", prompt=RECIPE_SAMPLE, seed=0, steps=50, cfg=4.0,
+               width=1024, height=1024),
+        w.node("DD_Sample", title="Base: 4 steps, CFG 1 (no distillation)", prompt=RECIPE_SAMPLE, seed=0, steps=4,
+               cfg=1.0, width=1024, height=1024),
+        w.node("DD_Sample", title="Student: 4 steps, CFG 1", prompt=RECIPE_SAMPLE, seed=0, steps=4, cfg=1.0,
+               width=1024, height=1024),
+    ]
+    stitch_a = w.node("ImageStitch", spacing_width=8)
+    stitch_b = w.node("ImageStitch", spacing_width=8)
+    save = w.node("SaveImage", title="Teacher 50 | base 4 | student 4", box_width=360,
+                  filename_prefix="dit_distillery/klein_4step")
+    w.columns([[note], [pipeline, size, size_text], [distill_data, preview, loss], [train], [chart, chart_view],
+               [student, *samples], [stitch_a, stitch_b, save]])
+
+    w.connect(pipeline, "pipeline", size, "pipeline")
+    w.connect(size, "report", size_text, "source")
+    w.connect(pipeline, "pipeline", distill_data, "teacher")
+    w.connect(distill_data, "preview", preview, "images")
+    w.connect(pipeline, "pipeline", train, "pipeline")
+    w.connect(distill_data, "dataset", train, "dataset")
+    w.connect(loss, "loss", train, "loss")
+    w.connect(train, "loss_history", chart, "loss_history")
+    w.connect(chart, "chart", chart_view, "images")
+    w.connect(train, "model", student, "pipeline")
+    w.connect(pipeline, "pipeline", samples[0], "pipeline")
+    w.connect(pipeline, "pipeline", samples[1], "pipeline")
+    w.connect(student, "pipeline", samples[2], "pipeline")
+    w.connect(samples[0], "images", stitch_a, "image1")
+    w.connect(samples[1], "images", stitch_a, "image2")
+    w.connect(stitch_a, "IMAGE", stitch_b, "image1")
+    w.connect(samples[2], "images", stitch_b, "image2")
+    w.connect(stitch_b, "IMAGE", save, "images")
+    w.group("1 · teacher dataset: 50 steps, CFG 4, 1024²", [distill_data, preview, loss], "#8A8")
+    w.group("2 · LoRA student: 4 steps, CFG 1", [train, chart, chart_view], "#b58b2a")
+    w.group("3 · teacher | base | student", [student, *samples, stitch_a, stitch_b, save], "#a1309b")
+    return w.to_json()
+
+
 WORKFLOWS = {
     "quickstart": quickstart,
     "shrink_qwen_image": shrink_qwen_image,
     "distill_qwen_image_lora": distill_qwen_image_lora,
     "aaadit_from_scratch": aaadit_from_scratch,
     "qwen_image_finetune": qwen_image_finetune,
+    "keep_lora_few_step_z_image": keep_lora_few_step_z_image,
+    "keep_lora_few_step_qwen_image": keep_lora_few_step_qwen_image,
+    "distill_flux2_klein_4step": distill_flux2_klein_4step,
 }
 
 

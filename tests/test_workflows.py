@@ -26,7 +26,10 @@ WORKFLOW_DIR = REPO / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 NAMES = [p.stem for p in WORKFLOWS]
 EXPECTED = {"quickstart", "shrink_qwen_image", "distill_qwen_image_lora", "aaadit_from_scratch",
-            "qwen_image_finetune"}
+            "qwen_image_finetune", "keep_lora_few_step_z_image", "keep_lora_few_step_qwen_image",
+            "distill_flux2_klein_4step"}
+# Files a user brings (their own LoRA, no download link): a workflow names a placeholder until it is picked.
+USER_FILES = {("loras", "my_z_image_lora.safetensors"), ("loras", "my_qwen_image_lora.safetensors")}
 BUILTIN_SOURCES = ("default", "tiny:aaadit", "tiny:qwen_image")
 FILE_PICKERS = {  # inputs whose options are ComfyUI's model files: what a user without the models gets wrong
     "DD_LoadPipeline": ("source", "dit_name", "text_encoder_name", "vae_name"),
@@ -41,11 +44,12 @@ def _load(name: str) -> dict:
 
 def model_files(workflow: dict) -> set[tuple[str, str]]:
     """(model folder, name) of everything a workflow needs from ComfyUI's model folders: its nodes'
-    `properties.models` entries and Load Pipeline's diffusers folders."""
+    `properties.models` entries, Load Pipeline's diffusers folders and the user's own files it names."""
     needed = set()
     for node in workflow["nodes"]:
         for model in node.get("properties", {}).get("models", []):
             needed.add((model["directory"], model["name"]))
+        needed |= {(folder, name) for folder, name in USER_FILES if name in node.get("widgets_values", [])}
         if node["type"] == "DD_LoadPipeline" and node["widgets_values"][0] not in BUILTIN_SOURCES:
             needed.add(("diffusers", node["widgets_values"][0]))
     return needed
@@ -98,7 +102,7 @@ def _of_type(prompt: dict, class_type: str) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 # Files
 
-def test_the_five_workflows_and_their_thumbnails_are_there():
+def test_the_workflows_and_their_thumbnails_are_there():
     assert set(NAMES) == EXPECTED
     assert sorted(p.stem for p in WORKFLOW_DIR.glob("*.jpg")) == sorted(NAMES)
     for name in NAMES:
@@ -169,7 +173,8 @@ def test_quickstart_needs_no_model_files(comfy_home):
     assert [n["source"] for n in _of_type(prompt, "DD_LoadPipeline")] == ["default"]
 
 
-@pytest.mark.parametrize("name", ["shrink_qwen_image", "distill_qwen_image_lora", "qwen_image_finetune"])
+@pytest.mark.parametrize("name", ["shrink_qwen_image", "distill_qwen_image_lora", "qwen_image_finetune",
+                                  "keep_lora_few_step_qwen_image"])
 def test_qwen_workflows_name_comfyui_model_files_with_download_links(name):
     workflow = _load(name)
     loaders = [n for n in workflow["nodes"] if n["type"] == "DD_LoadPipeline"]
@@ -182,6 +187,27 @@ def test_qwen_workflows_name_comfyui_model_files_with_download_links(name):
         for file_name, model in models.items():
             assert model["url"].startswith("https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/")
             assert model["url"].endswith(f"/{model['directory']}/{file_name}")
+
+
+@pytest.mark.parametrize("name, files, repos", [
+    ("keep_lora_few_step_z_image", ["z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors"],
+     ("Comfy-Org/z_image_turbo/",)),
+    ("distill_flux2_klein_4step",
+     ["flux-2-klein-base-4b.safetensors", "qwen_3_4b.safetensors", "flux2-vae.safetensors"],
+     ("Comfy-Org/flux2-klein/", "Comfy-Org/flux2-dev/")),
+])
+def test_recipe_workflows_name_comfyui_model_files_with_download_links(name, files, repos):
+    """ComfyUI's own file names for Z-Image and FLUX.2 [klein], each with its download link; the user's LoRA is the
+    only file without one."""
+    workflow = _load(name)
+    (loader,) = [n for n in workflow["nodes"] if n["type"] == "DD_LoadPipeline"]
+    assert loader["widgets_values"][1:4] == files
+    for node in workflow["nodes"]:
+        for model in node.get("properties", {}).get("models", []):
+            urls = tuple(f"https://huggingface.co/{r}" for r in repos + ("Comfy-Org/z_image/",))
+            assert model["url"].startswith(urls)
+            assert model["url"].endswith(f"/{model['directory']}/{model['name']}")
+    assert {m["name"] for m in loader["properties"]["models"]} == set(files)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -252,6 +278,76 @@ def test_aaadit_recipe_is_the_tutorials(comfy_home):
     assert (train["mode"], train["learning_rate"], train["batch_size"]) == ("full", 2e-4, 1)
     assert prompt[train["loss"][0]]["class_type"] == "DD_FlowMatchingLoss"
     assert prompt[prompt[train["pipeline"][0]]["inputs"]["dit"][0]]["class_type"] == "DD_BuildAAADiT"
+
+
+def _source(prompt: dict, inputs: dict, name: str = "pipeline") -> dict:
+    return prompt[inputs[name][0]]
+
+
+def test_keep_lora_z_image_recipe(comfy_home):
+    """Teacher = Z-Image Base + your LoRA at 50 steps CFG 4; student = Turbo + your LoRA, a new LoRA trained by
+    Direct Distill at the rows' 8 steps CFG 1; teacher | before | after from one prompt and seed."""
+    prompt = _prompt("keep_lora_few_step_z_image", _specs())
+    (loader,) = _of_type(prompt, "DD_LoadPipeline")
+    assert loader["dit_name"] == "z_image_turbo_bf16.safetensors"
+    data = _of_type(prompt, "DD_GenerateDistillDataset")[0]
+    assert (data["teacher_steps"], data["teacher_cfg"], data["student_steps"], data["student_cfg"]) == (50, 4.0, 8, 1.0)
+    teacher = _source(prompt, data, "teacher")
+    assert teacher["class_type"] == "DD_LoadStudent"
+    assert (teacher["inputs"]["weights"], teacher["inputs"]["lora"]) == ("z_image_bf16.safetensors",
+                                                                       "my_z_image_lora.safetensors")
+    train = _of_type(prompt, "DD_TrainLoRAFull")[0]
+    assert (train["mode"], train["lora_rank"], train["learning_rate"]) == ("lora", 32, 1e-4)
+    assert train["validation_prompts"] == ""  # the trainer's teacher column would be Turbo + LoRA, not this teacher
+    student = _source(prompt, train)
+    assert (student["inputs"]["weights"], student["inputs"]["lora"]) == ("[none]", "my_z_image_lora.safetensors")
+    assert _source(prompt, student["inputs"])["inputs"] is loader
+    assert _source(prompt, teacher["inputs"])["inputs"] is loader
+    loss = _source(prompt, train, "loss")["inputs"]
+    assert (loss["student_steps"], loss["student_cfg"]) == (0, -1.0)  # the rows' 8 steps, CFG 1
+    samples = {s["_meta"]["title"]: s["inputs"] for s in prompt.values() if s["class_type"] == "DD_Sample"}
+    assert {(s["steps"], s["cfg"], s["seed"]) for s in samples.values()} == {(50, 4.0, 0), (8, 1.0, 0)}
+    assert _source(prompt, samples["After (repair LoRA): 8 steps, CFG 1"])["class_type"] == "DD_TrainLoRAFull"
+    assert _source(prompt, samples["Before: 8 steps, CFG 1"])["inputs"] is student["inputs"]
+
+
+def test_keep_lora_qwen_image_recipe(comfy_home):
+    """Teacher = Qwen-Image + your LoRA at 40 steps CFG 4; student = Qwen-Image + Lightning (merged, saved) + your
+    LoRA, trained at 8 steps CFG 1 on Lightning's schedule, which the before/after samples use too."""
+    prompt = ui_to_api(_all_on(_load("keep_lora_few_step_qwen_image")), _specs())
+    data = _of_type(prompt, "DD_GenerateDistillDataset")[0]
+    assert (data["teacher_steps"], data["teacher_cfg"], data["student_steps"], data["student_cfg"]) == (40, 4.0, 8, 1.0)
+    assert (data["width"], data["height"]) == (1328, 1328)
+    teacher = _source(prompt, data, "teacher")["inputs"]
+    assert teacher["lora"] == "my_qwen_image_lora.safetensors" and teacher["weights"] == "[none]"
+    for train in _of_type(prompt, "DD_TrainLoRAFull") + _of_type(prompt, "DD_ExportTrainingJob"):
+        student = _source(prompt, train)["inputs"]
+        assert student["lora"] == "my_qwen_image_lora.safetensors"
+        baked = _source(prompt, student)["inputs"]
+        assert baked["lora"] == "Qwen-Image-Lightning-8steps-V1.0.safetensors" and baked["export_name"]
+        assert _source(prompt, baked) is _source(prompt, teacher)  # the same Qwen-Image pipeline
+        assert _source(prompt, train, "loss")["inputs"]["schedule_template"] == "Qwen-Image-Lightning"
+    lightning = [n for n in _load("keep_lora_few_step_qwen_image")["nodes"] if n["properties"].get("models") and
+                 n["type"] == "DD_LoadStudent"][0]["properties"]["models"][0]
+    assert lightning["url"] == ("https://huggingface.co/lightx2v/Qwen-Image-Lightning/resolve/main/"
+                                "Qwen-Image-Lightning-8steps-V1.0.safetensors") and lightning["directory"] == "loras"
+    few = [s for s in _of_type(prompt, "DD_Sample") if s["steps"] == 8]
+    assert len(few) == 2 and all(s["schedule_template"] == "Qwen-Image-Lightning" and s["cfg"] == 1.0 for s in few)
+
+
+def test_distill_klein_recipe(comfy_home):
+    """klein base 4B: teacher 50 steps CFG 4, a LoRA on the same base trained by Direct Distill to 4 steps CFG 1."""
+    prompt = _prompt("distill_flux2_klein_4step", _specs())
+    data = _of_type(prompt, "DD_GenerateDistillDataset")[0]
+    assert (data["teacher_steps"], data["teacher_cfg"], data["student_steps"], data["student_cfg"]) == (50, 4.0, 4, 1.0)
+    train = _of_type(prompt, "DD_TrainLoRAFull")[0]
+    assert (train["mode"], train["lora_rank"], train["learning_rate"]) == ("lora", 32, 1e-4)
+    assert data["teacher"] == train["pipeline"]  # the student is a LoRA on the teacher itself
+    assert _source(prompt, train)["inputs"]["dit_name"] == "flux-2-klein-base-4b.safetensors"
+    assert _source(prompt, train, "loss")["class_type"] == "DD_DirectDistillLoss"
+    student_sample = _by_title(prompt, "Student: 4 steps, CFG 1")
+    assert (student_sample["steps"], student_sample["cfg"]) == (4, 1.0)
+    assert _source(prompt, student_sample)["class_type"] == "DD_LoadStudent"
 
 
 def test_finetune_recipes_are_diffsynths(comfy_home):
