@@ -174,6 +174,12 @@ class DMDLoss:
     # ------------------------------------------------------------------------------------------------------
     # set-up and state
 
+    def check_job(self, job) -> None:
+        """Refuse, when the job is validated (before any work), what `setup` could not do."""
+        if job.model.dit and not job.model.teacher:
+            raise DistilleryError("model.teacher", None, "DMD needs the teacher: model.dit replaces the pipeline's "
+                                  "DiT with the student.", "set model.teacher to the teacher's DiT file.")
+
     def setup(self, ctx) -> None:
         """The trainer's hook (`trainer.setup.LossContext`): the student is `ctx.model.dit`; the teacher is
         `job.model.teacher` (a DiT file) when given, else the student's base (mode lora) or a copy of the student
@@ -183,12 +189,10 @@ class DMDLoss:
 
         job = ctx.job
         dtype = base_dtype(job, ctx.device)
+        self.check_job(job)
         teacher = None
         if job.model.teacher:
             teacher = load_dit(job.model.teacher, dtype=dtype, device=ctx.device, field="model.teacher")
-        elif job.model.dit:
-            raise DistilleryError("model.teacher", None, "DMD needs the teacher: model.dit replaced the pipeline's "
-                                  "DiT with the student.", "set model.teacher to the teacher's DiT file.")
         self.attach(ctx.model.dit, teacher=teacher, lr=job.optim.lr, empty_text=ctx.data.empty,
                     caption_dropout=job.data.caption_dropout, accelerator=ctx.accelerator, dtype=dtype)
 

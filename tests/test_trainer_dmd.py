@@ -35,8 +35,8 @@ class _StopAt(Callbacks):
 
 
 def _dmd_job(out, **overrides):
-    return make_job(out, mode="lora", steps=4, loss=DMD, lora={"rank": 4}, optim={"lr": 1e-3},
-                    output={"save_every": 2}, **overrides)
+    spec = dict(mode="lora", steps=4, loss=DMD, lora={"rank": 4}, optim={"lr": 1e-3}, output={"save_every": 2})
+    return make_job(out, **{**spec, **overrides})
 
 
 def test_dmd_lora_run_resumes_exactly_with_its_fake_score(tmp_path):
@@ -90,3 +90,19 @@ def test_validation_samples_the_student_at_its_own_steps():
     assert (sample_settings(job, pipe, trajectory)["steps"], sample_settings(job, pipe, trajectory)["cfg_scale"]) \
         == (3, 1.5)
     assert loss_from_dict(DMD).unrolled_steps() == 1 and trajectory.unrolled_steps() == 3
+
+
+def test_dmd_with_a_replaced_dit_needs_and_uses_model_teacher(tmp_path):
+    """A student file in place of the pipeline's DiT (e.g. a shrunk one): the teacher must be named; it then
+    carries the fake adapter itself (no shared base)."""
+    from dit_distillery import tiny
+    from dit_distillery.errors import DistilleryError
+    from dit_distillery.models.registry import save_dit
+
+    path = save_dit(tiny.tiny_pipeline("aaadit", seed=0).dit, tmp_path / "dit.safetensors")
+    with pytest.raises(DistilleryError, match="model.teacher"):
+        _dmd_job(tmp_path / "a", steps=1, model={"pipeline": "tiny", "dit": str(path)}).validate()
+    assert not (tmp_path / "a").exists()  # refused with the job, before anything
+    result = train(_dmd_job(tmp_path / "b", steps=2, model={"pipeline": "tiny", "dit": str(path),
+                                                            "teacher": str(path)}))
+    assert len(result.history) == 2 and not any(FAKE_ADAPTER in k for k in load_file(str(result.weights)))

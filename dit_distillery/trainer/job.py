@@ -202,7 +202,7 @@ class TrainJob:
         if not isinstance(self.loss, dict) or "kind" not in self.loss:
             raise DistilleryError("loss", self.loss, "must be an object with a 'kind'.",
                                   'use {"kind": "flow_matching"} or {"kind": "direct_distill"}.')
-        _check_loss(self.loss)
+        _check_loss(self.loss, self)
         _check_ranges(self)
         _check_dtypes(self)
         _check_targets(self.lora.targets)
@@ -367,8 +367,9 @@ def _type_fix(value, hint) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # The settings' own rules
 
-def _check_loss(loss: dict) -> None:
-    """The loss as the trainer will build it (`losses.loss_from_dict`), with its options typed the same way."""
+def _check_loss(loss: dict, job: "TrainJob | None" = None) -> None:
+    """The loss as the trainer will build it (`losses.loss_from_dict`), with its options typed the same way, and
+    the job's other settings as the loss needs them (its `check_job`, when it has one)."""
     from ..losses import LOSSES, loss_from_dict
 
     cls = LOSSES.get(loss.get("kind"))
@@ -380,7 +381,9 @@ def _check_loss(loss: dict) -> None:
         mu = loss.get("mu")
         if mu is not None and mu not in ("diffsynth", "resolution"):
             _typed(mu, float, "loss.mu")
-    loss_from_dict(loss)
+    built = loss_from_dict(loss)
+    if job is not None and hasattr(built, "check_job"):
+        built.check_job(job)
 
 
 def _check_ranges(job: TrainJob) -> None:
