@@ -3,10 +3,11 @@ swap (`block_swap`) for it to fit a budget.
 
 Built on the size report (`report`): the model on the meta device, its parameters by block, the LoRA parameter
 count, and the activations autograd keeps, *measured* in a meta forward (`report.measure_saved_activations`). The
-plan adds what the report does not vary: the base weights' dtype (an fp8 base keeps every Linear weight matrix in
-one byte, as ComfyUI's fp8 files and Shrink DiT's fp8 output do; biases and norms stay bf16), the loss (Direct
-Distill keeps every unrolled student step's activations for one backward), sampling (no grad; the lower bound of
-`report.inference_bytes`), and blocks swapped. Parts, in bytes:
+plan adds what the report does not vary: the base weights' dtype (an fp8 base keeps its Linear weights in one
+byte plus a float32 scale each, as `fp8.store_in_fp8` stores them; biases, norms and the layers diffusers keeps
+out of layerwise casting stay bf16), the loss (Direct Distill keeps every unrolled student step's activations for
+one backward), sampling (no grad; the lower bound of `report.inference_bytes`), and blocks swapped. Parts, in
+bytes:
 
 * `weights_resident`: frozen base weights not swapped (base dtype) + trainable weights (fp32 masters and their bf16
   autocast copies, as in the report);
@@ -16,8 +17,8 @@ Distill keeps every unrolled student step's activations for one backward), sampl
 * `activations`: measured per forward, times the forwards one backward spans; sampling: one guided forward;
 * `gradients`, `optimizer` (AdamW, fp32 m and v): trainable parameters only;
 * `workspace`: the backward of one block (gradients as large as its saved activations) and, with an fp8 base, the
-  bf16 copies of one block's Linear weights, which autograd keeps for that block's backward (an fp8 weight is
-  upcast per layer for its matmul); without checkpointing every block's copies are kept (in `activations`).
+  dequantised copy of one Linear weight and its scaled product (`fp8._Fp8Linear` saves the fp8 weight for backward
+  and rebuilds the copy there, one layer at a time).
 
 `total()` is the predicted peak of `torch.cuda.max_memory_allocated`; `reserve_bytes` (CUDA context, cuBLAS
 workspace, allocator slack, which a card's budget must also hold) is added when comparing to a budget.
@@ -33,19 +34,21 @@ from . import families
 from .errors import DistilleryError
 
 GIB = 1024 ** 3
-BASE_DTYPES = {"bf16": 2, "fp8": 1}  # bytes of a frozen Linear weight element; everything else frozen is bf16
+BASE_DTYPES = {"bf16": 2, "fp8": 1}  # bytes per weight of a frozen Linear; everything else frozen is bf16
 MODES = ("lora", "full", "sample")
 RESERVE_BYTES = GIB
 DIRECT_DEFAULT_STEPS = 4
 
 ASSUMPTIONS = [
-    "weights: frozen base in the base dtype (fp8: Linear weight matrices 1 B, biases and norms bf16); trainable "
+    "weights: frozen base in the base dtype (fp8: the Linears fp8.store_in_fp8 converts, 1 B + a scale; the rest "
+    "bf16); trainable "
     "weights in fp32 with bf16 autocast copies, fp32 gradients, AdamW m and v in fp32.",
     "activations: measured on the meta device (saved_tensors_hooks, flash attention's saved tensors), per forward; "
     "Direct Distill keeps every unrolled student step; sampling: a lower bound on one guided forward.",
     "swap: two block buffers in flight (running + prefetched); in training without gradient checkpointing "
     "autograd keeps every swapped block's copy until its backward.",
-    "fp8: weights upcast to bf16 per layer for the matmul; autograd keeps a layer's upcast copy for its backward.",
+    "fp8: a Linear computes with a bf16 copy of its weight made for that matmul (forward and backward) and dropped "
+    "after it; autograd keeps the fp8 weight only.",
     "not in total: CUDA context, cuBLAS workspace and allocator slack (reserve, added against a budget); text "
     "encoder and VAE (cached before training).",
 ]
@@ -192,34 +195,36 @@ def _kept(acts) -> int:
     return sum({**acts.outside, **acts.block_inputs}.values())
 
 
-def _linear_weights(model) -> set[str]:
+def fp8_linears(model) -> dict[str, int]:
+    """Linear layers `fp8.store_in_fp8` stores in fp8 (name -> weight elements): every nn.Linear but LoRA's and
+    those matching the model's layerwise-casting skip patterns (norms, precision-sensitive embedders)."""
     import torch
 
-    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    from .fp8 import _skipped, skip_patterns
+
+    patterns = skip_patterns(model)
+    return {name: m.weight.numel() for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lora_" not in name and not _skipped(name, patterns)}
 
 
-def weight_bytes(model, family: str, base_dtype: str) -> tuple[list[str], list[int], list[int], int]:
+def weight_bytes(model, family: str, base_dtype: str) -> tuple[list[str], list[int], int]:
     """Frozen weight bytes of a (meta) model at a base dtype: (block names in `block_swap.block_list` order, bytes
-    per block, bf16 bytes of each block's Linear weight matrices, bytes outside the blocks). fp8 stores Linear
-    weight matrices in one byte; everything else is bf16."""
+    per block, bytes outside the blocks). fp8: the Linears `fp8.store_in_fp8` converts hold one byte per weight
+    and a float32 scale; everything else is bf16."""
     _check_choice("base_dtype", base_dtype, BASE_DTYPES)
     groups = families.get(family).block_groups()
     names = [f"{g.attr}.{i}" for g in groups for i in range(len(getattr(model, g.attr)))]
     position = {name: i for i, name in enumerate(names)}
-    linear = _linear_weights(model)
-    per_block, per_block_linear, outside = [0] * len(names), [0] * len(names), 0
-    wide = BASE_DTYPES["bf16"]
+    fp8 = {f"{name}.weight" for name in fp8_linears(model)} if base_dtype == "fp8" else set()
+    per_block, outside = [0] * len(names), 0
     for name, p in model.named_parameters():
-        is_linear = name in linear and p.ndim == 2
-        nbytes = p.numel() * (BASE_DTYPES[base_dtype] if is_linear else wide)
+        nbytes = p.numel() + 4 if name in fp8 else p.numel() * BASE_DTYPES["bf16"]
         owner = next((g for g in groups if name.startswith(g.prefix)), None)
         if owner is None:
             outside += nbytes
-            continue
-        i = position[owner.prefix + name[len(owner.prefix):].split(".", 1)[0]]
-        per_block[i] += nbytes
-        per_block_linear[i] += p.numel() * wide if is_linear else 0
-    return names, per_block, per_block_linear, outside
+        else:
+            per_block[position[owner.prefix + name[len(owner.prefix):].split(".", 1)[0]]] += nbytes
+    return names, per_block, outside
 
 
 def memory_plan(spec, *, height: int = 1024, width: int = 1024, batch: int = 1, mode: str = "lora",
@@ -252,8 +257,9 @@ def memory_plan(spec, *, height: int = 1024, width: int = 1024, batch: int = 1, 
 
     model = build_meta(family, config)
     counts = parameter_counts(model, family)
-    names, per_block, per_block_linear, outside = weight_bytes(model, family, base_dtype)
-    linear_weights = _linear_weights(model)
+    names, per_block, outside = weight_bytes(model, family, base_dtype)
+    # fp8 Linears compute with a dequantised copy of their weight (and its scaled product), one layer at a time
+    dequant = 2 * BASE_DTYPES["bf16"] * max(fp8_linears(model).values(), default=0) if base_dtype == "fp8" else 0
 
     per_latent = _pixels_per_latent(family)
     image_tokens = fam.image_tokens(height // per_latent, width // per_latent)
@@ -266,8 +272,7 @@ def memory_plan(spec, *, height: int = 1024, width: int = 1024, batch: int = 1, 
         euler = 4 * batch * channels * (height // per_latent) * (width // per_latent) * 4  # fp32 Euler state
         activations = inference_bytes(family, config, batch=rows, tokens=image_tokens + text_tokens,
                                       dtype_bytes=2) + euler
-        largest_linear = max((p.numel() for n, p in model.named_parameters() if n in linear_weights), default=0)
-        workspace = largest_linear * BASE_DTYPES["bf16"] if base_dtype == "fp8" else 0  # one layer upcast at a time
+        workspace = dequant
         trainable = 0
         frozen_blocks, frozen_outside = per_block, outside
     else:
@@ -290,14 +295,7 @@ def memory_plan(spec, *, height: int = 1024, width: int = 1024, batch: int = 1, 
                 activations += (steps - 1) * (_kept(two) - _kept(acts))
             else:
                 activations += (steps - 1) * (two.total(False) - acts.total(False))
-        workspace = acts.largest_block()
-        if base_dtype == "fp8":
-            if gradient_checkpointing:
-                workspace += max(per_block_linear, default=0)
-            else:
-                activations += steps * sum(per_block_linear)
-                notes.append("fp8 without gradient checkpointing: autograd keeps every layer's bf16 upcast copy, "
-                             "so the fp8 base saves little in training; turn checkpointing on.")
+        workspace = acts.largest_block() + dequant
         if not gradient_checkpointing:
             notes.append("without gradient checkpointing swapped blocks stay on the GPU until their backward: swap "
                          "saves no training memory.")

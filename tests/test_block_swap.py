@@ -141,6 +141,26 @@ def test_multi_pass_backward_and_optimizer_step_match():
         assert n1 == n2 and torch.equal(p1, p2), n1
 
 
+def test_fp8_base_swaps_exactly():
+    """An fp8 base (`fp8.store_in_fp8`: fp8 weights with a float32 scale buffer, computed through its own autograd
+    function) travels as its fp8 bytes and gives the same outputs and LoRA gradients."""
+    from dit_distillery.fp8 import store_in_fp8
+
+    ref, config = _model("qwen_image")
+    assert store_in_fp8(ref, torch.float32)["layers"] > 0
+    ref.enable_gradient_checkpointing()
+    swp = copy.deepcopy(ref)
+    swap = enable_block_swap(swp, 3, "cpu")
+    assert any(e.dtype == torch.float8_e4m3fn for s in swap._stores for e in s.entries)
+    inputs = _inputs("qwen_image", config)
+    for _ in range(2):
+        r, s = _step(ref, inputs, passes=2), _step(swp, inputs, passes=2)
+        assert torch.equal(r[0], s[0]) and torch.equal(r[1], s[1])
+        assert all(torch.equal(r[2][k], s[2][k]) for k in r[2])
+        ref.zero_grad(set_to_none=True)
+        swp.zero_grad(set_to_none=True)
+
+
 def test_no_checkpointing_and_no_grad_are_exact():
     ref, config = _model("flux2")
     swp = copy.deepcopy(ref)

@@ -12,7 +12,8 @@ from dit_distillery import families
 from dit_distillery.block_swap import enable_block_swap, frozen_bytes
 from dit_distillery.cli import main
 from dit_distillery.errors import DistilleryError
-from dit_distillery.memory_plan import GIB, RESERVE_BYTES, memory_plan, parse_bytes, parse_loss, weight_bytes
+from dit_distillery.memory_plan import (GIB, RESERVE_BYTES, fp8_linears, memory_plan, parse_bytes, parse_loss,
+                                         weight_bytes)
 from dit_distillery.report import build_meta, example_inputs
 
 SMALL = dict(height=64, width=64, text_tokens=8, lora_rank=4)
@@ -24,18 +25,17 @@ def _config(family):
 
 
 def _real_lora_model(family, config, base_dtype, rank=4):
-    """The tiny model as a LoRA run holds it: frozen base in bf16 (fp8: Linear weights in float8_e4m3fn),
-    adapters of the family's preset."""
+    """The tiny model as a LoRA run holds it: frozen base in bf16 (fp8: `fp8.store_in_fp8`), adapters of the
+    family's preset."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    from dit_distillery.fp8 import store_in_fp8
     from dit_distillery.lora_presets import resolve_targets
 
     spec = families.get(family)
     model = spec.model_class()(**config).to(torch.bfloat16).requires_grad_(False)
     if base_dtype == "fp8":
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
+        store_in_fp8(model, torch.bfloat16)
     names = resolve_targets(model, spec.default_lora_preset)
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=names), model)
     return model
@@ -65,11 +65,13 @@ def test_weight_parts_equal_real_tensor_bytes_and_swap_the_same_blocks(family, b
 def test_fp8_base_halves_the_weight_bytes_of_qwen_image():
     family, config, _ = families.detect("qwen-image")
     model = build_meta(family, config)
-    _, bf16, _, bf16_out = weight_bytes(model, family, "bf16")
-    _, fp8, linear, fp8_out = weight_bytes(model, family, "fp8")
+    _, bf16, bf16_out = weight_bytes(model, family, "bf16")
+    _, fp8, fp8_out = weight_bytes(model, family, "fp8")
+    layers = fp8_linears(model)
     assert sum(bf16) + bf16_out == 2 * 20_430_401_088
-    assert sum(bf16) - sum(fp8) == sum(linear) // 2  # every Linear weight matrix loses one of its two bytes
-    assert 0.5 < (sum(fp8) + fp8_out) / (sum(bf16) + bf16_out) < 0.501  # biases and norms stay bf16
+    # every converted Linear weight loses one of its two bytes and gains a float32 scale
+    assert (sum(bf16) + bf16_out) - (sum(fp8) + fp8_out) == sum(layers.values()) - 4 * len(layers)
+    assert 0.5 < (sum(fp8) + fp8_out) / (sum(bf16) + bf16_out) < 0.502  # biases, norms, proj_out stay bf16
 
 
 def test_activations_scale_with_unrolled_steps_as_a_real_graph_does():
@@ -150,12 +152,17 @@ def test_parsing_and_refusals():
 
 def test_report_cli_plan(capsys):
     argv = ["report", "qwen-image", "--layers", "4", "--plan", "--resolution", "256", "--mode", "lora", "--loss",
-            "direct:2", "--base-dtype", "fp8", "--budget", "2.9GB", "--blocks-to-swap", "auto", "--lora-rank", "8"]
+            "direct:2", "--base-dtype", "fp8", "--lora-rank", "8"]
     assert main([*argv, "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["setting"]["height"] == plan["setting"]["width"] == 256 and plan["setting"]["steps"] == 2
-    assert plan["blocks_swapped"] == plan["blocks_needed"] > 0 and plan["fits"]
-    assert len(plan["swapped_blocks"]) == plan["blocks_swapped"]
+    # 1.5 blocks short: two blocks in flight, so four must be swapped
+    budget = plan["total_bytes"] + plan["reserve_bytes"] - 3 * plan["block_bytes"] // 2
+    argv += ["--budget", f"{budget / GIB:.6f}GiB", "--blocks-to-swap", "auto"]
+    assert main([*argv, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["blocks_swapped"] == plan["blocks_needed"] == 4 and plan["fits"]
+    assert len(plan["swapped_blocks"]) == 4
     assert main(argv) == 0
     assert "blocks to swap" in capsys.readouterr().out
     assert main(["report", "qwen-image", "--plan", "--blocks-to-swap", "auto"]) == 2  # auto needs a budget
