@@ -141,3 +141,15 @@ def test_gen_dataset_records_the_trajectory_and_the_teacher_matches_it(tmp_path)
         shifted = dict(batch, trajectory=batch["trajectory"] + 0.1)
         other, _ = TrajectoryLoss()(pipe.dit, shifted, SampleRNG(0, 0, [0, 1]))
     assert value.item() < 1e-9 and other.item() > 1e-4
+
+
+def test_cli_records_the_trajectory(tmp_path, capsys):
+    from dit_distillery.cli import main
+    from dit_distillery.data import read_metadata
+
+    out = tmp_path / "ds"
+    assert main(["gen-dataset", "--pipeline", "tiny:aaadit", "--prompts", "a red circle", "--out", str(out),
+                 "--teacher-steps", "4", "--height", "32", "--width", "32", "--record-trajectory", "2",
+                 "--json"]) == 0
+    stored = load_file(str(read_metadata(out).rows[0].latents))
+    assert stored["trajectory"].shape[0] == 2 and stored["trajectory_sigmas"][0] == 1.0

@@ -34,6 +34,9 @@ def add_arguments(p) -> None:
     p.add_argument("--student-cfg", type=float, default=1.0, help="student CFG written to cfg_scale")
     p.add_argument("--rand-device", default="cpu", help="device the noise is drawn on (cpu matches every machine)")
     p.add_argument("--batch-size", type=int, default=4, help="(prompt, seed) pairs sampled together")
+    p.add_argument("--record-trajectory", type=int, default=0, metavar="K",
+                   help="also store the teacher's latents before K of its steps (evenly spread, the first its "
+                        "noise) beside each row's final latents, for the trajectory loss (0 = none)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     p.add_argument("--dtype", default="auto", help="bf16, fp16 or fp32 (auto: bf16 on GPU, fp32 on CPU)")
 
@@ -67,7 +70,8 @@ def run(args) -> dict:
             pipe, prompts, args.out, seeds_per_prompt=args.seeds_per_prompt, start_seed=args.start_seed,
             teacher_steps=args.teacher_steps, teacher_cfg=args.teacher_cfg, negative_prompt=args.negative_prompt,
             height=args.height, width=args.width, student_steps=args.student_steps, student_cfg=args.student_cfg,
-            rand_device=args.rand_device, batch_size=args.batch_size, progress=progress)
+            rand_device=args.rand_device, batch_size=args.batch_size, record_trajectory=args.record_trajectory,
+            progress=progress)
     finally:
         if bar is not None:
             bar.close()
