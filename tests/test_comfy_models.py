@@ -47,6 +47,14 @@ def test_prompts_are_encoded_exactly_as_clip_text_encode(report):
         assert not row["comfy_mask"] and row["ours_mask_real_prefix"] and row["padding_zero"]
 
 
+def test_comfyuis_qwen_image_encoding_is_diffusers_template_and_34_token_drop(report):
+    """The same text-encoder weights in transformers' Qwen2.5-VL behind diffusers' QwenImagePipeline encoding
+    (Load Pipeline's path), with ComfyUI's Qwen2.5 tokenizer: the same tokens are kept, the same values."""
+    ref = report["diffusers_text"]
+    assert ref["tokens"] == [row["comfy_shape"][1] for row in report["text"]]
+    assert ref["scale"] > 0.1 and ref["max_diff"] < FP32 * max(1.0, ref["scale"])
+
+
 def test_the_training_cache_holds_clip_text_encode_and_vae_encode(report):
     for item in report["cache"]:
         assert item["embeds_equal"] and item["mask_all_real"]

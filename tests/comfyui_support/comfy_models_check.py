@@ -9,7 +9,9 @@ ComfyUI is imported as a library (CPU), our pack is loaded the way ComfyUI loads
 
 * CLIP: ComfyUI's Qwen-Image text encoder (`CLIPType.QWEN_IMAGE`, Qwen2.5-VL) with a small Qwen2.5 config given
   through ComfyUI's own `qwen25_7b_model_config` model option (nothing patched; the 7B vision tower is allocated,
-  never touched, so it costs no memory); ComfyUI's detection needs 4 KV heads of 128 (a 512-wide k_proj);
+  never touched, so it costs no memory); ComfyUI's detection needs 4 KV heads of 128 (a 512-wide k_proj). The
+  same weights also go through transformers' Qwen2.5-VL and diffusers' QwenImagePipeline encoding (Load
+  Pipeline's path) with ComfyUI's tokenizer files, to compare templates and dropped prefixes;
 * VAE: a random Wan 2.1 VAE at its real size (ComfyUI's VAE class fixes the architecture: 127M parameters);
 * MODEL: ComfyUI's QwenImage model class with a small config (as Load Student builds MODELs; UNETLoader would
   fix the width to Qwen-Image's), made inside inference mode as ComfyUI's loaders run.
@@ -98,9 +100,31 @@ def make_clip():
     body = llama.Llama2_(config, device="cpu", dtype=torch.float32, ops=comfy.ops.manual_cast)
     state = {"model." + k: v for k, v in randomised(body.state_dict(), 1).items()}
     with torch.inference_mode():
-        return comfy.sd.load_text_encoder_state_dicts([state], clip_type=comfy.sd.CLIPType.QWEN_IMAGE,
+        clip = comfy.sd.load_text_encoder_state_dicts([state], clip_type=comfy.sd.CLIPType.QWEN_IMAGE,
                                                       model_options={"qwen25_7b_model_config": dict(TE),
                                                                      "dtype": torch.float32})
+    return clip, state
+
+
+def diffusers_prompt_encoder(state):
+    """The same weights in transformers' Qwen2_5_VLForConditionalGeneration behind our QwenImagePromptEncoder
+    (diffusers' QwenImagePipeline encoding: its template, drop_idx 34), with ComfyUI's Qwen2.5 tokenizer files."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    from dit_distillery.text import QwenImagePromptEncoder
+
+    text = dict(TE, vocab_size=152064, rms_norm_eps=1e-6, max_position_embeddings=128000,
+                rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, rope_theta=1000000.0)
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TE["hidden_size"],
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0],
+                  window_size=56)
+    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                                                                  tie_word_embeddings=True)).eval()
+    missing, unexpected = encoder.load_state_dict(
+        {"model.language_model." + k[len("model."):]: v for k, v in state.items()}, strict=False)
+    assert not unexpected and all(k.startswith(("model.visual.", "lm_head.")) for k in missing), (missing, unexpected)
+    tokenizer = Qwen2Tokenizer.from_pretrained(COMFY / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    return QwenImagePromptEncoder(encoder, tokenizer)
 
 
 def make_vae():
@@ -133,7 +157,7 @@ def make_model():
                                                 offload_device=mm.unet_offload_device())
 
 
-clip, (vae, vae_state), model = make_clip(), make_vae(), make_model()
+(clip, clip_state), (vae, vae_state), model = make_clip(), make_vae(), make_model()
 lap("models")
 
 with torch.inference_mode():
@@ -158,6 +182,12 @@ for i, prompt in enumerate(PROMPTS):
         "ours_tokens": n, "ours_mask_real_prefix": bool(ours.mask[i, :n].all()),
         "equal": bool(torch.equal(ours.embeds[i:i + 1, :n], cond)),
         "padding_zero": not bool(ours.embeds[i, n:].any())})
+# the same weights through diffusers' Qwen-Image encoding (Load Pipeline's path): template and 34-token drop agree
+reference = diffusers_prompt_encoder(clip_state).encode(PROMPTS)
+report["diffusers_text"] = {"tokens": [int(m.sum()) for m in reference.mask], "drop_idx": 34,
+                            "max_diff": float(max((reference.embeds[i, :n] - ours.embeds[i, :n]).abs().max()
+                                                  for i, n in enumerate(int(m.sum()) for m in ours.mask))),
+                            "scale": float(ours.embeds.abs().max())}
 # the cache the trainer builds (images encoded by the VAE, prompts by the CLIP)
 from PIL import Image  # noqa: E402
 
