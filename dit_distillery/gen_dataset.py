@@ -7,7 +7,11 @@ OUT/metadata.csv --extra_inputs "seed,rand_device,num_inference_steps,cfg_scale"
     OUT/metadata.csv                 image,prompt,seed,rand_device,num_inference_steps,cfg_scale,
                                      teacher_steps,teacher_cfg,latents
     OUT/images/<name>.png            the teacher's image, PNG (lossless; DiffSynth's example JPEG adds error)
-    OUT/latents/<name>.safetensors   the teacher's final latents [C, h, w] float32: the exact distillation target
+    OUT/latents/<name>.safetensors   the teacher's final latents [C, h, w] float32: the exact distillation target;
+                                     with `record_trajectory` K > 0 also `trajectory` [K, C, h, w] (the latents
+                                     before K of the teacher's steps, evenly spread, the first one its noise) and
+                                     `trajectory_sigmas` [K] (their sigmas, decreasing): the Trajectory loss's
+                                     targets. metadata.csv is the same either way.
     OUT/gen_dataset.json             the folder's settings and teacher identity (see "Settings" below)
 
 `num_inference_steps`/`cfg_scale` are the STUDENT's (DiffSynth's DirectDistillLoss reads them from the row);
@@ -276,7 +280,7 @@ def generate_distill_dataset(pipeline, prompts: str | os.PathLike | Sequence[str
                              seeds_per_prompt: int = 1, start_seed: int = 0, teacher_steps: int = 40,
                              teacher_cfg: float = 4.0, negative_prompt: str = "", height: int | None = None,
                              width: int | None = None, student_steps: int = 4, student_cfg: float = 1.0,
-                             rand_device: str = "cpu", batch_size: int = 4,
+                             rand_device: str = "cpu", batch_size: int = 4, record_trajectory: int = 0,
                              progress: Callable[[int, int], None] | None = None,
                              stop: Callable[[], bool] | None = None) -> dict:
     """Sample the teacher for every (prompt, seed) not yet in `out_dir` and write images, latents and rows.
@@ -297,6 +301,10 @@ def generate_distill_dataset(pipeline, prompts: str | os.PathLike | Sequence[str
     teacher_steps = _whole("teacher_steps", teacher_steps, 1)
     student_steps = _whole("student_steps", student_steps, 1)
     teacher_cfg, student_cfg = _scale("teacher_cfg", teacher_cfg), _scale("student_cfg", student_cfg)
+    record_trajectory = _whole("record_trajectory", record_trajectory, 0)
+    if record_trajectory > teacher_steps:
+        raise DistilleryError("record_trajectory", record_trajectory, f"more trajectory points than the teacher's "
+                              f"{teacher_steps} steps.", f"use at most {teacher_steps} (or 0 for none).")
     batch_size = _whole("batch_size", batch_size, 1)
     if not isinstance(negative_prompt, str):
         raise DistilleryError("negative_prompt", negative_prompt, "must be text.", 'use "" for none.')
@@ -315,6 +323,9 @@ def generate_distill_dataset(pipeline, prompts: str | os.PathLike | Sequence[str
         "negative_prompt": negative_prompt, "height": height, "width": width, "rand_device": rand_device,
         "student_steps": student_steps, "student_cfg": student_cfg,
     }
+    record = trajectory_steps(teacher_steps, record_trajectory)
+    if record:  # only then: folders made before the option keep equal settings
+        settings["record_trajectory"] = record_trajectory
     # -- one run per folder (another one's rows would vanish from metadata.csv); what killed writes left is removed
     with RunLock(out, "out"):
         existing = _read_existing(out) if out.is_dir() else _Existing(list(COLUMNS), [], [], None)
@@ -365,9 +376,11 @@ def generate_distill_dataset(pipeline, prompts: str | os.PathLike | Sequence[str
                 result = pipeline.sample([p for p, _ in chunk], seeds=[s for _, s in chunk], steps=teacher_steps,
                                          cfg_scale=teacher_cfg, negative_prompt=negative_prompt, height=height,
                                          width=width, rand_device=rand_device, output="both", batch_size=len(chunk),
-                                         stop=stop)
-                new_rows = [_write_row(out, prompt, seed, image, latents, settings)
-                            for (prompt, seed), image, latents in zip(chunk, result.images, result.latents)]
+                                         stop=stop, record=record or None)
+                paths = result.trajectory if record else [None] * len(chunk)
+                new_rows = [_write_row(out, prompt, seed, image, latents, settings, path, record)
+                            for (prompt, seed), image, latents, path
+                            in zip(chunk, result.images, result.latents, paths)]
                 rows = rows + new_rows
                 _write_metadata(out, existing.fieldnames, rows)  # the commit point of the batch
                 report["rows_written"] += len(new_rows)
@@ -383,13 +396,26 @@ def generate_distill_dataset(pipeline, prompts: str | os.PathLike | Sequence[str
         return report
 
 
-def _write_row(out: Path, prompt: str, seed: int, image, latents: torch.Tensor, settings: dict) -> dict:
-    """Write one row's PNG and latents atomically; return its CSV record (not yet committed)."""
+def trajectory_steps(teacher_steps: int, points: int) -> list[int]:
+    """The teacher steps whose input latents are recorded: `points` of them evenly spread, the first (its noise)
+    always included."""
+    if points <= 0:
+        return []
+    return sorted({round(k * (teacher_steps - 1) / max(1, points - 1)) for k in range(points)}) if points > 1 else [0]
+
+
+def _write_row(out: Path, prompt: str, seed: int, image, latents: torch.Tensor, settings: dict,
+               trajectory: torch.Tensor | None = None, record: list[int] | None = None) -> dict:
+    """Write one row's PNG and latents (and trajectory) atomically; return its CSV record (not yet committed)."""
     name = row_name(prompt, seed)
     image_rel, latents_rel = f"{IMAGES_DIR}/{name}.png", f"{LATENTS_DIR}/{name}.safetensors"
     with atomic_output(out / image_rel) as tmp:
         image.save(tmp, format="PNG")
-    save_safetensors({"latents": latents.float().contiguous()}, out / latents_rel, metadata={
+    tensors = {"latents": latents.float().contiguous()}
+    if trajectory is not None:
+        tensors["trajectory"] = trajectory.float().contiguous()
+        tensors["trajectory_sigmas"] = torch.tensor([settings["sigmas"][i] for i in record], dtype=torch.float32)
+    save_safetensors(tensors, out / latents_rel, metadata={
         "dit_distillery.teacher_latents": {
             "prompt": prompt, "seed": seed, "rand_device": settings["rand_device"],
             "teacher_steps": settings["teacher_steps"], "teacher_cfg": settings["teacher_cfg"],

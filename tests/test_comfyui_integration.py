@@ -393,7 +393,8 @@ def test_unknown_lora_keys_are_reported(comfy, student, tmp_path):
 OUR_NODES = ("DD_BuildAAADiT", "DD_ShrinkDiT", "DD_LoadDiT", "DD_LoadPipeline", "DD_ModelSizeReport",
              "DD_DatasetFolder", "DD_SyntheticShapesDataset", "DD_DatasetFromImages", "DD_GenerateDistillDataset",
              "DD_DirectDistillLoss", "DD_FlowMatchingLoss", "DD_TrainLoRAFull", "DD_ExportTrainingJob",
-             "DD_LossChart", "DD_LoadStudent", "DD_Sample", "DD_EvaluateStudent", "DD_PipelineFromComfyModels")
+             "DD_LossChart", "DD_LoadStudent", "DD_Sample", "DD_EvaluateStudent", "DD_PipelineFromComfyModels",
+             "DD_DMDLoss", "DD_TrajectoryLoss")
 
 
 def _node(live_info, class_type, **inputs):

@@ -22,6 +22,7 @@ NODES = {
     "DD_TrainLoRAFull": "Train LoRA / Full", "DD_ExportTrainingJob": "Export Training Job",
     "DD_LossChart": "Loss Chart", "DD_LoadStudent": "Load Student", "DD_Sample": "Sample",
     "DD_EvaluateStudent": "Evaluate Student", "DD_PipelineFromComfyModels": "Pipeline from ComfyUI Models",
+    "DD_DMDLoss": "DMD Loss", "DD_TrajectoryLoss": "Trajectory Loss",
 }
 
 # Saved workflows store widget values by position and links by input name and output slot, so these may only
@@ -48,12 +49,16 @@ FROZEN = {
                               "validation_every", "validation_steps", "validation_cfg", "eval_samples", "seed",
                               "resume", "num_processes", "cluster_output_dir"], [],
                              [("job_path", "STRING"), ("command", "STRING")]),
+    "DD_DMDLoss": (["student_steps", "teacher_cfg", "fake_updates", "fake_rank", "fake_learning_rate",
+                    "regression_weight", "min_sigma", "max_sigma", "schedule_mu"], [], [("loss", "DD_LOSS")]),
+    "DD_TrajectoryLoss": (["student_steps", "student_cfg", "schedule_mu", "weighting", "image_weight"], [],
+                          [("loss", "DD_LOSS")]),
     "DD_FlowMatchingLoss": (["sigma_sampling", "weighting", "schedule_mu", "logit_mean", "logit_std", "min_sigma",
                              "max_sigma"], [], [("loss", "DD_LOSS")]),
     "DD_GenerateDistillDataset": (["teacher", "prompts", "synthetic_prompts", "seeds_per_prompt", "start_seed",
                                    "teacher_steps", "teacher_cfg", "negative_prompt", "width", "height",
                                    "student_steps", "student_cfg", "rand_device", "batch_size", "output_name",
-                                   "repeat", "cache"], [],
+                                   "repeat", "cache"], ["record_trajectory"],
                                   [("dataset", "DD_DATASET"), ("preview", "IMAGE"), ("report", "STRING")]),
     "DD_LoadDiT": (["dit_name"], [], [("dit", "DD_DIT"), ("summary", "STRING")]),
     "DD_LoadPipeline": (["source", "dit_name", "text_encoder_name", "vae_name", "text_max_length", "dtype", "device"],
@@ -369,6 +374,23 @@ def test_dataset_from_images(fake_comfy):
     with pytest.raises(DistilleryError) as err:
         call("DD_DatasetFromImages", images=images, captions="a\nb", name="mine")
     assert err.value.field == "captions"
+
+
+def test_dmd_and_trajectory_loss_nodes_build_the_cores_losses():
+    from dit_distillery.losses import DMDLoss, TrajectoryLoss, loss_from_dict
+
+    dmd, = call("DD_DMDLoss")
+    loss = loss_from_dict(dmd)
+    assert isinstance(loss, DMDLoss) and (loss.steps, loss.fake_updates, loss.fake_lr) == (4, 5, None)
+    one, = call("DD_DMDLoss", student_steps=1, fake_learning_rate=1e-5, regression_weight=0.5)
+    assert (loss_from_dict(one).steps, loss_from_dict(one).fake_lr, one["regression_weight"]) == (1, 1e-5, 0.5)
+    with pytest.raises(DistilleryError, match="min_sigma"):
+        call("DD_DMDLoss", min_sigma=0.9, max_sigma=0.1)
+    path, = call("DD_TrajectoryLoss")
+    loss = loss_from_dict(path)
+    assert isinstance(loss, TrajectoryLoss) and loss.steps is None and loss.cfg is None and loss.image_weight == 0
+    fixed, = call("DD_TrajectoryLoss", student_steps=2, student_cfg=1.0, weighting="diffsynth")
+    assert (fixed["steps"], fixed["cfg"], fixed["weighting"]) == (2, 1.0, "diffsynth")
 
 
 def test_loss_nodes_describe_the_cores_losses():

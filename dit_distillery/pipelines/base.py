@@ -53,6 +53,7 @@ class SampleResult:
     sigmas: list[float]
     pixels: torch.Tensor | None = None  # [B, 3, H, W] in [-1, 1] float32 on CPU
     images: list = field(default_factory=list)  # PIL
+    trajectory: torch.Tensor | None = None  # [B, K, C, h, w] float32 on CPU: the latents at sigmas[record[k]]
 
 
 class TextToImagePipeline:
@@ -200,11 +201,13 @@ class TextToImagePipeline:
     def sample(self, prompts: str | list[str], *, seeds: int | list[int] = 0, steps: int | None = None,
                cfg_scale: float | None = None, negative_prompt: str = "", height: int | None = None,
                width: int | None = None, rand_device: str = "cpu", output: str = "image", callback=None, stop=None,
-               batch_size: int | None = None, mu: float | None = None, sigmas: list[float] | None = None) -> SampleResult:
+               batch_size: int | None = None, mu: float | None = None, sigmas: list[float] | None = None,
+               record: list[int] | None = None) -> SampleResult:
         """Generate one image per (prompt, seed) pair; a single prompt or seed is paired with all of the others.
 
         callback(step, total, latents_preview) counts steps over all batches; stop() raises `StopRequested`.
-        `sigmas` overrides the schedule (then `steps` and `mu` are ignored).
+        `sigmas` overrides the schedule (then `steps` and `mu` are ignored). `record` (step indices) keeps the
+        latents at those sigmas (before each listed step) in `result.trajectory`.
         """
         d = self.defaults
         steps = d["steps"] if steps is None else steps
@@ -219,10 +222,14 @@ class TextToImagePipeline:
         self.latent_shape(height, width)
         self.check_memory(len(prompts), batch_size, height, width, cfg_scale != 1.0, output)
         sigmas = list(sigmas) if sigmas is not None else self.sigmas(steps, height, width, mu)
+        record = sorted(set(record or []))
+        if record and not 0 <= record[0] <= record[-1] < len(sigmas):
+            raise DistilleryError("record", record, f"step indices must lie in 0 .. {len(sigmas) - 1}.",
+                                  "record fewer steps than the sampler takes.")
         negative = self.encode_prompts([negative_prompt]) if cfg_scale != 1.0 else None
         velocity = functools.partial(predict_velocity, self.dit) if self.sampler is None else None
         total = len(sigmas) * -(-len(prompts) // batch_size)
-        latents, pixels = [], []
+        latents, pixels, trajectory = [], [], []
         for start in range(0, len(prompts), batch_size):
             chunk_prompts, chunk_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
             unique = list(dict.fromkeys(chunk_prompts))
@@ -230,16 +237,23 @@ class TextToImagePipeline:
             x = self.initial_noise(chunk_seeds, height, width, rand_device)
             done = start // batch_size * len(sigmas)
             step_cb = None if callback is None else (lambda i, n, preview, _done=done: callback(_done + i, total, preview))
+            kept: list[torch.Tensor] = []
+            keep = None if not record else (lambda i, xi, _kept=kept: _kept.append(xi.float().cpu()) if i in record
+                                            else None)
             if self.sampler is not None:
                 x = self.sampler(x, sigmas, text, cfg_scale=cfg_scale, negative_text=negative, callback=step_cb,
-                                 stop=stop)
+                                 stop=stop, states=keep)
             else:
                 x = euler_denoise(velocity, x, sigmas, text, cfg_scale=cfg_scale, negative_text=negative,
-                                  callback=step_cb, stop=stop)
+                                  callback=step_cb, stop=stop, states=keep)
             latents.append(x.float().cpu())
+            if record:
+                trajectory.append(torch.stack(kept, dim=1))
             if output != "latent":
                 pixels.append(self.decode(x))
         result = SampleResult(torch.cat(latents), prompts, seeds, sigmas)
+        if record:
+            result.trajectory = torch.cat(trajectory)
         if output != "latent":
             result.pixels = torch.cat(pixels)
             result.images = to_pil(result.pixels)
