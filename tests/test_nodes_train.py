@@ -112,8 +112,12 @@ def test_cancel_saves_a_checkpoint_and_the_next_queue_continues(setup, fake_comf
     assert checkpoints and checkpoints[-1] < "checkpoint-0000004"
     assert fake_comfy.of("dit_distillery.train")[-1]["phase"] == "stopped"
     fake_comfy.interrupt_after_updates = None
+    before = len(fake_comfy.of("dit_distillery.train"))
     resumed = _train(pipe, dataset, loss, output_name="cancelled", validation_prompts="")
     assert resumed[2]["history"] == unbroken[2]["history"]  # bit-for-bit the unbroken run
+    first = next(e for e in fake_comfy.of("dit_distillery.train")[before:] if e["phase"] == "train")
+    # the chart goes on from the earlier steps (the trainer's on_history), not from the resumed step
+    assert first["step"] > 1 and [p[0] for p in first["history"]] == list(range(1, first["step"] + 1))
     from safetensors.torch import load_file
 
     a, b = load_file(resumed[1]), load_file(unbroken[1])
