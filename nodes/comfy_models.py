@@ -123,7 +123,8 @@ class ComfyParts:
         if diffusion is None or not hasattr(model, "get_model_object"):
             raise DistilleryError("model", type(model).__name__, "is not a ComfyUI MODEL.", "connect a MODEL output "
                                   "(UNETLoader, a checkpoint loader, LoraLoaderModelOnly...).")
-        shapes = {k: tuple(v.shape) for k, v in diffusion.state_dict().items()}
+        # a GGUF tensor's `shape` may be its packed storage's; `tensor_shape` is the weight's
+        shapes = {k: tuple(getattr(v, "tensor_shape", None) or v.shape) for k, v in diffusion.state_dict().items()}
         self.family, self.config = detect_state(shapes, shapes.__getitem__, "model")
         self.spec = families.get(self.family)
         self.latent_format = model.get_model_object("latent_format")
