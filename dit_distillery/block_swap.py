@@ -43,6 +43,7 @@ the DiT while swap is on (disable first). Blocks compiled with `torch.compile` a
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +138,11 @@ def frozen_bytes(block: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for *_, t in _frozen_tensors(block))
 
 
+def _unregister(pointers: list[int]) -> None:
+    for ptr in pointers:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
 def _pin(host: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Page-lock a host buffer for asynchronous copies. cudaHostRegister pins the buffer as it is; PyTorch's
     `pin_memory()` would round every allocation up to a power of two (a 680 MB Qwen-Image block would take
@@ -200,6 +206,8 @@ class BlockSwap:
             for i, (name, block) in enumerate(blocks):
                 if i in chosen_set:
                     self._stores.append(self._pack(name, block))
+        # registered host memory is unregistered on disable, or when the swap is collected with its model
+        self._unpin = weakref.finalize(self, _unregister, [s.host.data_ptr() for s in self._stores if s.registered])
         for k, store in enumerate(self._stores):
             self._handles.append(store.block.register_forward_pre_hook(self._pre_hook(k)))
             self._handles.append(store.block.register_forward_hook(self._post_hook(k), always_call=True))
@@ -355,9 +363,9 @@ class BlockSwap:
                 for entry in store.entries:
                     getattr(entry.module, entry.table)[entry.name] = entry.original
                     entry.original.data = entry.original.data.to(device, copy=True)
-                if store.registered:
-                    torch.cuda.cudart().cudaHostUnregister(store.host.data_ptr())
-                store.host = torch.empty(0, dtype=torch.uint8)
+        self._unpin()
+        for store in self._stores:
+            store.host = torch.empty(0, dtype=torch.uint8)
         self._stores.clear()
         if getattr(self.model, _ATTR, None) is self:
             delattr(self.model, _ATTR)
