@@ -104,5 +104,11 @@ def test_a_lora_on_the_model_is_trained_with_as_comfyui_patches_it(report):
     assert lora["sample_max_diff"] < FP32 < lora["lora_changes_sample"] and lora["model_unchanged"]
 
 
+def test_fp8_weights_are_sampled_by_comfyui_and_upcast_for_our_dit(report):
+    fp8 = report["fp8"]
+    assert fp8["stored"] == "torch.float8_e4m3fn" and fp8["ours"] == "torch.float32" and fp8["upcast_equal"]
+    assert fp8["sample_max_diff"] < FP32 * max(1.0, fp8["scale"])
+
+
 def test_export_training_job_refuses_it_by_name(report):
     assert report["export"].startswith("DistilleryError") and "ComfyUI's MODEL, CLIP and VAE" in report["export"]

@@ -146,9 +146,11 @@ def make_vae():
         return comfy.sd.VAE(sd=state), state
 
 
-def make_model():
+def make_model(dtype=torch.float32, compute=None):
+    """`dtype` fp8 with a compute dtype: as UNETLoader's weight_dtype fp8_e4m3fn (weights stored in fp8, cast per
+    layer)."""
     mc = comfy.supported_models.QwenImage(dict(DIT))
-    mc.set_inference_dtype(torch.float32, None)
+    mc.set_inference_dtype(dtype, compute)
     with torch.inference_mode():  # as UNETLoader runs
         base = mc.get_model({})
         state = randomised(base.diffusion_model.state_dict(), 3, std=0.05)
@@ -338,6 +340,22 @@ report["lora"] = {"summary": lsummary, "patched": len(patched_keys),
                   "model_unchanged": all(torch.equal(model.model.diffusion_model.state_dict()[k], v)
                                          for k, v in model_state.items())}
 lap("lora")
+
+# fp8 weights (UNETLoader's weight_dtype fp8_e4m3fn): ComfyUI samples them cast per layer; our DiT gets them upcast
+fp8_model = make_model(torch.float8_e4m3fn, torch.float32)
+with torch.inference_mode():
+    fpipeline, _ = Node["DD_PipelineFromComfyModels"]().build(fp8_model, clip, vae)
+fpipe = fpipeline.load()
+fp8_state = fp8_model.model.diffusion_model.state_dict()
+fdit = fpipe.dit.state_dict()
+fres = fpipe.sample(PROMPTS[:1], seeds=[4], steps=3, cfg_scale=2.0, height=32, width=32, output="latent")
+fref = fpipe.with_dit(fpipe.dit).sample(PROMPTS[:1], seeds=[4], steps=3, cfg_scale=2.0, height=32, width=32,
+                                        output="latent")
+report["fp8"] = {"stored": str(fp8_state["img_in.weight"].dtype), "ours": str(fdit["img_in.weight"].dtype),
+                 "upcast_equal": all(torch.equal(fdit[k], v.float()) for k, v in fp8_state.items()),
+                 "sample_max_diff": float((fres.latents - fref.latents).abs().max()),
+                 "scale": float(fref.latents.abs().max())}
+lap("fp8")
 
 # Export Training Job refuses it by name
 try:
