@@ -170,12 +170,27 @@ def skeleton(family: str, config: dict) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], field: str = "model") -> torch.nn.Module:
+def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], field: str = "model",
+                   compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """`model` (a skeleton) holding `state`'s tensors themselves (`load_state_dict(assign=True)`): no copy, and
     the tensors are wrapped in new Parameters, so moving or casting our module never touches the caller's.
 
     Every name must match (a missing, extra or differently shaped tensor is refused by name), so weights the
-    model cannot use as they are (quantized, scaled fp8) never load silently."""
+    model cannot use as they are (quantized, scaled fp8) never load silently. fp8 weights (a front end's fp8
+    model) are held as they are by `fp8.load_weights` (Linear weights stay fp8 and compute in `compute_dtype`,
+    bf16 when None; the few other fp8 tensors are dequantised)."""
+    _check_state(model, state, field)
+    state = {k: v.detach() for k, v in state.items()}
+    if any(v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for v in state.values()):
+        from . import fp8
+
+        fp8.load_weights(model, state, {}, dtype=compute_dtype, mode="keep", field=field)
+    else:
+        model.load_state_dict(state, assign=True, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def _check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], field: str) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
@@ -187,8 +202,6 @@ def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], field
         raise DistilleryError(field, f"{len(state)} tensors", f"do not fit the {type(model).__name__} they were "
                               f"detected as ({detail}).", "use a plain (bf16/fp16/fp32/fp8) model of a family this "
                               "pack knows.")
-    model.load_state_dict({k: v.detach() for k, v in state.items()}, assign=True, strict=True)
-    return model.eval().requires_grad_(False)
 
 
 class ExternalPipeline(TextToImagePipeline):

@@ -19,8 +19,9 @@ The core's interfaces for a front end's parts (`dit_distillery.external`) implem
   no copy), frozen, so a LoRA wraps our module and never changes the MODEL. LoRA patches on the MODEL
   (LoraLoaderModelOnly) are included: a patched weight is what ComfyUI's ModelPatcher computes for it
   (`comfy.lora.calculate_weight` in float32, then ComfyUI's stochastic rounding), a new tensor for each patched
-  weight only. fp8 weights are upcast to the model's compute dtype (a copy); GGUF-quantized weights are refused
-  for our DiT (sampling with them works). ComfyUI first unloads its models, so the tensors read are the MODEL's
+  weight only. fp8 weights (UNETLoader's weight_dtype fp8) stay fp8, shared too, and compute in the model's
+  compute dtype as ComfyUI's cast does (`dit_distillery.fp8`); GGUF-quantized weights are refused for our DiT
+  (sampling with them works). ComfyUI first unloads its models, so the tensors read are the MODEL's
   own, unpatched, on its offload device. The MODEL's other patches (object patches, sampler/attention options)
   take part in ComfyUI's sampling of the teacher only.
 
@@ -277,9 +278,9 @@ class ComfyParts:
                     patched = lora.calculate_weight(self.model.patches[full], weight.to(torch.float32, copy=True),
                                                     full)
                     tensor = mfloat.stochastic_rounding(patched, weight.dtype, seed=mp.string_to_seed(full))
-                state[key] = _plain(key, tensor, compute)
+                state[key] = _plain(key, tensor)
             state = self.spec.from_comfy(state)
-            return assign_weights(skeleton(self.family, self.config), state, field="model")
+            return assign_weights(skeleton(self.family, self.config), state, field="model", compute_dtype=compute)
 
     def pipeline(self):
         from dit_distillery.external import ExternalCodec, ExternalPipeline, ExternalPromptEncoder, skeleton
@@ -294,7 +295,7 @@ class ComfyParts:
                                 dit_identity=self.dit_identity, sampler=self.sample)
 
 
-def _plain(key: str, tensor: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+def _plain(key: str, tensor: torch.Tensor) -> torch.Tensor:
     """A tensor our module can hold without copying it where possible (see the module docstring)."""
     if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
         raise DistilleryError("model", key, f"holds {type(tensor).__name__} weights (quantized, e.g. GGUF), which "
@@ -302,8 +303,6 @@ def _plain(key: str, tensor: torch.Tensor, compute: torch.dtype) -> torch.Tensor
                               "Sample) works.", "load the same model with UNETLoader (bf16 or fp8) to train on it, "
                               "or use Load Pipeline with its file.")
     tensor = tensor.detach()
-    if tensor.dtype in FP8:
-        return tensor.to(compute)  # a copy: our DiT computes in its weights' dtype
     if tensor.is_inference():  # ComfyUI loads models inside inference mode: the same memory, a normal tensor
         tensor = torch.from_dlpack(tensor)
     return tensor

@@ -85,6 +85,23 @@ def test_assign_weights_shares_the_tensors_and_never_changes_them(ref):
     assert all(v.dtype == torch.float32 for v in state.values())
 
 
+def test_fp8_weights_are_held_in_fp8_and_computed_in_the_compute_dtype(ref):
+    from dit_distillery import fp8
+
+    family, config = families.detect(ref.dit)[:2]
+    state = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in ref.dit.state_dict().items()}
+    model = assign_weights(skeleton(family, config), state, compute_dtype=torch.float32)
+    ours = model.state_dict()
+    assert ours["img_in.weight"].dtype == torch.float8_e4m3fn and ours["img_in.weight"].data_ptr() == \
+        state["img_in.weight"].data_ptr()
+    assert fp8.is_fp8_linear(model.img_in)
+    dequantised = assign_weights(skeleton(family, config), {k: v.float() for k, v in state.items()})
+    latents, text = torch.randn(1, 16, 4, 4), ref.prompt_encoder.encode(PROMPTS[:1])
+    sigma = torch.tensor([0.5])
+    assert torch.allclose(predict_velocity(model, latents, sigma, text),
+                          predict_velocity(dequantised, latents, sigma, text), atol=1e-5)
+
+
 def test_assign_weights_refuses_tensors_that_do_not_fit_by_name(ref):
     family, config = families.detect(ref.dit)[:2]
     state = dict(ref.dit.state_dict())

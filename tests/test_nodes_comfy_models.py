@@ -69,13 +69,12 @@ def test_quantized_weights_are_refused_for_our_dit_by_name(module):
 
     weight = torch.zeros(2, 2).as_subclass(Quantized)
     with pytest.raises(DistilleryError, match="img_in.weight.*Quantized.*GGUF.*Sampling with this MODEL"):
-        module._plain("img_in.weight", weight, torch.bfloat16)
-    fp8 = torch.ones(2, 2).to(torch.float8_e4m3fn)
-    assert module._plain("w", fp8, torch.bfloat16).dtype == torch.bfloat16
+        module._plain("img_in.weight", weight)
     with torch.inference_mode():
-        frozen = torch.ones(3)
-    alias = module._plain("w", frozen, torch.bfloat16)
-    assert not alias.is_inference() and alias.data_ptr() == frozen.data_ptr()  # the same memory
+        frozen, fp8 = torch.ones(3), torch.ones(2, 2).to(torch.float8_e4m3fn)
+    for tensor in (frozen, fp8):
+        alias = module._plain("w", tensor)
+        assert not alias.is_inference() and alias.data_ptr() == tensor.data_ptr() and alias.dtype == tensor.dtype
 
 
 def test_our_text_rows_become_comfyui_conditioning_of_their_real_tokens(module):

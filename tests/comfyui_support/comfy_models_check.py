@@ -341,7 +341,7 @@ report["lora"] = {"summary": lsummary, "patched": len(patched_keys),
                                          for k, v in model_state.items())}
 lap("lora")
 
-# fp8 weights (UNETLoader's weight_dtype fp8_e4m3fn): ComfyUI samples them cast per layer; our DiT gets them upcast
+# fp8 weights (UNETLoader's weight_dtype fp8_e4m3fn): ComfyUI samples them cast per layer; our DiT shares them
 fp8_model = make_model(torch.float8_e4m3fn, torch.float32)
 with torch.inference_mode():
     fpipeline, _ = Node["DD_PipelineFromComfyModels"]().build(fp8_model, clip, vae)
@@ -352,7 +352,10 @@ fres = fpipe.sample(PROMPTS[:1], seeds=[4], steps=3, cfg_scale=2.0, height=32, w
 fref = fpipe.with_dit(fpipe.dit).sample(PROMPTS[:1], seeds=[4], steps=3, cfg_scale=2.0, height=32, width=32,
                                         output="latent")
 report["fp8"] = {"stored": str(fp8_state["img_in.weight"].dtype), "ours": str(fdit["img_in.weight"].dtype),
-                 "upcast_equal": all(torch.equal(fdit[k], v.float()) for k, v in fp8_state.items()),
+                 "values_equal": all(torch.equal(fdit[k].float(), v.float()) for k, v in fp8_state.items()),
+                 "fp8_shared": sum(fdit[k].data_ptr() == v.data_ptr() for k, v in fp8_state.items()
+                                   if fdit[k].dtype == v.dtype),
+                 "fp8_total": sum(v.dtype == fdit[k].dtype for k, v in fp8_state.items()),
                  "sample_max_diff": float((fres.latents - fref.latents).abs().max()),
                  "scale": float(fref.latents.abs().max())}
 lap("fp8")
