@@ -124,8 +124,12 @@ class _Fetch:
 
 
 def _frozen_tensors(block: torch.nn.Module) -> list[tuple[torch.nn.Module, str, str, torch.Tensor]]:
+    """The tensors a swap of `block` moves: frozen ones, not LoRA adapters' (an adapter frozen for now, such as
+    DMD's fake score between its updates, is made trainable later, and may be added after the swap: resident)."""
     out = []
-    for module in block.modules():
+    for module_name, module in block.named_modules():
+        if "lora_" in module_name:
+            continue
         for table in ("_parameters", "_buffers"):
             for name, t in getattr(module, table).items():
                 if t is not None and not t.requires_grad:
@@ -195,14 +199,9 @@ class BlockSwap:
         self._passes_to_backprop = 0  # forwards with grad since the last backward (Direct Distill runs several)
         self._backward_seen = False
         chosen_set = set(chosen)
+        # resident parts first (trainable tensors of swapped blocks included), one tensor at a time
+        self.place_resident({id(t) for i in chosen for *_, t in _frozen_tensors(blocks[i][1])})
         with torch.no_grad():
-            # resident parts first (trainable tensors of swapped blocks included), one tensor at a time
-            swapped_ids = {id(t) for i in chosen for *_, t in _frozen_tensors(blocks[i][1])}
-            for module in model.modules():
-                for table in ("_parameters", "_buffers"):
-                    for name, t in getattr(module, table).items():
-                        if t is not None and id(t) not in swapped_ids and t.device != self.device:
-                            t.data = t.data.to(self.device)
             for i, (name, block) in enumerate(blocks):
                 if i in chosen_set:
                     self._stores.append(self._pack(name, block))
@@ -340,6 +339,27 @@ class BlockSwap:
     def count(self) -> int:
         return len(self._stores)
 
+    def place_resident(self, swapped_ids: set[int] | None = None) -> None:
+        """Move every tensor of the model that is not a swapped block's master to the compute device: at enable,
+        and after modules were added to a swapped model (e.g. a loss's own adapters, made on the CPU masters'
+        device)."""
+        if swapped_ids is None:
+            swapped_ids = {id(e.original) for s in self._stores for e in s.entries}
+        with torch.no_grad():
+            for module in self.model.modules():
+                for table in ("_parameters", "_buffers"):
+                    for t in getattr(module, table).values():
+                        if t is not None and id(t) not in swapped_ids and t.device != self.device:
+                            t.data = t.data.to(self.device)
+
+    def swapped_tensor_names(self, prefix: str = "") -> list[str]:
+        """Names (`prefix` + the model's parameter and buffer names) of the tensors that live on the CPU: what
+        DDP must ignore (`_ddp_params_and_buffers_to_ignore`)."""
+        ids = {id(e.original) for s in self._stores for e in s.entries}
+        named = [*self.model.named_parameters(remove_duplicate=False),
+                 *self.model.named_buffers(remove_duplicate=False)]
+        return [prefix + n for n, t in named if id(t) in ids]
+
     def swapped_parameter_names(self) -> list[str]:
         """Names (in `model.named_parameters()`) of the parameters that live on the CPU, e.g. for DDP's
         parameters to ignore."""
@@ -382,14 +402,32 @@ def enable_block_swap(dit: torch.nn.Module, blocks_to_swap, device, *, plan=None
     it is for): the fewest blocks whose plan fits the device's available memory (plus what the DiT already holds
     there). A swap already enabled is undone first."""
     model = base_model(dit)
+    if blocks_to_swap == "auto":  # decided before anything moves: a refusal leaves the DiT as it was
+        blocks_to_swap = auto_blocks_to_swap(model, device, plan)
     old = block_swap_of(model)
     if old is not None:
         old.disable(device)
-    if blocks_to_swap == "auto":
-        blocks_to_swap = auto_blocks_to_swap(model, device, plan)
     swap = BlockSwap(model, blocks_to_swap, device, prefetch=prefetch)
     setattr(model, _ATTR, swap)
     return swap
+
+
+def copy_unswapped(dit: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `dit` without block swap (hooks and host buffers belong to the original): the swap is lifted
+    while copying (swapped blocks' weights as plain CPU tensors, so nothing extra reaches the GPU) and put back on
+    the same blocks. The copy's swapped blocks are on the CPU and the rest on the device: enable a swap on it, or
+    move it."""
+    import copy
+
+    swap = block_swap_of(dit)
+    if swap is None:
+        return copy.deepcopy(dit)
+    n, device, prefetch = swap.count, swap.device, swap.prefetch
+    swap.disable("cpu")
+    try:
+        return copy.deepcopy(dit)
+    finally:
+        enable_block_swap(dit, n, device, prefetch=prefetch)
 
 
 def disable_block_swap(dit: torch.nn.Module, device=None) -> None:
@@ -412,6 +450,9 @@ def auto_blocks_to_swap(dit: torch.nn.Module, device, plan) -> int:
     model = base_model(dit)
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
                if t.device == device or (t.device.type == device.type == "cuda" and device.index is None))
+    old = block_swap_of(model)
+    if old is not None and device.type != "cpu":  # blocks swapped now come back before being swapped again
+        held += sum(e.nbytes for s in old._stores for e in s.entries)
     budget = available_memory(device) + held
     n = plan.blocks_needed(budget)
     if n is None:

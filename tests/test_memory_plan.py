@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dit_distillery import families
-from dit_distillery.block_swap import enable_block_swap, frozen_bytes
+from dit_distillery.block_swap import block_swap_of, enable_block_swap, frozen_bytes
 from dit_distillery.cli import main
 from dit_distillery.errors import DistilleryError
 from dit_distillery.memory_plan import (GIB, RESERVE_BYTES, fp8_linears, memory_plan, parse_bytes, parse_loss,
@@ -216,3 +216,22 @@ def test_gpu_plan_within_15_percent_of_measured_peak(blocks):
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated()
     assert abs(plan.total() - measured) <= 0.15 * measured, (plan.parts(), measured)
+
+
+def test_auto_blocks_to_swap_uses_the_plan_and_free_memory(monkeypatch):
+    """enable_block_swap(..., "auto", plan=...): the fewest blocks that fit the device's available memory (what the
+    DiT already holds there counts as available), refused by name when nothing fits."""
+    import dit_distillery.weights_check as weights_check
+
+    family, config = "qwen_image", _config("qwen_image")
+    plan = memory_plan((family, config), mode="sample", **SMALL)
+    model = families.get(family).model_class()(**config).to(torch.bfloat16).requires_grad_(False)
+    held = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])  # on the CPU, the "device" here
+    budget = plan.total(3) + plan.reserve_bytes
+    monkeypatch.setattr(weights_check, "available_memory", lambda device: budget - held)
+    swap = enable_block_swap(model, "auto", "cpu", plan=plan)
+    assert swap.count == plan.blocks_needed(budget) == 3
+    monkeypatch.setattr(weights_check, "available_memory", lambda device: 0)
+    with pytest.raises(DistilleryError, match="even with all 4 blocks swapped"):
+        enable_block_swap(model, "auto", "cpu", plan=plan)
+    assert block_swap_of(model) is swap and swap.count == 3  # the refusal changed nothing
