@@ -97,6 +97,13 @@ def test_training_a_lora_leaves_the_model_bit_identical(report):
     assert train["steps"] == 2 and train["weights"] == "comfy_lora.safetensors" and train["model_unchanged"]
 
 
+def test_load_student_merges_the_trained_lora_over_the_models_weights(report):
+    student = report["student"]
+    assert student["model"] == "ModelPatcher" and student["text"].count("LoRA comfy_lora.safetensors") == 1
+    assert student["same_as_train_output"]  # Train's `model` output is the same student
+    assert student["uses_our_sampler"] and student["differs_from_teacher"] > 0 and student["model_unchanged"]
+
+
 def test_a_lora_on_the_model_is_trained_with_as_comfyui_patches_it(report):
     lora = report["lora"]
     assert lora["patched"] == 6 and "6 weights patched" in lora["summary"]

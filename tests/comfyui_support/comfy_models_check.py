@@ -304,6 +304,23 @@ report["train"] = {"steps": len(history["history"]), "weights": Path(weights).na
                    "loss": [h["loss"] for h in history["history"]]}
 lap("train")
 
+# Load Student on top: the trained LoRA merged into a copy of our DiT, as a pipeline and a ComfyUI MODEL
+with torch.inference_mode():
+    student, student_model, student_text = Node["DD_LoadStudent"]().load(
+        pipeline, "[none]", "[none]", 1.0, "", trained_weights=weights)
+student_pipe = student.load()
+lora_out = student_pipe.sample(PROMPTS[:1], seeds=[3], steps=2, cfg_scale=1.0, height=32, width=32, output="latent")
+base_out = pipe.sample(PROMPTS[:1], seeds=[3], steps=2, cfg_scale=1.0, height=32, width=32, output="latent")
+trained_out = trained.load().sample(PROMPTS[:1], seeds=[3], steps=2, cfg_scale=1.0, height=32, width=32,
+                                    output="latent")
+report["student"] = {"text": student_text, "model": type(student_model).__name__,
+                     "same_as_train_output": bool(torch.equal(lora_out.latents, trained_out.latents)),
+                     "uses_our_sampler": student_pipe.sampler is None,
+                     "differs_from_teacher": float((lora_out.latents - base_out.latents).abs().max()),
+                     "model_unchanged": all(torch.equal(model.model.diffusion_model.state_dict()[k], v)
+                                            for k, v in model_state.items())}
+lap("student")
+
 # ----------------------------------------------------------------------------------------------------------
 # A LoRA on the MODEL (LoraLoaderModelOnly's call): our weights are ComfyUI's patched weights
 lora = {}
