@@ -7,8 +7,9 @@ through websocket events, and stops on Cancel after writing a resumable checkpoi
 latest checkpoint, so a finished run is not retrained and a cancelled one picks up where it stopped. Raising
 `steps` extends a run; changing anything else the checkpoint depends on asks for a new name or `resume = restart`.
 
-Export Training Job takes the same inputs and writes the `TrainJob` JSON and the `accelerate launch` command that
-run the same training on a cluster.
+Export Training Job takes the same inputs and writes the `TrainJob` JSON, an accelerate config beside it (DDP, or
+FSDP2 with `distributed = fsdp`: full training sharded over the GPUs) and the `accelerate launch` command that run
+the same training on a cluster.
 
 Websocket events (for the JS extension; `sid` = the client that queued the prompt):
 * `dit_distillery.train`: `{"node", "prompt_id", "phase": "data" | "train" | "checkpoint" | "done" | "stopped" | "error",
@@ -25,7 +26,6 @@ at the end of "optional".
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import time
 from pathlib import Path
@@ -325,8 +325,9 @@ class TrainLoRAFull:
 
 
 class ExportTrainingJob:
-    DESCRIPTION = ("Writes the training described by the same inputs as Train LoRA / Full as a job JSON, and the "
-                   "`accelerate launch` command that runs it on a cluster (one process per GPU). Nothing is trained "
+    DESCRIPTION = ("Writes the training described by the same inputs as Train LoRA / Full as a job JSON, an "
+                   "accelerate config beside it (DDP, or FSDP for sharded full training) and the `accelerate launch` "
+                   "command that runs it on a cluster (one process per GPU). Nothing is trained "
                    "here. Paths of models and data are this machine's: they must exist at the same place on the "
                    "cluster (or edit the JSON).")
     CATEGORY = TRAIN_CATEGORY
@@ -346,9 +347,14 @@ class ExportTrainingJob:
             "cluster_output_dir": ("STRING", {"default": "", "tooltip":
                                    "Where the cluster run writes; empty = out/<output_name> relative to where the "
                                    "command is run."}),
+        }, "optional": {
+            "distributed": (["ddp", "fsdp"], {"default": "ddp", "tooltip":
+                            "ddp: every GPU holds the whole model (LoRA, or full training that fits one GPU). fsdp: "
+                            "full training sharded over the GPUs (weights, gradients and AdamW states split: "
+                            "accelerate's FSDP2), for a DiT whose full training does not fit one GPU."}),
         }}
 
-    def export(self, pipeline, dataset, loss, num_processes, cluster_output_dir, **widgets):
+    def export(self, pipeline, dataset, loss, num_processes, cluster_output_dir, distributed="ddp", **widgets):
         name = safe_name(widgets["output_name"], "output_name")
         if getattr(pipeline, "not_exportable", None):  # e.g. Pipeline from ComfyUI Models
             raise DistilleryError("pipeline", pipeline.describe(), pipeline.not_exportable,
@@ -356,19 +362,20 @@ class ExportTrainingJob:
                                   "from the same model files.")
         out = str(cluster_output_dir).strip() or f"out/{name}"
         job = build_job(pipeline, dataset, loss, out, **widgets)
+        job.distributed = distributed
+        job.validate()  # (fsdp: full training only, ...)
         if job.data.synthetic is not None:
             job.data.path = None  # the cluster writes its own copy of the synthetic shapes
         folder = output_dir() / "dit_distillery" / "jobs"
         path = path_inside(folder, name, "output_name", ".json")
         job.save(path)
-        launch = ["accelerate", "launch", "--num_processes", str(int(num_processes))]
-        if num_processes > 1:
-            launch.append("--multi_gpu")
-        command = shlex.join(launch + ["-m", "dit_distillery", "train", str(path)])
         from dit_distillery.formats import atomic_write_text
+        from dit_distillery.trainer.launch import write_launch
+
+        config, command = write_launch(job, path, int(num_processes))  # <name>.accelerate.yaml beside the job
 
         atomic_write_text(path.with_suffix(".sh"), f"#!/bin/sh\n# DiT Distillery training job {name}\n{command}\n")
-        text = f"job: {path}\ncommand: {command}"
+        text = f"job: {path}\naccelerate config: {config}\ncommand: {command}"
         return {"ui": {"text": [text]}, "result": (str(path), command)}
 
 

@@ -47,7 +47,7 @@ FROZEN = {
                               "full_trainable", "gradient_checkpointing", "checkpoint_offload", "mixed_precision", "ema_decay",
                               "save_every", "keep_last", "save_dtype", "validation_prompts", "validation_seeds",
                               "validation_every", "validation_steps", "validation_cfg", "eval_samples", "seed",
-                              "resume", "num_processes", "cluster_output_dir"], [],
+                              "resume", "num_processes", "cluster_output_dir"], ["distributed"],
                              [("job_path", "STRING"), ("command", "STRING")]),
     "DD_DMDLoss": (["student_steps", "teacher_cfg", "fake_updates", "fake_rank", "fake_learning_rate",
                     "regression_weight", "min_sigma", "max_sigma", "schedule_mu"], [], [("loss", "DD_LOSS")]),
@@ -516,9 +516,20 @@ def test_export_training_job_writes_a_loadable_job(trained_lora, fake_comfy):
     assert job.steps == 5000 and job.output.dir == "out/cluster" and job.model.pipeline == "default"
     assert job.lora.preset == str(weights)  # training continues on top of the trained LoRA, merged first
     assert job.data.synthetic == {"count": 8, "size": 32, "seed": 0} and job.data.path is None
-    assert command == f"accelerate launch --num_processes 8 --multi_gpu -m dit_distillery train {job_path}"
+    config = Path(job_path).with_name("cluster.accelerate.yaml")
+    assert command == f"accelerate launch --config_file {config} -m dit_distillery train {job_path}"
+    assert "distributed_type: MULTI_GPU" in config.read_text() and "num_processes: 8" in config.read_text()
     assert Path(job_path).with_suffix(".sh").read_text().strip().endswith(command)
     assert out["ui"]["text"][0].startswith("job: ")
+    # sharded full training: the job says so and the config launches FSDP2; a LoRA is refused by name
+    out = cls().export(**dict(defaults(cls), pipeline=model, dataset=dataset, loss=loss, output_name="cluster",
+                              num_processes=8, mode="full", distributed="fsdp"))
+    assert TrainJob.load(out["result"][0]).distributed == "fsdp"
+    assert "distributed_type: FSDP" in config.read_text() and "fsdp_version: 2" in config.read_text()
+    with pytest.raises(DistilleryError) as err:
+        cls().export(**dict(defaults(cls), pipeline=model, dataset=dataset, loss=loss, num_processes=8,
+                            distributed="fsdp"))
+    assert err.value.field == "distributed"
 
 
 def test_export_explains_what_a_job_cannot_express(fake_comfy):

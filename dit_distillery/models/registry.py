@@ -94,15 +94,24 @@ def save_dit(model: torch.nn.Module, path: str | os.PathLike, provenance: dict |
     reads for its family (`Family.to_comfy`; bare diffusers names for Qwen-Image and AAADiT)."""
     from ..fp8 import dequantised_state
 
-    family = families.of_model(model)
     state = dequantised_state(model, dtype)  # a scaled fp8 model's weights times their scales: plain weights
+    return save_dit_state(state, families.of_model(model).name, model_config(model), path, provenance, dtype,
+                          extra_metadata)
+
+
+def save_dit_state(state: dict[str, torch.Tensor], family: str, config: dict, path: str | os.PathLike,
+                   provenance: dict | None = None, dtype: torch.dtype | None = None,
+                   extra_metadata: dict | None = None) -> Path:
+    """`save_dit` from a state dict (the model's own names) and its (family, config), without the model: what
+    consolidating a sharded checkpoint writes (trainer/sharded.py), in the same names and metadata."""
+    family = families.get(family)
     if dtype is not None:
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     state = family.to_comfy(state)
     metadata = {
         "format": "pt",
         META_FAMILY: family.name,
-        META_CONFIG: json.dumps(model_config(model), sort_keys=True),
+        META_CONFIG: json.dumps(config, sort_keys=True),
         META_PROVENANCE: json.dumps(provenance or {}, sort_keys=True, default=str),
     }
     metadata.update(extra_metadata or {})

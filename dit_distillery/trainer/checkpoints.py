@@ -119,6 +119,14 @@ def unflatten_state(flat, tensors: dict[str, torch.Tensor]):
 # --------------------------------------------------------------------------------------------------------------
 # Weights, checks
 
+def training_metadata(job: TrainJob, family: str, step: int) -> tuple[dict, dict]:
+    """(the run's settings, the file metadata) the user-facing weights carry; also a sharded run's consolidation."""
+    settings = {"job": job.fingerprint(), "mode": job.mode, "loss": job.loss, "rank": job.lora.rank,
+                "alpha": job.lora.alpha or job.lora.rank, "lr": job.optim.lr, "steps": step,
+                "batch_size": job.batch_size, "base": {"pipeline": job.model.pipeline, "dit": job.model.dit}}
+    return settings, {"dit_distillery.training": json.dumps(settings, default=str), "dit_distillery.family": family}
+
+
 def export_weights(job: TrainJob, dit: torch.nn.Module, step: int, path: Path) -> Path:
     """The user-facing file: a LoRA (ComfyUI/diffusers) or a full DiT in our format, with the run's settings."""
     from .. import families
@@ -127,11 +135,7 @@ def export_weights(job: TrainJob, dit: torch.nn.Module, step: int, path: Path) -
     from ..models.registry import save_dit
 
     dtype = dtype_from_name(job.output.save_dtype, "output.save_dtype")
-    settings = {"job": job.fingerprint(), "mode": job.mode, "loss": job.loss, "rank": job.lora.rank,
-                "alpha": job.lora.alpha or job.lora.rank, "lr": job.optim.lr, "steps": step,
-                "batch_size": job.batch_size, "base": {"pipeline": job.model.pipeline, "dit": job.model.dit}}
-    meta = {"dit_distillery.training": json.dumps(settings, default=str),
-            "dit_distillery.family": families.of_model(dit).name}
+    settings, meta = training_metadata(job, families.of_model(dit).name, step)
     if job.mode == "lora":
         return save_lora(dit, path, meta, dtype=dtype or torch.float32)
     return save_dit(dit, path, provenance={"trained": settings}, dtype=dtype, extra_metadata=meta)
@@ -155,6 +159,7 @@ class Checkpoints:
         self.write_chart = write_chart
         self.folder = Path(job.output.dir) / "checkpoints"
         self.prune_pending = False
+        self.sharded = getattr(optim, "sharded", False)  # FSDP: checkpoints and checks are collective (sharded.py)
 
     @property
     def main(self) -> bool:
@@ -172,7 +177,7 @@ class Checkpoints:
         pruning keeps must be one to resume from."""
         self.accelerator.wait_for_everyone()
         self.check_weights()  # on every process: DDP keeps the weights identical, so all of them stop together
-        path, s, job = None, self.state, self.job
+        path, s, job, state = None, self.state, self.job, None
         if self.main:
             state = {"fingerprint": job.fingerprint(), "data_position": self.sampler.state(s.epoch, s.batches_done),
                      "history": s.history, "eval_history": s.eval_history, "rng": rng_state(),
@@ -183,10 +188,20 @@ class Checkpoints:
             if hasattr(self.loss, "state_dict"):
                 loss_tensors = {}
                 state["loss_state"] = flatten_state(self.loss.state_dict(), loss_tensors)
-            ema = {n: t.clone() for n, t in s.ema.items()} if s.ema else None
-            path = save_checkpoint(self.folder, s.step, self.model.trainable(), self.optim.optimizer.state_dict(),
-                                   state, ema, loss_tensors)
-            weights = export_weights(job, self.model.dit, s.step, path / f"{job.output.name}.safetensors")
+        if self.sharded:  # every process writes its shards; the main one also the consolidated weights file
+            from . import sharded
+
+            state = state and dict(state, export=sharded.export_settings(job, self.model.dit, s.step))
+            path = sharded.save(self.folder, s.step, self.model.dit, self.optim.optimizer, s.ema, state,
+                                self.accelerator)
+        if self.main:
+            if self.sharded:
+                weights = path / f"{job.output.name}.safetensors"  # (consolidated by sharded.save)
+            else:
+                ema = {n: t.clone() for n, t in s.ema.items()} if s.ema else None
+                path = save_checkpoint(self.folder, s.step, self.model.trainable(),
+                                       self.optim.optimizer.state_dict(), state, ema, loss_tensors)
+                weights = export_weights(job, self.model.dit, s.step, path / f"{job.output.name}.safetensors")
             self.prune_pending = not prune
             if prune:
                 prune_checkpoints(self.folder, job.output.keep_last)
@@ -203,14 +218,22 @@ class Checkpoints:
 
     def check_weights(self) -> None:
         """Stop the run if a trainable weight (or its EMA) holds NaN/inf: such a checkpoint is never written."""
-        from ..weights_check import first_nonfinite
-
         ema = ((f"EMA of {n}", t) for n, t in self.state.ema.items())
-        bad = first_nonfinite([*self.model.trainable().items(), *ema])
+        bad = self.first_nonfinite([*self.model.trainable().items(), *ema])
         if bad is not None:
             raise TrainingDiverged("weights", bad, f"this trained tensor holds NaN/inf at step {self.state.step} "
                                    "although the loss was finite; no checkpoint was written for this step. "
                                    f"{self.good_words()}", DIVERGED_FIX)
+
+    def first_nonfinite(self, named) -> str | None:
+        """The first tensor holding NaN/inf (sharded: over every process's shards, on every process)."""
+        from ..weights_check import first_nonfinite
+
+        if self.sharded:
+            from .sharded import first_nonfinite as sharded_first_nonfinite
+
+            return sharded_first_nonfinite(named, self.accelerator)
+        return first_nonfinite(named)
 
     def good_words(self) -> str:
         good = last_good_checkpoint(self.folder)
@@ -221,13 +244,11 @@ class Checkpoints:
     def diverged(self, loss: float) -> TrainingDiverged:
         """The error for a NaN/inf loss at step `step + 1`. The newest checkpoint, when it holds the weights that
         gave this loss, is marked not good, so resuming and pruning skip it."""
-        from ..weights_check import first_nonfinite
-
         step = self.state.step
         newest = self.latest() if self.main else None
         if newest is not None and newest.name == f"checkpoint-{step:07d}":
             mark_not_good(newest, f"the loss its weights gave at step {step + 1} was {loss}")
-        bad = first_nonfinite(self.model.trainable().items())
+        bad = self.first_nonfinite(self.model.trainable().items())
         where = f" (the trained tensor {bad!r} holds NaN/inf)" if bad is not None else ""
         return TrainingDiverged("loss", loss, f"became {loss} at step {step + 1}{where}; the run was stopped. "
                                 f"{self.good_words()}", DIVERGED_FIX)
@@ -248,12 +269,45 @@ class Checkpoints:
         if newest is not None and newest != path and not is_good(newest):
             self.callbacks.on_message(f"resuming from {path.name}, not the newer {newest.name}: its weights are not "
                                       "good (see \"not_good\" in its state.json)")
-        ckpt = load_checkpoint(path)
-        state = ckpt["state"]
+        state = self._load(path)
+        s = self.state
+        s.epoch = self.sampler.resume(state["data_position"])
+        s.batches_done = self.sampler.start
+        s.step = int(state["step"])
+        s.history = list(state.get("history", []))
+        s.eval_history = list(state.get("eval_history", []))
+        set_rng_state(state["rng"])
+        s.resumed_from = path
+        self.callbacks.on_message(f"resumed from {path} at step {s.step}")
+
+    def _check_job(self, path: Path, state: dict) -> None:
         if state.get("fingerprint") != self.job.fingerprint():
             raise DistilleryError("resume", str(path), "this checkpoint was made by a different job (model, data, loss "
                                   "or training settings changed).",
                                   "use a new output folder, set resume to null to start over, or restore the settings.")
+
+    def _load(self, path: Path) -> dict:
+        """Load a checkpoint's weights, optimiser, LR schedule, loss state and EMA; returns its state.json."""
+        from .sharded import check_resumable
+
+        if (path / "state.json").is_file():  # (else load_checkpoint refuses it, naming what it lacks)
+            check_resumable(path, json.loads((path / "state.json").read_text()), self.sharded,
+                            self.accelerator.num_processes)
+        if self.sharded:
+            from . import sharded
+
+            state = json.loads((path / "state.json").read_text())
+            self._check_job(path, state)
+            sharded.load(path, state, self.model.dit, self.optim.optimizer, self.state.ema)
+            bad = self.first_nonfinite(self.model.trainable().items())
+            if bad is not None:
+                raise DistilleryError("resume", str(path), f"the checkpoint's tensor {bad!r} holds NaN/inf.",
+                                      "resume from an earlier checkpoint (resume: \"auto\" picks the newest good one).")
+            self.optim.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            return state
+        ckpt = load_checkpoint(path)
+        state = ckpt["state"]
+        self._check_job(path, state)
         own = self.model.trainable()
         missing = sorted(set(own) - set(ckpt["trainable"]))
         if missing:
@@ -269,14 +323,6 @@ class Checkpoints:
         self.optim.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if hasattr(self.loss, "load_state_dict"):
             self.loss.load_state_dict(unflatten_state(state["loss_state"], ckpt["loss"] or {}))
-        s = self.state
-        s.epoch = self.sampler.resume(state["data_position"])
-        s.batches_done = self.sampler.start
-        s.step = int(state["step"])
-        s.history = list(state.get("history", []))
-        s.eval_history = list(state.get("eval_history", []))
         if ckpt["ema"] is not None:
-            s.ema = {n: t.to(self.accelerator.device) for n, t in ckpt["ema"].items()}
-        set_rng_state(state["rng"])
-        s.resumed_from = path
-        self.callbacks.on_message(f"resumed from {path} at step {s.step}")
+            self.state.ema = {n: t.to(self.accelerator.device) for n, t in ckpt["ema"].items()}
+        return state

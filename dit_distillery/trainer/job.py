@@ -134,6 +134,10 @@ class TrainJob:
     output: OutputSpec = field(default_factory=OutputSpec)
     validation: ValidationSpec = field(default_factory=ValidationSpec)
     resume: str | None = "auto"  # "auto" = continue from the output folder's latest checkpoint, None = fresh
+    # Several processes (accelerate launch): "ddp" replicates the model on each; "fsdp" shards parameters,
+    # gradients and optimiser states over them (accelerate's FSDP2; full training of a DiT that does not fit one
+    # GPU). One process trains the same either way. See trainer/sharded.py.
+    distributed: str = "ddp"
 
     # ------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -168,8 +172,8 @@ class TrainJob:
         """A hash of what a resumed run must share with the one that wrote the checkpoint: not where it is
         written, how often it is saved or validated, nor the total step count (extending a run is allowed)."""
         data = self.to_dict()
-        for key in ("output", "resume", "validation", "steps", "compile"):
-            data.pop(key)
+        for key in ("output", "resume", "validation", "steps", "compile", "distributed"):
+            data.pop(key)  # (distributed: checked on resume against the checkpoint's own, with its own message)
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def validate(self) -> None:
@@ -206,6 +210,7 @@ class TrainJob:
         _check_ranges(self)
         _check_dtypes(self)
         _check_targets(self.lora.targets)
+        _check_distributed(self)
         _check_synthetic(self.data.synthetic)
         if self.validation.prompts and not self.validation.seeds:
             raise DistilleryError("validation.seeds", self.validation.seeds, "no seed for the validation prompts.",
@@ -423,6 +428,34 @@ def _check_dtypes(job: TrainJob) -> None:
     # model.dtype is the base weights' dtype (trainer.loop._base_dtype); auto = bf16 on a GPU, fp32 on the CPU
     _choice("model.dtype", job.model.dtype, ("auto", "bf16", "fp16", "fp32"))
     dtype_from_name(job.output.save_dtype, "output.save_dtype")
+
+
+def _check_distributed(job: TrainJob) -> None:
+    """What sharded training (FSDP) covers: full training with AdamW and a loss that trains nothing of its own."""
+    _choice("distributed", job.distributed, ("ddp", "fsdp"))
+    if job.distributed != "fsdp":
+        return
+    if job.mode != "full":
+        # LoRA trainables and their optimiser states are small: DDP keeps a copy on every GPU at little cost, and
+        # what fills a GPU is the frozen base, which base_dtype / gradient checkpointing shrink without sharding.
+        raise DistilleryError("distributed", job.distributed, "sharding (FSDP) is for full training: a LoRA's "
+                              "adapters and optimiser states are small enough to replicate.",
+                              'use distributed "ddp" for LoRA, or mode "full" to train every weight sharded.')
+    if job.optim.name != "adamw":
+        raise DistilleryError("optim.name", job.optim.name, "sharded training (distributed fsdp) checkpoints and "
+                              "resumes AdamW's states only (8-bit and factored states are not sharded).",
+                              'use optim.name "adamw" (its states are sharded too), or distributed "ddp".')
+    from ..losses import LOSSES
+
+    if hasattr(LOSSES.get(job.loss.get("kind")), "state_dict"):
+        raise DistilleryError("loss.kind", job.loss.get("kind"), "this loss trains a model of its own (e.g. DMD's "
+                              "fake score), which sharded training (distributed fsdp) does not shard yet.",
+                              'use distributed "ddp", or a loss without trainables of its own (flow_matching, '
+                              'direct_distill, trajectory).')
+    if getattr(job, "blocks_to_swap", 0):
+        raise DistilleryError("blocks_to_swap", job.blocks_to_swap, "block swapping and sharding (distributed "
+                              "fsdp) both manage where the weights live; they cannot be combined.",
+                              "set blocks_to_swap to 0 (sharding already divides the memory by the processes).")
 
 
 def _check_targets(targets) -> None:

@@ -29,6 +29,7 @@ from .checkpoints import RunState, TrainingDiverged, export_weights, folder_lock
 from .job import TrainJob
 from .setup import (Batches, TrainingModule, base_dtype, load_job_pipeline, lr_factor, make_accelerator, prepare_data,
                     set_up)
+from .sharded import is_sharded, publish
 
 __all__ = ["train", "Trainer", "TrainResult", "StepInfo", "Callbacks", "TrainingDiverged", "TrainingModule",
            "lr_factor", "prepare_data", "load_job_pipeline"]
@@ -83,11 +84,15 @@ class Trainer:
         job.validate()
         self.job, self.callbacks, self.stop = job, callbacks or Callbacks(), stop or (lambda: False)
         self.out = Path(job.output.dir)
-        self.accelerator = make_accelerator(job)  # refuses sharded training (FSDP, DeepSpeed)
+        self.accelerator = make_accelerator(job)  # FSDP for distributed "fsdp" (sharded.py); DeepSpeed refused
         self.device = self.accelerator.device
         dtype = base_dtype(job, self.device)
-        self.pipe = pipeline if pipeline is not None else load_job_pipeline(job, self.device, dtype)
-        self.pipe.to(device=self.device)
+        # a sharded run keeps its DiT on the CPU until it is sharded: each GPU then receives only its shards
+        sharded = is_sharded(job, self.accelerator)
+        self.pipe = pipeline if pipeline is not None else load_job_pipeline(job, "cpu" if sharded else self.device,
+                                                                              dtype)
+        for part in (self.pipe.prompt_encoder, self.pipe.codec) if sharded else (self.pipe,):
+            part.to(device=self.device)
         self.loss = loss_from_dict(job.loss)
         self.state = RunState()
         self.parts = None
@@ -157,7 +162,8 @@ class Trainer:
         losses = []
         for micro in range(job.grad_accum):
             batch, rng = batches.draw(self.state.step * job.grad_accum + micro)
-            sync = micro == job.grad_accum - 1 or acc.num_processes == 1
+            # FSDP reduce-scatters every micro-batch: its gradients then accumulate sharded
+            sync = micro == job.grad_accum - 1 or acc.num_processes == 1 or self.parts.optim.sharded
             with contextlib.nullcontext() if sync else acc.no_sync(module):
                 with acc.autocast():
                     loss, _ = module(batch, rng)
@@ -170,13 +176,15 @@ class Trainer:
         yet), the weights file, the final validation and the chart; a stopped run then raises StopRequested."""
         job, state, p = self.job, self.state, self.parts
         report = p.data.report
-        if self.accelerator.num_processes > 1:
+        if self.accelerator.num_processes > 1 and not p.optim.sharded:  # (sharded: each holds its own part)
             report["ranks_identical"] = ranks_identical(self.accelerator, p.model.trainable())
         checkpoint = (p.checkpoints.save(prune=not stopped) if last_saved != state.step or stopped
                       else p.checkpoints.latest())
         weights = None
         if self.main:
-            weights = export_weights(job, p.model.dit, state.step, self.out / f"{job.output.name}.safetensors")
+            path = self.out / f"{job.output.name}.safetensors"
+            weights = publish(checkpoint, path) if p.optim.sharded else export_weights(job, p.model.dit, state.step,
+                                                                                       path)
         if not stopped:
             p.validator.validate()
         chart = p.validator.write_chart() if self.main else None

@@ -37,13 +37,15 @@ from ..errors import DistilleryError
 from ..losses import DirectDistillLoss, SampleRNG
 from .checkpoints import Checkpoints, RunState
 from .job import TrainJob, synthetic_options
+from .sharded import fsdp_plugin, is_sharded
 from .validation import Validator, sample_settings
 
 
 def make_accelerator(job: TrainJob):
-    """The job's `Accelerator` (its precision; bf16 on CUDA for "auto"); sharded kinds are refused."""
+    """The job's `Accelerator` (its precision; bf16 on CUDA for "auto"), with accelerate's FSDP2 on CUDA for
+    distributed "fsdp" (`sharded.py`); DeepSpeed, Megatron and an FSDP launch config for a "ddp" job are refused."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedDataParallelKwargs
 
     cuda = torch.cuda.is_available()
@@ -54,15 +56,20 @@ def make_accelerator(job: TrainJob):
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
         AcceleratorState._reset_state(reset_partial_state=False)
     # find_unused_parameters is decided once the model is known (prepare_optimisation)
-    acc = Accelerator(mixed_precision=precision, cpu=not cuda, kwargs_handlers=[DistributedDataParallelKwargs()])
+    # the job decides: its plugin replaces one an accelerate config gave (on the CPU accelerate ignores it and
+    # sharded.shard applies FSDP2 itself; one process trains unsharded)
+    plugin = fsdp_plugin(precision) if job.distributed == "fsdp" and cuda and PartialState().num_processes > 1 \
+        else None
+    acc = Accelerator(mixed_precision=precision, cpu=not cuda, kwargs_handlers=[DistributedDataParallelKwargs()],
+                      fsdp_plugin=plugin)
     kind = str(acc.distributed_type).rsplit(".", 1)[-1]
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # their parameters and optimiser states are sharded across processes; our checkpoints (one process
-        # writes every tensor) would be incomplete, so refuse rather than write checkpoints that cannot resume
-        raise DistilleryError("accelerate config", kind, "sharded training is not supported yet: checkpoints "
-                              "would hold only one process's shard.",
-                              "use plain DDP (accelerate launch --multi_gpu), LoRA to fit memory, or gradient "
-                              "checkpointing with CPU offload.")
+    if kind in ("DEEPSPEED", "MEGATRON_LM") or (kind == "FSDP" and job.distributed != "fsdp"):
+        # other sharding engines: our checkpoints (sharded.py for FSDP) would miss what they split
+        raise DistilleryError("accelerate config", kind, f"this launch configuration shards the model with {kind}"
+                              + (", which this trainer does not checkpoint." if kind != "FSDP" else
+                                 ", but the job trains with distributed \"ddp\"."),
+                              'set "distributed": "fsdp" in the job for sharded full training (accelerate\'s FSDP2), '
+                              "or launch with a DDP config (accelerate launch --multi_gpu).")
     return acc
 
 
@@ -129,7 +136,7 @@ def prepare_data(job: TrainJob, pipe, accelerator, callbacks, stop) -> Data:
                                   f"{reasons[0]}).", "fix or replace the damaged files.")
         dataset = CachedDataset(kept, cache)
     else:
-        dataset = EncodingDataset(list(rows), pipe.codec, pipe.prompt_encoder, resolution, device=pipe.device)
+        dataset = EncodingDataset(list(rows), pipe.codec, pipe.prompt_encoder, resolution, device=accelerator.device)
     report.update(rows=len(dataset.rows), skipped=skipped, reasons=reasons)
     for reason in reasons[:20]:
         callbacks.on_message(f"skipped (data.on_error=skip): {reason}")
@@ -225,10 +232,11 @@ class Model:
         return [p for _, p in sorted(self.trainable().items())]
 
 
-def prepare_model(job: TrainJob, pipe, device) -> Model:
+def prepare_model(job: TrainJob, pipe, device, place: bool = True) -> Model:
     """Everything done to the DiT before training: trainables, gradient checkpointing, block-wise compile, device.
     (Where a frozen base in another precision or block swapping belong.) New adapters are initialised from torch's
-    global RNG, which the trainer seeds from the job."""
+    global RNG, which the trainer seeds from the job. `place=False` leaves the DiT where it is (a sharded run:
+    sharding moves each process's shards to its device)."""
     dit = pipe.dit
     dit.train()
     names = set_trainable(job, dit)
@@ -239,7 +247,8 @@ def prepare_model(job: TrainJob, pipe, device) -> Model:
 
         for block in block_list(dit)[0]:
             block.compile()
-    dit.to(device)
+    if place:
+        dit.to(device)
     return Model(dit, names)
 
 
@@ -305,11 +314,19 @@ class Optimisation:
     optimizer: Any
     lr_scheduler: torch.optim.lr_scheduler.LambdaLR
     params: list[torch.nn.Parameter]  # what is clipped
+    sharded: bool = False  # FSDP (sharded.py): the DiT's parameters are DTensors, each process holds its shards
 
 
 def prepare_optimisation(job: TrainJob, model: Model, loss, empty: TextEmbeds | None, accelerator,
                          family) -> Optimisation:
-    """The optimiser over the trainables (name order), its LR schedule, and the model + loss wrapped for DDP."""
+    """The optimiser over the trainables (name order), its LR schedule, and the model + loss wrapped for DDP; or,
+    sharded, the DiT sharded first and the optimiser over its shards (`sharded.shard`)."""
+    if is_sharded(job, accelerator):
+        from .sharded import shard
+
+        optimizer, params = shard(job, model, accelerator, make_optimizer)
+        module = TrainingModule(model.dit, loss, empty, job.data.caption_dropout, job.checkpoint_offload)
+        return Optimisation(module, optimizer, make_lr_scheduler(job, optimizer), params, sharded=True)
     params = model.params()
     optimizer = make_optimizer(job, params)
     scheduler = make_lr_scheduler(job, optimizer)
@@ -366,6 +383,8 @@ def check_memory(job: TrainJob, pipe, loss, accelerator, height: int, width: int
                                                 checkpointing=job.gradient_checkpointing, dtype_bytes=dtype_bytes)
     trainable = 0 if job.mode == "lora" else sum(
         p.numel() for n, p in dit.named_parameters() if any(n.startswith(x) for x in job.full_trainable))
+    if is_sharded(job, accelerator):  # each process keeps its share of the masters, gradients, AdamW states
+        trainable = -(-trainable // accelerator.num_processes)
     per_param = 4 + (8 if job.optim.name == "adamw" else 0) + (4 if pipe.dtype != torch.float32 else 0)
     error = None
     try:
@@ -418,12 +437,17 @@ def set_up(job: TrainJob, pipe, loss, accelerator, callbacks, stop, state: RunSt
     if job.data.cache:  # training runs only the DiT: the text encoder leaves the GPU (the VAE decodes samples)
         pipe.prompt_encoder.to(device="cpu")
     validator = Validator(job, pipe, loss, accelerator, data.dataset, callbacks, state)
-    validator.sample_teacher()  # the base model's images, before any change
-    model = prepare_model(job, pipe, accelerator.device)
+    sharded = is_sharded(job, accelerator)
+    if not sharded:
+        validator.sample_teacher()  # the base model's images, before any change
+    model = prepare_model(job, pipe, accelerator.device, place=not sharded)
     count = sum(p.numel() for p in model.params())
-    callbacks.on_message(f"training {count:,} parameters in {len(model.names)} tensors/modules")
-    state.start_ema(model.trainable(), job.ema_decay)
+    callbacks.on_message(f"training {count:,} parameters in {len(model.names)} tensors/modules"
+                         + (f", sharded over {accelerator.num_processes} processes" if sharded else ""))
     optim = prepare_optimisation(job, model, loss, data.empty, accelerator, pipe.family_spec)
+    state.start_ema(model.trainable(), job.ema_decay)  # (after sharding: the shadows of each process's shards)
+    if sharded:  # every process samples with the sharded DiT: still the base weights (no update, no resume yet)
+        validator.sample_teacher()
     setup_loss(loss, LossContext(job, accelerator, accelerator.device, pipe, model, data))
     checkpoints = Checkpoints(job, accelerator, callbacks, model, optim, loss, data.sampler, state,
                               validator.write_chart)

@@ -1,6 +1,7 @@
 """What a run shows of itself besides the training loss: the held-out loss (`evaluate`), validation grids (student
 samples beside the teacher's for Direct Distill), the teacher's images (sampled once, kept on disk), and the loss
-chart with `metrics.jsonl`. Only the main process samples and writes."""
+chart with `metrics.jsonl`. Only the main process samples and writes; a sharded DiT (`sharded.py`) runs on every
+process at once (each holds a part of its weights), so there every process samples and the main one writes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ..losses import DirectDistillLoss, DMDLoss, SampleRNG, TrajectoryLoss
 
 DISTILL = (DirectDistillLoss, TrajectoryLoss, DMDLoss)  # losses whose student samples with few steps, beside a teacher
 from .job import TrainJob
+from .sharded import is_sharded
 
 
 def sample_settings(job: TrainJob, pipe, loss, dataset=None) -> dict:
@@ -62,6 +64,7 @@ class Validator:
         self.out = Path(job.output.dir)
         self.paths: list[Path] = []
         self.teacher_images = None
+        self.collective = is_sharded(job, accelerator)  # every process runs the DiT's forward
 
     @property
     def main(self) -> bool:
@@ -77,7 +80,7 @@ class Validator:
     def evaluate(self) -> float | None:
         """Mean loss over the first `validation.eval_samples` samples with fixed randomness (main process)."""
         n = min(self.job.validation.eval_samples, len(self.dataset))
-        if not n or not self.main:
+        if not n or not (self.main or self.collective):
             return None
         from ..data import collate
         from .setup import move_batch  # (setup imports this module)
@@ -95,6 +98,8 @@ class Validator:
                     total += float(loss)
         finally:
             dit.train(was_training)
+        if not self.main:
+            return None
         value, step = total / n, self.state.step
         self.state.eval_history = [e for e in self.state.eval_history if e["step"] != step] + [
             {"step": step, "eval_loss": value}]
@@ -117,10 +122,12 @@ class Validator:
         """The held-out loss, then (main process, with prompts) a grid of student samples beside the teacher's."""
         v, step = self.job.validation, self.state.step
         self.evaluate()
-        if not v.prompts or not self.main:
+        if not v.prompts or not (self.main or self.collective):
             return None
         settings = self.settings()
         student = self._sample(**settings)
+        if not self.main:
+            return None
         rows, labels = [[im] for im in student], [f"{p} #{s}" for p in v.prompts for s in v.seeds]
         cols = [f"step {step}: {settings['steps']} steps cfg {settings['cfg_scale']:g}"]
         if self.teacher_images:
@@ -139,7 +146,7 @@ class Validator:
         steps, CFG), sampled before any update (call it before `prepare_model`) and kept on disk, so a resumed
         run (whose DiT has already changed) shows the same teacher."""
         v = self.job.validation
-        if not (self.main and v.prompts and v.teacher and isinstance(self.loss, DISTILL)):
+        if not ((self.main or self.collective) and v.prompts and v.teacher and isinstance(self.loss, DISTILL)):
             return
         from PIL import Image
 
@@ -153,6 +160,9 @@ class Validator:
                                    for i in range(len(v.prompts) * len(v.seeds))]
             return
         images = self._sample(**settings)
+        self.teacher_images = images
+        if not self.main:
+            return
         for i, im in enumerate(images):
             with atomic_output(folder / f"{i:03d}.png") as tmp:
                 im.save(tmp, format="PNG")
