@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 _BG, _GRID, _AXIS, _RAW, _SMOOTH, _LR, _TEXT = ((255, 255, 255), (230, 230, 230), (90, 90, 90), (160, 190, 230),
                                               (20, 80, 200), (230, 120, 20), (40, 40, 40))
 _EVAL = (20, 150, 60)
+_AUX = (170, 60, 170)  # a second series (a loss's own, e.g. DMD's fake-score loss), smoothed like the loss
 GRID_FONT_SIZE = 13
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom (right/bottom exclusive)
@@ -124,16 +125,18 @@ def _overlaps(a: Box, b: Box) -> bool:
 
 def loss_chart(steps: list[int], losses: list[float], *, lrs: list[float] | None = None, title: str = "loss",
                width: int = 640, height: int = 360, smoothing: float = 0.9, log_scale: bool = False,
-               evals: list[tuple[int, float]] | None = None) -> Image.Image:
+               evals: list[tuple[int, float]] | None = None, aux: list[tuple[int, float]] | None = None,
+               aux_label: str = "aux") -> Image.Image:
     """A PNG-ready chart of a loss history (and the learning rate, scaled to the right axis; held-out
-    evaluation losses as green dots)."""
+    evaluation losses as green dots; `aux`, a second loss such as DMD's fake score, as a purple line)."""
     return render_loss_chart(steps, losses, lrs=lrs, title=title, width=width, height=height, smoothing=smoothing,
-                             log_scale=log_scale, evals=evals)[0]
+                             log_scale=log_scale, evals=evals, aux=aux, aux_label=aux_label)[0]
 
 
 def render_loss_chart(steps: list[int], losses: list[float], *, lrs: list[float] | None = None, title: str = "loss",
                       width: int = 640, height: int = 360, smoothing: float = 0.9, log_scale: bool = False,
-                      evals: list[tuple[int, float]] | None = None) -> tuple[Image.Image, dict[str, list[Box]]]:
+                      evals: list[tuple[int, float]] | None = None, aux: list[tuple[int, float]] | None = None,
+                      aux_label: str = "aux") -> tuple[Image.Image, dict[str, list[Box]]]:
     """`loss_chart`, plus the box of everything it drew by kind ("title", "stats", "plot", "y_ticks", "x_ticks",
     "axis", "lr"), so the layout can be checked."""
     img = Image.new("RGB", (width, height), _BG)
@@ -159,9 +162,12 @@ def render_loss_chart(steps: list[int], losses: list[float], *, lrs: list[float]
         put("stats", (pad, pad + line + pad), "no data yet", _TEXT)
         return img, boxes
     evals = [(s, v) for s, v in (evals or []) if math.isfinite(v) and (v > 0 or not log_scale)]
+    aux = [(s, v) for s, v in (aux or []) if v is not None and math.isfinite(v) and (v > 0 or not log_scale)]
     xs = [p[0] for p in points]
     ys = [math.log10(p[1]) if log_scale else p[1] for p in points]
     eys = [math.log10(v) if log_scale else v for _, v in evals]
+    aux_ys = [math.log10(v) if log_scale else v for _, v in aux]
+    aux_smooth = ema(aux_ys, smoothing) if len(aux_ys) > 2 else aux_ys
     smooth = ema(ys, smoothing) if len(ys) > 2 else ys
 
     # the stats: right-aligned on the title's line where they fit beside it, else on lines of their own
@@ -169,6 +175,8 @@ def render_loss_chart(steps: list[int], losses: list[float], *, lrs: list[float]
              (f"smoothed {(10 ** smooth[-1]) if log_scale else smooth[-1]:.4g}", _SMOOTH)]
     if evals:
         stats.append((f"eval {evals[-1][1]:.4g}", _EVAL))
+    if aux:
+        stats.append((f"{aux_label} {aux[-1][1]:.4g}", _AUX))
     sep = 3 * _gap(fnt)
     stats_w = sum(text_width(t, fnt) for t, _ in stats) + sep * (len(stats) - 1)
     title_w = text_width(title, fnt) if title else 0
@@ -184,10 +192,10 @@ def render_loss_chart(steps: list[int], losses: list[float], *, lrs: list[float]
         x += text_width(text, fnt) + sep
     header = max(b[3] for bs in boxes.values() for b in bs)
 
-    x0 = min(xs + [s for s, _ in evals])
-    x1 = max(xs + [s for s, _ in evals])
+    x0 = min(xs + [s for s, _ in evals + aux])
+    x1 = max(xs + [s for s, _ in evals + aux])
     x1 = x1 if x1 > x0 else x0 + 1
-    lo, hi = min(ys + eys), max(ys + eys)
+    lo, hi = min(ys + eys + aux_ys), max(ys + eys + aux_ys)
     margin = (hi - lo) * 0.05 or abs(hi) * 0.05 or 1.0
     lo, hi = lo - margin, hi + margin
     y_ticks = [(t, f"{10 ** t:.3g}" if log_scale else f"{t:.3g}") for t in _nice_ticks(lo, hi)]
@@ -235,6 +243,8 @@ def render_loss_chart(steps: list[int], losses: list[float], *, lrs: list[float]
     else:
         x, y = px(xs[0], ys[0])
         draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=_SMOOTH)
+    if len(aux) > 1:
+        draw.line([px(s, y) for (s, _), y in zip(aux, aux_smooth)], fill=_AUX, width=2)
     for (s, _), y in zip(evals, eys):
         x, y = px(s, y)
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=_EVAL)

@@ -101,7 +101,7 @@ class FlowMatchingLoss:
 
     def __call__(self, dit, batch: dict, rng: SampleRNG, empty_text: TextEmbeds | None = None,
                  caption_dropout: float = 0.0):
-        x0 = batch["latents"].float()
+        x0 = image_latents(batch, self.kind).float()
         b = x0.shape[0]
         family = families.of_model(dit)
         schedule = self._schedule(family, x0)
@@ -174,7 +174,7 @@ class DirectDistillLoss:
                 raise DistilleryError("loss.target", "latents", "this dataset stores no teacher latents.",
                                       "use target 'image' (or 'auto'), or generate the dataset with Generate Distill Dataset.")
             return stored.float()
-        return batch["latents"].float()
+        return image_latents(batch, self.kind).float()
 
     def __call__(self, dit, batch: dict, rng: SampleRNG, empty_text: TextEmbeds | None = None,
                  caption_dropout: float = 0.0):
@@ -213,6 +213,15 @@ class DirectDistillLoss:
 
 
 LOSSES = {FlowMatchingLoss.kind: FlowMatchingLoss, DirectDistillLoss.kind: DirectDistillLoss}
+
+
+def image_latents(batch: dict, kind: str) -> torch.Tensor:
+    """The batch's image latents, refused by name for a prompts-only batch (losses with `needs_images = False`,
+    DMD, train without them; `TrainJob.validate` refuses the others before any work)."""
+    if batch.get("latents") is None:
+        raise DistilleryError("loss.kind", kind, f"the {kind} loss trains on each row's image, and this batch "
+                              "holds prompts only.", 'use the DMD loss ("dmd"), or a dataset with images.')
+    return batch["latents"]
 
 
 def loss_from_dict(data: dict):

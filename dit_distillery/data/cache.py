@@ -7,6 +7,9 @@ each item is keyed by a hash of everything its tensors depend on:
     codec.identity, prompt_encoder.identity, the resolution settings, the image file (absolute path + size +
     mtime, or a hash of its bytes), the prompt, and the teacher-latents file when the row has one.
 
+A prompts-only row (no image: `metadata.prompt_rows`, `read_metadata(prompts_only=True)`) stores its text alone
+and, in its info, the latent shape of the resolution's fixed size.
+
 Change any of these and the item's key changes, so it is encoded again; unchanged items are reused across runs
 and across datasets sharing the cache folder. Shards are written atomically as soon as they fill, and whatever
 was encoded is flushed before a stop or an error propagates, so an interrupted build resumes with only the
@@ -90,7 +93,7 @@ class LatentCache:
             parts = {
                 "format": CACHE_FORMAT, "codec": self.codec_identity, "text": self.encoder_identity,
                 "resolution": self.resolution.key(), "prompt": row.prompt,
-                "image": file_fingerprint(row.image, self.hash_contents),
+                "image": None if row.image is None else file_fingerprint(row.image, self.hash_contents),
                 "latents": None if row.latents is None else file_fingerprint(row.latents, self.hash_contents),
             }
         except OSError as exc:
@@ -121,11 +124,12 @@ class LatentCache:
         return len(self._index)
 
     def info(self, key: str) -> dict:
-        """Stored facts of an item: `size` [h, w] in pixels, `rescaled`, `image`."""
+        """Stored facts of an item: `size` [h, w] in pixels, `rescaled`, `image`; `latent_shape` [C, h, w] for a
+        prompts-only item (no image: its text alone is stored)."""
         return self._index[key][1]
 
     def load(self, key: str) -> dict:
-        """`latents` [C,h,w] float32, `embeds` [L,D], `mask` [L] bool, `target_latents` [C,h,w] float32 or None,
+        """`latents` [C,h,w] float32 (None for a prompts-only item), `embeds` [L,D], `mask` [L] bool, `target_latents` [C,h,w] float32 or None,
         `trajectory` [K,C,h,w] and `trajectory_sigmas` [K] float32 or None (see `load_teacher_trajectory`)."""
         from safetensors import safe_open
 
@@ -139,9 +143,9 @@ class LatentCache:
             handle = safe_open(str(shard), framework="pt")
             names = set(handle.keys())
             self._handles[shard] = (handle, names)
-        target, path = f"{key}.target_latents", f"{key}.trajectory"
+        target, path, latents = f"{key}.target_latents", f"{key}.trajectory", f"{key}.latents"
         return {
-            "latents": handle.get_tensor(f"{key}.latents").float(),
+            "latents": handle.get_tensor(latents).float() if latents in names else None,
             "embeds": handle.get_tensor(f"{key}.embeds"),
             "mask": handle.get_tensor(f"{key}.mask").bool(),
             "target_latents": handle.get_tensor(target).float() if target in names else None,
@@ -185,6 +189,11 @@ class LatentCache:
                 raise DistilleryError(name, value, "must be an integer >= 1.", f"set {name} to 1 or more.")
         if on_error not in ("raise", "skip"):
             raise DistilleryError("on_error", on_error, "unknown mode.", "use 'raise' or 'skip'.")
+        rows = list(rows)
+        if not self.resolution.fixed and any(r.image is None for r in rows):
+            raise DistilleryError("data.height/width", (self.resolution.height, self.resolution.width),
+                                  "a prompts-only dataset has no image to size its samples by.",
+                                  "give the samples' height and width (data.height/width).")
 
         report = CacheReport(total=0, reused=0, encoded=0)
 
@@ -244,6 +253,22 @@ class LatentCache:
                 report.rescaled += flags[i]
             tick()
 
+        def encode_text(group: list) -> None:
+            """Prompts-only rows: their text alone, and the latent shape of the fixed size."""
+            nonlocal done
+            keys, batch_rows = zip(*group)
+            with torch.no_grad():
+                text = prompt_encoder.encode([r.prompt for r in batch_rows])
+            text = TextEmbeds(text.embeds.cpu(), None if text.mask is None else text.mask.cpu())
+            h, w = self.resolution.height, self.resolution.width
+            for i, key in enumerate(keys):
+                done += 1
+                embeds, mask = unpad_text(text, i, getattr(prompt_encoder, "trims_padding", False))
+                finished[key] = {"embeds": embeds, "mask": mask, "_info": {
+                    "size": [h, w], "rescaled": False, "image": None, "latent_shape": list(codec.latent_shape(h, w))}}
+                report.encoded += 1
+            tick()
+
         def flush(final: bool = False) -> None:
             while len(finished) >= shard_size or (final and finished):
                 keys = list(finished)[:shard_size]
@@ -251,10 +276,18 @@ class LatentCache:
                 report.shards_written += 1
 
         tick()
+        prompts_only: list = []
         try:
             for key, row in todo.items():
                 if stop is not None and stop():
                     raise StopRequested(f"cache build stopped after {done} of {report.total} items")
+                if row.image is None:
+                    prompts_only.append((key, row))
+                    if len(prompts_only) == batch_size:
+                        encode_text(prompts_only)
+                        prompts_only = []
+                        flush()
+                    continue
                 try:
                     pixels, rescaled = prepare_image(row.image, self.resolution, row.where)
                     if row.latents is not None:
@@ -270,6 +303,9 @@ class LatentCache:
                     flush()
             for size in list(pending):
                 encode(pending.pop(size))
+                flush()
+            if prompts_only:
+                encode_text(prompts_only)
                 flush()
         finally:
             flush(final=True)  # keep everything already encoded, also when stopping or failing

@@ -1,10 +1,12 @@
 """Torch datasets of training items, from the latent/text cache or encoded on the fly, and their collate.
 
-An item is a dict: `latents` [C,h,w] float32, `text` (embeds [L,D], mask [L] bool), `prompt`, `seed`,
+An item is a dict: `latents` [C,h,w] float32 (None for a prompts-only row: no image), `latent_shape` (C, h, w),
+`text` (embeds [L,D], mask [L] bool), `prompt`, `seed`,
 `rand_device`, `num_inference_steps`, `cfg_scale`, `teacher_steps`, `teacher_cfg`, `target_latents`
 ([C,h,w] float32 or None), `trajectory` / `trajectory_sigmas` (the teacher's recorded trajectory, [K,C,h,w] /
 [K], or None), `size` (h, w) in pixels, `row` and `where` (to name the sample in messages).
-`collate` stacks a batch and pads the prompts to the longest one as a `conditioning.TextEmbeds`.
+`collate` stacks a batch and pads the prompts to the longest one as a `conditioning.TextEmbeds`; a batch of
+prompts-only rows has `latents` None and their `latent_shape` (what a loss needing prompts only samples at).
 
 `repeat` behaves as DiffSynth's `--dataset_repeat`: item i is row `i % len(rows)`. `sizes` lists every item's
 pixel size for `BucketBatchSampler`.
@@ -29,9 +31,10 @@ def _check_repeat(repeat) -> int:
     return repeat
 
 
-def _item(row: Row, latents, embeds, mask, target, size, trajectory=None) -> dict:
+def _item(row: Row, latents, embeds, mask, target, size, trajectory=None, latent_shape=None) -> dict:
     path, sigmas = trajectory if trajectory is not None else (None, None)
-    return {"latents": latents, "text": (embeds, mask), "prompt": row.prompt, "seed": row.seed,
+    shape = tuple(latents.shape) if latents is not None else tuple(latent_shape)
+    return {"latents": latents, "latent_shape": shape, "text": (embeds, mask), "prompt": row.prompt, "seed": row.seed,
             "rand_device": row.rand_device, "num_inference_steps": row.num_inference_steps,
             "cfg_scale": row.cfg_scale, "teacher_steps": row.teacher_steps, "teacher_cfg": row.teacher_cfg,
             "target_latents": target, "trajectory": path, "trajectory_sigmas": sigmas, "size": tuple(size),
@@ -65,7 +68,7 @@ class CachedDataset(torch.utils.data.Dataset):
         item = self.cache.load(self.keys[i])
         trajectory = None if item.get("trajectory") is None else (item["trajectory"], item["trajectory_sigmas"])
         return _item(self.rows[i], item["latents"], item["embeds"], item["mask"], item["target_latents"],
-                     self._sizes[i], trajectory)
+                     self._sizes[i], trajectory, self.cache.info(self.keys[i]).get("latent_shape"))
 
 
 class EncodingDataset(torch.utils.data.Dataset):
@@ -82,7 +85,11 @@ class EncodingDataset(torch.utils.data.Dataset):
         self.repeat = _check_repeat(repeat)
         self.codec, self.prompt_encoder, self.resolution, self.device = codec, prompt_encoder, resolution, device
         # sizes from the file headers only, so buckets can be formed without decoding every image
-        self._sizes = [resolution.size_for(*image_size(r.image, r.where)) for r in self.rows]
+        if not resolution.fixed and any(r.image is None for r in self.rows):
+            raise DistilleryError("data.height/width", None, "a prompts-only dataset has no image to size its "
+                                  "samples by.", "give the samples' height and width (data.height/width).")
+        self._sizes = [(resolution.height, resolution.width) if r.image is None else
+                       resolution.size_for(*image_size(r.image, r.where)) for r in self.rows]
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
@@ -93,6 +100,13 @@ class EncodingDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index % len(self.rows)]
+        if row.image is None:  # prompts only: the text, and the latent shape of the fixed size
+            with torch.no_grad():
+                text = self.prompt_encoder.encode([row.prompt])
+            text = TextEmbeds(text.embeds.cpu(), None if text.mask is None else text.mask.cpu())
+            embeds, mask = unpad_text(text, 0, getattr(self.prompt_encoder, "trims_padding", False))
+            size = (self.resolution.height, self.resolution.width)
+            return _item(row, None, embeds, mask, None, size, latent_shape=self.codec.latent_shape(*size))
         pixels, _ = prepare_image(row.image, self.resolution, row.where)
         latents, text = encode_batch([pixels], [row.prompt], self.codec, self.prompt_encoder, self.device)
         embeds, mask = unpad_text(text, 0, getattr(self.prompt_encoder, "trims_padding", False))
@@ -103,7 +117,7 @@ class EncodingDataset(torch.utils.data.Dataset):
 
 def collate(items: list[dict]) -> dict:
     """Stack same-size items; pad the prompts to the longest (mask False on padding) into a `TextEmbeds`."""
-    sizes = {tuple(it["latents"].shape) for it in items}
+    sizes = {tuple(it["latent_shape"]) for it in items}
     if len(sizes) > 1:
         raise DistilleryError("batch", sorted(sizes), "samples of different sizes cannot share a batch.",
                               "use BucketBatchSampler (same-size batches), a fixed height/width, or batch size 1.")
@@ -113,7 +127,12 @@ def collate(items: list[dict]) -> dict:
         raise DistilleryError("latents", where, "some rows of this batch have teacher latents and others do not.",
                               "give every row a latents file, or none.")
     text = TextEmbeds.cat([TextEmbeds(it["text"][0][None], it["text"][1][None]) for it in items])
-    batch = {"latents": torch.stack([it["latents"] for it in items]), "text": text,
+    images = [it["latents"] for it in items]
+    if any(x is None for x in images) and not all(x is None for x in images):
+        raise DistilleryError("batch", [it["where"] for it in items], "rows with images and prompts-only rows "
+                              "cannot share a batch.", "use one kind of dataset.")
+    batch = {"latents": None if images[0] is None else torch.stack(images), "latent_shape": next(iter(sizes)),
+             "text": text,
              "target_latents": None if targets[0] is None else torch.stack(targets),
              "trajectory": None, "trajectory_sigmas": None}
     paths = [it.get("trajectory") for it in items]

@@ -36,7 +36,7 @@ class Row:
 
     row: int                       # 1-based: CSV/JSONL line, JSON entry, or position in a captioned folder
     where: str                     # how the user finds it: "metadata.csv line 3", "cat.png"
-    image: Path
+    image: Path | None             # None: a prompts-only row (`prompt_rows`, `prompts_only`): no image to encode
     prompt: str
     seed: int | None = None
     rand_device: str = "cpu"       # DiffSynth's inference default; the teacher's noise was drawn there
@@ -69,12 +69,14 @@ class Metadata:
 
 def read_metadata(base_path: str | os.PathLike, metadata_path: str | os.PathLike | None = None, *,
                   on_error: str = "raise", validate: bool = False, image_key: str = "image",
-                  prompt_key: str = "prompt") -> Metadata:
+                  prompt_key: str = "prompt", prompts_only: bool = False) -> Metadata:
     """Read a dataset the way DiffSynth's `--dataset_base_path/--dataset_metadata_path` describe it.
 
     `metadata_path=None` looks for `metadata.csv|jsonl|json` in the base folder, else treats the folder as
     images with same-name `.txt` captions. Missing files are always checked; `validate=True` also opens every
     image and latents file (otherwise an unreadable image is reported when it is first loaded).
+    `prompts_only`: only the prompt column (and seeds, steps, cfg) is read, image and latents columns are ignored
+    and every row's `image` is None: the data of a loss that needs prompts only (DMD).
     """
     if on_error not in ("raise", "skip"):
         raise DistilleryError("on_error", on_error, "unknown mode.", "use 'raise' or 'skip'.")
@@ -84,6 +86,9 @@ def read_metadata(base_path: str | os.PathLike, metadata_path: str | os.PathLike
                               "give the dataset's base folder (image paths in the metadata are relative to it).")
     if metadata_path is None:
         found = [base / n for n in METADATA_NAMES if (base / n).is_file()]
+        if not found and prompts_only:
+            raise DistilleryError("base_path", str(base), "no metadata.csv/.json/.jsonl for a prompts-only dataset.",
+                                  "write the prompts into metadata.csv under a 'prompt' column.")
         if not found:
             return _read_captioned_folder(base, on_error, validate)
         metadata_path = found[0]
@@ -93,11 +98,12 @@ def read_metadata(base_path: str | os.PathLike, metadata_path: str | os.PathLike
                               "give the path of metadata.csv, .json or .jsonl.")
     suffix = meta.suffix.lower()
     records = _json_records(meta) if suffix == ".json" else _jsonl_records(meta) if suffix == ".jsonl" \
-        else _csv_records(meta, (image_key, prompt_key))
+        else _csv_records(meta, (prompt_key,) if prompts_only else (image_key, prompt_key))
     result = Metadata(rows=[], source=meta)
     for number, where, record in records:
         try:
-            result.rows.append(_parse_row(record, number, where, base, image_key, prompt_key, validate))
+            result.rows.append(_parse_row(record, number, where, base, None if prompts_only else image_key,
+                                          prompt_key, validate))
         except DistilleryError as exc:
             if on_error == "raise":
                 raise skip_hint(exc) from exc.__cause__
@@ -106,8 +112,21 @@ def read_metadata(base_path: str | os.PathLike, metadata_path: str | os.PathLike
     if not result.rows:
         raise DistilleryError("metadata_path", str(meta), "no usable rows" +
                               (f" ({result.skipped} skipped, first: {result.reasons[0]})" if result.skipped else "")
-                              + ".", "add rows with an image and a prompt.")
+                              + ".", "add rows with a prompt." if prompts_only else "add rows with an image and a prompt.")
     return result
+
+
+def prompt_rows(prompts, field: str = "data.prompts") -> Metadata:
+    """A prompts-only dataset from a list of prompts (a training job's `data.prompts`): rows without an image."""
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
+        raise DistilleryError(field, prompts, "must be a non-empty list of prompts.",
+                              'write a JSON list, e.g. ["a red circle", "a blue square"].')
+    rows = []
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DistilleryError(f"{field}[{i}]", prompt, "empty prompt or not text.", "write a prompt or remove it.")
+        rows.append(Row(row=i + 1, where=f"{field}[{i}]", image=None, prompt=prompt))
+    return Metadata(rows=rows, source=Path(field))
 
 
 def skip_hint(exc: DistilleryError) -> DistilleryError:
@@ -192,23 +211,25 @@ def _parse_row(record, number: int, where: str, base: Path, image_key: str, prom
         raise fail("row", record["__extra_fields__"], "more fields than columns in the header.",
                    "quote values that contain commas, e.g. \"a red, round ball\".")
     for key in (image_key, prompt_key):
-        if key not in record:
+        if key is not None and key not in record:
             raise fail(key, None, f"the {key!r} column is missing.", f"add {key!r} to this row.")
 
-    image_value = _blank_to_none(record.get(image_key))
-    if image_value is None or not isinstance(image_value, str):
-        raise fail(image_key, image_value, "no image path.", "give the image's path relative to the base folder.")
-    image = Path(os.path.join(base, image_value))
-    if not image.is_file():
-        raise fail(image_key, image_value, f"the file {image} does not exist.",
-                   "check the path (relative to the dataset's base folder) and the file name's case.")
+    image = None  # image_key None: a prompts-only row
+    if image_key is not None:
+        image_value = _blank_to_none(record.get(image_key))
+        if image_value is None or not isinstance(image_value, str):
+            raise fail(image_key, image_value, "no image path.", "give the image's path relative to the base folder.")
+        image = Path(os.path.join(base, image_value))
+        if not image.is_file():
+            raise fail(image_key, image_value, f"the file {image} does not exist.",
+                       "check the path (relative to the dataset's base folder) and the file name's case.")
     prompt = record.get(prompt_key)
     if prompt is not None and not isinstance(prompt, str):
         raise fail(prompt_key, prompt, "the prompt is not text.", "write the caption as a string.")
     if not prompt or not prompt.strip():
         raise fail(prompt_key, prompt, "empty prompt.", "write a caption for this image (or remove the row).")
 
-    latents = _blank_to_none(record.get("latents"))
+    latents = _blank_to_none(record.get("latents")) if image is not None else None  # (prompts only: not read)
     if latents is not None:
         if not isinstance(latents, str):
             raise fail("latents", latents, "not a path.", "give the teacher latents' .safetensors path or leave it blank.")
@@ -242,7 +263,8 @@ def _parse_row(record, number: int, where: str, base: Path, image_key: str, prom
     if validate:
         from .images import check_image
 
-        check_image(row.image, where)
+        if row.image is not None:
+            check_image(row.image, where)
         if row.latents is not None:
             check_latents_file(row.latents, where)
     return row
