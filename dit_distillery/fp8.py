@@ -208,6 +208,36 @@ def _hook_class():
 
 
 _HOOK = None
+_COPYABLE: dict[type, type] = {}
+
+
+def _deepcopy_fp8_linear(self, memo):
+    """A deep copy that computes with its own weight. diffusers' hook registry replaces `forward` by a closure over
+    this module, which copy.deepcopy cannot follow (functions are copied by reference): a plain copy would run
+    the original's hook on the original's weight (a merged LoRA or a block swap of the copy silently ignored).
+    The copy is made without the hook and attaches its own (the scale buffer comes with it)."""
+    import copy
+
+    hidden = {k: self.__dict__.pop(k) for k in ("forward", "_diffusers_hook") if k in self.__dict__}
+    try:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+    finally:
+        self.__dict__.update(hidden)
+    attach(new, new.compute_dtype)
+    return new
+
+
+def _copyable(module: torch.nn.Module) -> None:
+    """Give an fp8 Linear the deep copy of `_deepcopy_fp8_linear` (a subclass of its class, made once per class)."""
+    cls = type(module)
+    if "__deepcopy__" in cls.__dict__:
+        return
+    if cls not in _COPYABLE:
+        _COPYABLE[cls] = type(cls.__name__, (cls,), {"__deepcopy__": _deepcopy_fp8_linear,
+                                                    "__module__": cls.__module__})
+    module.__class__ = _COPYABLE[cls]
 
 
 def attach(module: torch.nn.Linear, compute_dtype: torch.dtype, scale: torch.Tensor | None = None) -> None:
@@ -221,6 +251,7 @@ def attach(module: torch.nn.Linear, compute_dtype: torch.dtype, scale: torch.Ten
     if scale is not None:
         module.register_buffer("weight_scale", scale.detach().float().to(module.weight.device))
     module.compute_dtype = compute_dtype  # peft reads it (as bitsandbytes' layers give it) for its adapters' dtype
+    _copyable(module)
     HookRegistry.check_if_exists_or_initialize(module).register_hook(_HOOK(compute_dtype, module.weight.dtype),
                                                                      HOOK_NAME)
 
@@ -301,6 +332,29 @@ def dequantised_state(model: torch.nn.Module, dtype: torch.dtype | None = None) 
             if scale is not None or dtype is not None:
                 state[prefix + "weight"] = _dequant(m.weight.float(), scale, torch.float32).to(dtype or m.compute_dtype)
     return state
+
+
+def update_weight(module: torch.nn.Module, wide: torch.Tensor) -> None:
+    """Give an fp8 Linear (`is_fp8_linear`) a new value `wide` (its dequantised weight, e.g. with a LoRA merged),
+    in place: scaled weights get their scale recomputed (per tensor or per row, as it was) so the new values are
+    stored as exactly as fp8 allows; a weight without a scale is cast as it is."""
+    w, scale = module.weight, getattr(module, "weight_scale", None)
+    with torch.no_grad():
+        if scale is None:
+            w.copy_(wide.to(w.dtype))
+            return
+        fmax = torch.finfo(w.dtype).max
+        wide = wide.float()
+        amax = wide.abs().amax() if scale.numel() == 1 else wide.abs().reshape(wide.shape[0], -1).amax(1)
+        new = torch.where(amax > 0, amax / fmax, torch.ones_like(amax)).reshape(scale.shape)
+        w.copy_((wide / new.reshape(-1, *([1] * (wide.dim() - 1))) if new.numel() > 1 else wide / new)
+                .clamp(-fmax, fmax).to(w.dtype))
+        scale.copy_(new)
+
+
+def dequantised_weight(module: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight an fp8 Linear computes with (`weight * weight_scale`), in `dtype`."""
+    return _dequant(module.weight.float(), getattr(module, "weight_scale", None), torch.float32).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

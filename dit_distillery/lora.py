@@ -240,9 +240,15 @@ def merge_lora(model: torch.nn.Module, weights: LoraWeights, strength: float = 1
     """
     weights = _our_names(model, weights)
     named = _check_targets(model, weights, field)
+    from . import fp8
+
     with torch.no_grad():
         for name, m in weights.modules.items():
-            w = _base_weight(named[name])
+            base = getattr(named[name], "base_layer", named[name])
+            w = base.weight
+            if fp8.is_fp8_linear(base):  # an fp8 weight with its scale: merged into what it computes with
+                fp8.update_weight(base, fp8.dequantised_weight(base) + strength * m.delta().to(w.device))
+                continue
             w.copy_((w.float() + strength * m.delta().to(w.device)).to(w.dtype))
     return len(weights.modules)
 

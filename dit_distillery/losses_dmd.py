@@ -141,6 +141,7 @@ class DMDLoss:
     backward_simulation: bool = True  # False: the student is trained at its first step only (from pure noise)
 
     kind = "dmd"
+    needs_images = False  # prompts are all it needs: a prompts-only dataset (data.prompts) is accepted
 
     def __post_init__(self):
         from .losses import _mu_ok
@@ -192,7 +193,14 @@ class DMDLoss:
         self.check_job(job)
         teacher = None
         if job.model.teacher:
-            teacher = load_dit(job.model.teacher, dtype=dtype, device=ctx.device, field="model.teacher")
+            fp8_base = getattr(job, "base_dtype", "bf16") == "fp8"  # stored as the student's base is, then placed
+            teacher = load_dit(job.model.teacher, dtype=dtype, device="cpu" if fp8_base else ctx.device,
+                               field="model.teacher")
+            if fp8_base:
+                from .fp8 import store_in_fp8
+
+                store_in_fp8(teacher.requires_grad_(False), dtype)
+                teacher.to(ctx.device)
         self.attach(ctx.model.dit, teacher=teacher, lr=job.optim.lr, empty_text=ctx.data.empty,
                     caption_dropout=job.data.caption_dropout, accelerator=ctx.accelerator, dtype=dtype)
 

@@ -54,7 +54,9 @@ def load_student(base, *, weights: str | os.PathLike | None = None, lora: str | 
         if weights is not None:
             pipe = pipe.with_dit(load_dit(weights, dtype=dtype or pipe.dtype, device=pipe.device, field="weights"))
         elif lora is not None:  # a copy whose DiT can be changed (the base is never modified)
-            pipe = pipe.with_dit(copy.deepcopy(pipe.dit))
+            from .block_swap import copy_unswapped
+
+            pipe = pipe.with_dit(copy_unswapped(pipe.dit))  # (a block-swapped base keeps its swap; the copy none)
     else:
         pipe = load_pipeline(base, dit=weights, device=device or "cpu", dtype=dtype)
     if lora is not None:

@@ -82,6 +82,8 @@ class PipelineRef:
     loras: tuple = ()
     device: str = "auto"
     dtype: str = "auto"
+    base_dtype: str = "bf16"  # "fp8": the DiT's frozen Linear weights stored in fp8, computed in `dtype`
+    blocks_to_swap: object = 0  # DiT blocks kept on the CPU and streamed in as they run; "auto": fewest that fit
     parent: "PipelineRef | None" = None
     _pipe: object = field(default=None, repr=False)
     _base: "PipelineRef | None" = field(default=None, repr=False)
@@ -136,22 +138,60 @@ class PipelineRef:
         from dit_distillery.student import load_student
 
         parent = self.parent
+        placed = False  # whether the DiT is this ref's own, stored and placed as `base_dtype`/`blocks_to_swap` say
         if parent is not None and self.same_components(parent):
             if self.loras[:len(parent.loras)] == parent.loras and self.dit == parent.dit:
                 pipe, todo = parent.load(), self.loras[len(parent.loras):]
+                placed = True  # (the parent's, with the same settings)
             else:  # a new DiT file: LoRAs of the parent are inside it (or dropped on purpose)
                 pipe, todo = load_student(parent.load(), weights=self.dit), self.loras
         else:
             device, dtype = placement(self.device, self.dtype)
+            # a DiT to store in fp8 or block-swap is loaded on the CPU: as loaded it may not fit the device
             pipe = load_pipeline(self.source, dit=self.dit, text_encoder=self.text_encoder, vae=self.vae,
-                                 text_max_length=self.text_max_length, device=device, dtype=dtype)
+                                 text_max_length=self.text_max_length, device="cpu" if self.offloaded() else device,
+                                 dtype=dtype)
+            if self.offloaded():
+                pipe.prompt_encoder.to(device=device)
+                pipe.codec.to(device=device)
             todo = self.loras
+            self._place(pipe)
+            placed = True
         for path, strength in todo:
             pipe = load_student(pipe, lora=path, strength=strength)  # merges into a copy of the DiT
+        if todo or not placed:  # (a copy has no swap of its own: its base's is lifted while copying)
+            self._place(pipe)
         return pipe
 
+    def offloaded(self) -> bool:
+        return self.base_dtype == "fp8" or self.blocks_to_swap not in (0, None)
+
+    def _place(self, pipe) -> None:
+        """The DiT stored and placed as this ref says: its frozen Linears in fp8 (`base_dtype`, computed in the
+        pipeline's dtype: `fp8.store_in_fp8`), `blocks_to_swap` of its blocks swapped (`block_swap`; "auto": the
+        fewest for which sampling at the pipeline's default size fits the device's free memory, 0 on the CPU), the
+        rest on the device."""
+        if not self.offloaded():
+            return
+        from dit_distillery.block_swap import auto_blocks_to_swap, enable_block_swap
+
+        device, _ = placement(self.device, self.dtype)
+        dit = pipe.dit
+        dit.requires_grad_(False)  # (sampling; a training copy chooses its own trainables)
+        if self.base_dtype == "fp8":
+            from dit_distillery.fp8 import store_in_fp8
+
+            store_in_fp8(dit, pipe.dtype)
+        n = self.blocks_to_swap
+        if n == "auto":
+            n = 0 if device.type != "cuda" else auto_blocks_to_swap(dit, device, sampling_plan(pipe, self.base_dtype))
+        if n:
+            enable_block_swap(dit, n, device)
+        else:
+            dit.to(device)
+
     def same_components(self, other: "PipelineRef") -> bool:
-        keys = ("source", "text_encoder", "vae", "text_max_length", "device", "dtype")
+        keys = ("source", "text_encoder", "vae", "text_max_length", "device", "dtype", "base_dtype", "blocks_to_swap")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
     def loaded(self) -> bool:
@@ -180,7 +220,53 @@ class PipelineRef:
             if value:
                 parts.append(f"{name} {Path(value).name}")
         parts += [f"LoRA {Path(p).name}" + (f" x{s:g}" if s != 1 else "") for p, s in self.loras]
+        if self.base_dtype != "bf16":
+            parts.append(f"{self.base_dtype} base")
+        if self.blocks_to_swap not in (0, None):
+            parts.append(f"{self.blocks_to_swap} blocks swapped")
         return ", ".join(parts)
+
+
+def memory_inputs(use: str) -> dict:
+    """The optional node inputs that store a DiT's frozen weights in fp8 and swap its blocks, for `use`."""
+    return {
+        "base_dtype": (["bf16", "fp8"], {"default": "bf16", "tooltip":
+                       f"Weights of the DiT for {use}: bf16 as loaded, or fp8 (its Linear weights in one byte each, "
+                       "float8_e4m3fn with a scale, computed in the pipeline's dtype: half the memory, close "
+                       "results)."}),
+        "blocks_to_swap": ("INT", {"default": 0, "min": -1, "max": 1000, "tooltip":
+                           f"DiT blocks kept in CPU memory and streamed to the GPU as they run, for {use}: less "
+                           "GPU memory, the same results, some speed lost to the copies. -1 = auto: the fewest "
+                           "that fit the GPU's free memory (0 on a CPU)."}),
+    }
+
+
+def check_base_dtype(value: str) -> str:
+    if value not in ("bf16", "fp8"):
+        raise DistilleryError("base_dtype", value, "unknown base dtype.", "use bf16 or fp8.")
+    return value
+
+
+def swap_setting(value) -> int | str:
+    """A blocks_to_swap widget (-1 = auto) as the core takes it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise DistilleryError("blocks_to_swap", value, "must be a whole number >= -1.",
+                              "use 0 (no swap), a number of blocks, or -1 (auto).")
+    return "auto" if value == -1 else value
+
+
+def sampling_plan(pipe, base_dtype: str = "bf16"):
+    """The memory plan of sampling one image at the pipeline's default size and CFG (`memory_plan`, mode
+    "sample"): what block swap's "auto" fits to the device."""
+    from dit_distillery.memory_plan import memory_plan
+    from dit_distillery.velocity import base_model
+
+    dit = base_model(pipe.dit)
+    config = {k: v for k, v in dict(dit.config).items() if not k.startswith("_")}
+    d = pipe.defaults
+    tokens = None if pipe.prompt_encoder.trims_padding else int(getattr(pipe.prompt_encoder, "max_length", 0)) or None
+    return memory_plan((pipe.family, config), height=d["height"], width=d["width"], mode="sample",
+                       base_dtype=base_dtype, text_tokens=tokens, cfg_scale=d.get("cfg_scale"))
 
 
 def training_pipeline(pipe, share_weights: bool = False):
