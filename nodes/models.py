@@ -118,7 +118,9 @@ class ShrinkDiT:
                 "strategy": (list(STRATEGIES), {"default": "uniform", "tooltip":
                              "Which blocks: uniform (evenly spaced), first, interval (first K + last N-K: drops one "
                              "contiguous middle span), list (block_list), importance (ShortGPT block influence on "
-                             "calibration inputs). The source's last block is always kept last."}),
+                             "calibration inputs), learnable (TinyFusion: which blocks a short fine-tune recovers "
+                             "best, learnt on the calibration inputs with the whole source loaded; 200 steps, seeded "
+                             "by calibration_seed). The source's last block is always kept last."}),
                 "block_list": ("STRING", {"default": "", "tooltip": "strategy 'list': source blocks to keep, e.g. "
                                "'0-9,50-59' (must include the last block); per block stack: 'transformer_blocks=0-2,4; "
                                "single_transformer_blocks=0-9,19'. Other strategies: per-stack counts "
@@ -134,13 +136,15 @@ class ShrinkDiT:
                                  "How kept heads/FFN units/channels are chosen: magnitude (weights only) or importance "
                                  "(activations on calibration inputs)."}),
                 "calibration_prompts": ("STRING", {"multiline": True, "default": "", "tooltip":
-                                        "For importance scoring: one prompt per line, encoded with the connected "
+                                        "For importance scoring and the learnable strategy: one prompt per line, "
+                                        "encoded with the connected "
                                         "pipeline's text encoder. Empty: seeded Gaussian proxy inputs (reported)."}),
                 "calibration_size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 16, "tooltip":
                                      "Image side in pixels of the calibration inputs."}),
                 "calibration_seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 32 - 1,
                                              "control_after_generate": False,
-                                             "tooltip": "Seed of the calibration noise."}),
+                                             "tooltip": "Seed of the calibration noise (and of the learnable "
+                                             "strategy's sampling and LoRA)."}),
                 "dtype": (["keep", "bf16", "fp16", "fp32", "fp8"], {"default": "keep", "tooltip":
                           "dtype of the written student (fp8 = e4m3fn weight matrices)."}),
                 "name": ("STRING", {"default": "qwen_image_student.safetensors", "tooltip":
@@ -175,7 +179,9 @@ class ShrinkDiT:
                        keep_blocks=block_list.strip() or None if strategy == "list" else None,
                        keep_first=keep_first or None if strategy == "interval" else None,
                        heads=heads or None, width_method=width_method)
-        needs_scores = strategy == "importance" or (heads and width_method == "importance")
+        needs_scores = strategy in ("importance", "learnable") or (heads and width_method == "importance")
+        if strategy == "learnable":
+            options["learn"] = {"seed": int(calibration_seed)}
         calibration = None
         prompts = lines(calibration_prompts)
         if prompts and needs_scores:

@@ -9,7 +9,7 @@ HELP = ("make a smaller DiT by streaming exact slices of the source: Qwen-Image 
 
 # `shrink.plan.STRATEGIES` / `WIDTH_METHODS`, repeated because importing the shrink package imports torch, which
 # `--help` must not; tests/test_cli_fast.py checks they agree.
-STRATEGIES = ("uniform", "first", "interval", "list", "importance")
+STRATEGIES = ("uniform", "first", "interval", "list", "importance", "learnable")
 WIDTH_METHODS = ("magnitude", "importance")
 
 
@@ -33,7 +33,12 @@ def add_arguments(p) -> None:
                    help="how kept heads/FFN units/channels are chosen")
     p.add_argument("--dtype", default="keep", help="keep | bf16 | fp16 | fp32 | fp8 (e4m3fn weight matrices)")
     p.add_argument("--diffusers-folder", default=None, help="also write a diffusers folder (config.json + weights)")
-    p.add_argument("--device", default=None, help="device for importance calibration; none = cpu")
+    p.add_argument("--device", default=None, help="device for importance calibration and learnable training; "
+                   "none = cpu")
+    p.add_argument("--learn-steps", type=int, default=None, help="learnable strategy (TinyFusion: mask logits + a "
+                   "shared LoRA trained on calibration inputs, the whole source loaded): training steps; none = 200")
+    p.add_argument("--learn-seed", type=int, default=None, help="learnable strategy: seed of its sampling and LoRA "
+                   "(the choice is deterministic given it); none = 0")
     p.add_argument("--dry-run", action="store_true", help="print the plan (kept blocks, heads) without writing")
     p.add_argument("--no-progress", action="store_true", help="do not print progress to stderr")
 
@@ -71,6 +76,13 @@ def run(args) -> dict:
     common = dict(layers=_number(args.layers, "layers"), strategy=strategy, keep_blocks=args.keep_blocks,
                   keep_first=_number(args.keep_first, "keep_first"), heads=args.heads, width_method=args.width_method, device=args.device,
                   progress=None if (args.no_progress or args.json) else _progress_printer())
+    learn = {k: v for k, v in (("steps", args.learn_steps), ("seed", args.learn_seed)) if v is not None}
+    if learn and strategy != "learnable":
+        raise DistilleryError("learn_steps" if "steps" in learn else "learn_seed", next(iter(learn.values())),
+                              f"only the learnable strategy uses it, not {strategy!r}.",
+                              "add --strategy learnable, or drop --learn-steps / --learn-seed.")
+    if strategy == "learnable":
+        common["learn"] = learn or None
     if args.dry_run:
         return {"dry_run": True, **plan_shrink(args.source, **common).summary()}
     if not args.out:

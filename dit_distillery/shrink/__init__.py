@@ -27,35 +27,40 @@ from ..errors import DistilleryError
 from ..formats import TensorSource, dtype_from_name, dtype_name
 from .depth import DepthSource, parse_groups, plan_depth, same_depth_student, write_depth
 from .importance import Calibration, check_calibration, magnitude_scores, proxy_calibration, run_calibration
+from .learnable import PROXY_LEARN_BATCH, LearnSettings, learn_from_source
 from .plan import STRATEGIES, WIDTH_METHODS, ShrinkPlan, WidthPlan, check_layers, select_blocks, select_width
 from .stream import SourceModel, expected_shapes, student_config, student_tensors, write_diffusers_folder, write_student
 
 __all__ = ["shrink", "plan_shrink", "Calibration", "proxy_calibration", "ShrinkPlan", "WidthPlan", "STRATEGIES",
-           "WIDTH_METHODS", "OUTPUT_DTYPES"]
+           "WIDTH_METHODS", "OUTPUT_DTYPES", "LearnSettings"]
 
 OUTPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 
 
 def plan_shrink(source, *, layers=None, strategy="uniform", keep_blocks=None, keep_first=None, heads=None,
-                width_method="magnitude", calibration=None, device=None, progress=None, stop=None) -> ShrinkPlan:
+                width_method="magnitude", calibration=None, device=None, progress=None, stop=None,
+                learn=None) -> ShrinkPlan:
     """Decide which blocks, heads, FFN units and channels a student keeps, without writing anything.
 
     Cheap for the uniform/first/interval/list strategies with no width change; width shrinking reads the kept
-    blocks once (magnitude) and importance runs the source block by block on calibration inputs.
+    blocks once (magnitude), importance runs the source block by block on calibration inputs, and learnable loads
+    it whole and trains on them (`learn`: `learnable.LearnSettings` or a dict of them).
     """
     with open_source(source) as src:
         return _plan(src, layers=layers, strategy=strategy, keep_blocks=keep_blocks, keep_first=keep_first,
                      heads=heads, width_method=width_method, calibration=calibration, device=device,
-                     progress=progress, stop=stop)
+                     progress=progress, stop=stop, learn=learn)
 
 
 def shrink(source, out, *, layers=None, strategy="uniform", keep_blocks=None, keep_first=None, heads=None,
            width_method="magnitude", calibration=None, dtype=None, diffusers_folder=None, device=None,
-           progress=None, stop=None, reuse=False, overwrite=True, out_field="out") -> dict:
+           progress=None, stop=None, reuse=False, overwrite=True, out_field="out", learn=None) -> dict:
     """Write a shrunk copy of the DiT `source` to `out` (one safetensors file) and return a report.
 
     `layers`: blocks to keep (default all): a number for the main block stack, or per stack for a family with
-    several ('transformer_blocks=3,single_transformer_blocks=12' or a dict; an unnamed stack is kept whole); `strategy`: uniform | first | interval | list | importance;
+    several ('transformer_blocks=3,single_transformer_blocks=12' or a dict; an unnamed stack is kept whole); `strategy`: uniform | first | interval | list | importance | learnable
+    (TinyFusion's learnt selection, `learnable.py`: the source is loaded whole and trained briefly on the
+    calibration inputs; `learn`: its `LearnSettings` or a dict such as {'steps': 200, 'seed': 0});
     `keep_blocks`: '0-9,50-59' for 'list' (per stack: 'transformer_blocks=0-2,4; single_transformer_blocks=0-9,19');
     `keep_first`: K for 'interval' (per stack as `layers`); a depth-only family (no `WidthLayout`: AAADiT) refuses
     `heads` and the importance strategy; every student keeps the source's naming (FLUX.2's BFL stays BFL);
@@ -81,7 +86,7 @@ def shrink(source, out, *, layers=None, strategy="uniform", keep_blocks=None, ke
     with open_source(source) as src:
         plan = _plan(src, layers=layers, strategy=strategy, keep_blocks=keep_blocks, keep_first=keep_first,
                      heads=heads, width_method=width_method, calibration=calibration, device=device,
-                     progress=progress, stop=stop)
+                     progress=progress, stop=stop, learn=learn)
         if out.exists() and (reuse or not overwrite):
             same = same_depth_student if isinstance(src, DepthSource) else _same_student
             if reuse and same(out, src, plan, target):
@@ -163,11 +168,11 @@ def _same_student(out: Path, src: SourceModel, plan: ShrinkPlan, target: torch.d
 
 
 def _plan(src: SourceModel, *, layers, strategy, keep_blocks, keep_first, heads, width_method, calibration,
-          device, progress, stop) -> ShrinkPlan:
+          device, progress, stop, learn=None) -> ShrinkPlan:
     if isinstance(src, DepthSource):
         return plan_depth(src, layers=layers, strategy=strategy, keep_blocks=keep_blocks, keep_first=keep_first,
                           heads=heads, width_method=width_method, calibration=calibration, device=device,
-                          progress=progress, stop=stop)
+                          progress=progress, stop=stop, learn=learn)
     layers = _one_group(layers, src, "layers", True)
     keep_blocks = _one_group(keep_blocks, src, "keep_blocks", False)
     keep_first = _one_group(keep_first, src, "keep_first", True)
@@ -193,21 +198,28 @@ def _plan(src: SourceModel, *, layers, strategy, keep_blocks, keep_first, heads,
         raise DistilleryError("heads", heads, f"Shrink DiT keeps {src.family.title}'s width ({source_heads} heads): "
                               f"{src.layout.why_not_width}", f"leave heads at {source_heads} (or empty) and shrink "
                               "by depth (layers).")
-    if strategy == "importance":
+    if strategy in ("importance", "learnable"):
         if layers is None:
-            raise DistilleryError("layers", None, "the importance strategy needs the number of blocks to keep.",
+            raise DistilleryError("layers", None, f"the {strategy} strategy needs the number of blocks to keep.",
                                   f"give layers between 1 and {n}.")
         check_layers(layers, n)
+    settings = LearnSettings.of(learn) if strategy == "learnable" else None
     select_blocks(strategy, n, layers, keep_blocks=keep_blocks, keep_first=keep_first, scores=[0.0] * n,
-                  family=src.family)
-    needs_calibration = strategy == "importance" or (width_shrink and width_method == "importance")
-    stats = cal = None
-    if needs_calibration:
-        given = calibration if calibration is not None else proxy_calibration(config, family=src.family)
+                  family=src.family, learned=list(range(layers - 1)) + [n - 1] if settings else None)
+    scored = strategy == "importance" or (width_shrink and width_method == "importance")
+    stats = cal = learned = None
+    if scored or settings:
+        given = calibration if calibration is not None else proxy_calibration(
+            config, batch=PROXY_LEARN_BATCH if settings else 2, family=src.family)
         cal = check_calibration(given, config, family=src.family)
+    if settings:
+        learned = learn_from_source(src.path, src.family, config, {src.layout.group: layers}, cal, settings,
+                                    device=device, progress=progress, stop=stop)
+    if scored:
         stats = run_calibration(src, cal, device=device, progress=progress, stop=stop)
     kept = select_blocks(strategy, n, layers, keep_blocks=keep_blocks, keep_first=keep_first,
-                         scores=stats.block_scores if stats else None, family=src.family)
+                         scores=stats.block_scores if stats else None, family=src.family,
+                         learned=learned.kept[src.layout.group] if learned else None)
     width = None
     if width_shrink:
         scores = (stats.width_scores(kept) if width_method == "importance"
@@ -223,9 +235,12 @@ def _plan(src: SourceModel, *, layers, strategy, keep_blocks, keep_first, heads,
     if cal is not None and cal.kind == "proxy":
         notes.append("scores came from a seeded Gaussian PROXY of latents and prompts; pass a Calibration of real "
                      "encoded prompts for scores that reflect real images.")
+    if learned:
+        notes.append(learned.note())
+    block_scores = learned.keep_probability[src.layout.group] if learned else stats.block_scores if stats else None
     return ShrinkPlan(
         source=Path(src.path).name, source_config=config, config=student, strategy=strategy, kept_blocks=kept,
-        width=width, block_scores=stats.block_scores if stats else None, calibration=cal.kind if cal else None,
+        width=width, block_scores=block_scores, calibration=cal.kind if cal else None,
         params_before=_count(src.shapes.values()), params_after=_count(expected_shapes(student, src.family).values()),
         notes=notes, family=src.family.name,
     )

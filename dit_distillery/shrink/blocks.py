@@ -70,6 +70,10 @@ def drop_blocks(model, *, layers: int | None = None, strategy: str = "interval",
     if strategy == "importance" and scores is None:
         raise DistilleryError("strategy", strategy, "needs block scores.",
                               "compute them with block_influence(model, latents, sigma, text).")
+    if strategy == "learnable":
+        raise DistilleryError("strategy", strategy, "needs the learnt blocks.",
+                              "learn them with shrink.learnable.learn_blocks(model, layers, calibration), then pass "
+                              "strategy='list', keep_blocks=result.kept[group].")
     kept = select_blocks(strategy, len(blocks), layers, keep_blocks=keep_blocks, keep_first=keep_first, scores=scores,
                          family=family)
     config = {k: v for k, v in dict(source.config).items() if not k.startswith("_")}

@@ -94,10 +94,10 @@ def parse_groups(value, family, field: str, count: bool) -> dict:
 
 
 def select_groups(family, config: dict, *, layers, strategy: str, keep_blocks=None, keep_first=None,
-                  scores: dict | None = None) -> dict:
+                  scores: dict | None = None, learned: dict | None = None) -> dict:
     """{stack: kept source indices} for every droppable stack of `family` (a stack nobody names is kept whole);
     one `strategy` (plan.select_blocks) applied to each named stack with its own count, list and first-K (and
-    block scores, `scores[stack]`, for 'importance')."""
+    block scores, `scores[stack]`, for 'importance'; the learnt blocks, `learned[stack]`, for 'learnable')."""
     counts = parse_groups(layers, family, "layers", True)
     lists = parse_groups(keep_blocks, family, "keep_blocks", False)
     firsts = parse_groups(keep_first, family, "keep_first", True)
@@ -113,7 +113,8 @@ def select_groups(family, config: dict, *, layers, strategy: str, keep_blocks=No
         try:
             kept[g.attr] = select_blocks(strategy, n, counts.get(g.attr), keep_blocks=lists.get(g.attr),
                                          keep_first=firsts.get(g.attr),
-                                         scores=None if scores is None else scores[g.attr], family=family)
+                                         scores=None if scores is None else scores[g.attr], family=family,
+                                         learned=None if learned is None else learned.get(g.attr))
         except DistilleryError as exc:
             prefix = "" if len(family.block_groups()) == 1 else f"{g.attr}: "
             raise DistilleryError(exc.field, exc.value, prefix + exc.problem, exc.fix) from None
@@ -263,7 +264,7 @@ class DepthSource:
 
 
 def plan_depth(source: DepthSource, *, layers, strategy, keep_blocks, keep_first, heads, width_method,
-               calibration=None, device=None, progress=None, stop=None):
+               calibration=None, device=None, progress=None, stop=None, learn=None):
     """The `ShrinkPlan` of a `DepthSource`: every cheap check before anything is read. Width (`heads`) needs the
     family's per-stack `WidthLayout`, and block or activation importance its calibration runner; a family without
     them is refused by name."""
@@ -303,24 +304,43 @@ def plan_depth(source: DepthSource, *, layers, strategy, keep_blocks, keep_first
         raise DistilleryError("width_method", width_method, f"activation importance needs a calibration runner, "
                               f"which {family.title} does not have.", "use width_method magnitude.")
     needs_calibration = strategy == "importance" or (width_shrink and width_method == "importance")
+    settings = None
+    if strategy == "learnable":  # the model's own forward on the whole source: no runner needed
+        from .learnable import LearnSettings
+
+        settings = LearnSettings.of(learn)
     unsupported = [k for k in (layout.unsupported if layout else ()) if config.get(k)]
     if unsupported and (width_shrink or needs_calibration):
         raise DistilleryError("source", str(source.path), f"a {family.title} variant with {unsupported}, which "
                               "Shrink DiT slices and scores by depth only.", f"use a text-to-image {family.title} "
                               "DiT, or shrink this one by depth (no heads, no importance).")
-    if strategy == "importance" and not parse_groups(layers, family, "layers", True):
-        raise DistilleryError("layers", layers, "the importance strategy needs the number of blocks to keep.",
+    counts = parse_groups(layers, family, "layers", True)
+    if strategy in ("importance", "learnable") and not counts:
+        raise DistilleryError("layers", layers, f"the {strategy} strategy needs the number of blocks to keep.",
                               f"give layers per block stack, e.g. '{example}'.")
     zeros = {g.attr: [0.0] * config[g.count_key] for g in family.block_groups()}
+    placeholder = None if settings is None else {  # any valid choice of each named stack's count: checks only
+        a: list(range(k - 1)) + [config[family.group(a).count_key] - 1] for a, k in counts.items()
+        if isinstance(k, int) and 1 <= k <= config[family.group(a).count_key]}
     select_groups(family, config, layers=layers, strategy=strategy, keep_blocks=keep_blocks, keep_first=keep_first,
-                  scores=zeros)  # bad counts and lists fail here, before any calibration
-    stats = cal = None
-    if needs_calibration:
-        given = calibration if calibration is not None else proxy_calibration(config, family=family)
+                  scores=zeros, learned=placeholder)  # bad counts and lists fail here, before any calibration
+    stats = cal = learned = None
+    if needs_calibration or settings:
+        from .learnable import PROXY_LEARN_BATCH
+
+        given = calibration if calibration is not None else proxy_calibration(
+            config, batch=PROXY_LEARN_BATCH if settings else 2, family=family)
         cal = check_calibration(given, config, family=family)
+    if settings:
+        from .learnable import learn_from_source
+
+        learned = learn_from_source(source.path, family, config, counts, cal, settings, device=device,
+                                    progress=progress, stop=stop, field=source.field)
+    if needs_calibration:
         stats = runner(source, cal, device=device, progress=progress, stop=stop)
     kept = select_groups(family, config, layers=layers, strategy=strategy, keep_blocks=keep_blocks,
-                         keep_first=keep_first, scores=stats.block_scores if stats else None)
+                         keep_first=keep_first, scores=stats.block_scores if stats else None,
+                         learned=learned.kept if learned else None)
     student = dict(config, **{family.group(a).count_key: len(k) for a, k in kept.items()})
     width = None
     if width_shrink:
@@ -338,10 +358,13 @@ def plan_depth(source: DepthSource, *, layers, strategy, keep_blocks, keep_first
     if cal is not None and cal.kind == "proxy":
         notes.append("scores came from a seeded Gaussian PROXY of latents and prompts; pass a Calibration of real "
                      "encoded prompts for scores that reflect real images.")
+    if learned:
+        notes.append(learned.note())
+    block_scores = learned.keep_probability if learned else stats.block_scores if stats else None
     count = lambda shapes: sum(_numel(s) for s in shapes)  # noqa: E731
     return plan_module.ShrinkPlan(
         source=source.path.name, source_config=config, config=student, strategy=strategy, kept_blocks=kept,
-        width=width, block_scores=stats.block_scores if stats else None, calibration=cal.kind if cal else None,
+        width=width, block_scores=block_scores, calibration=cal.kind if cal else None,
         params_before=count(source.shapes.values()),
         params_after=count(expected_shapes(student, family).values()), notes=notes, family=family.name)
 

@@ -14,6 +14,8 @@ text states forward):
 * `list`: explicit indices and ranges ("0-9,50-59"), which must include the last block.
 * `importance`: ShortGPT's block influence, 1 - cos(block input, block output) over image tokens on calibration
   inputs (see `importance.py`); the N-1 most influential of the other blocks are kept.
+* `learnable`: TinyFusion's learnt selection (see `learnable.py`): per local group of blocks, a mask distribution
+  trained with a shared LoRA on calibration inputs, so the kept set is the one a short fine-tune recovers best.
 
 Width: the student keeps H of the source's heads in every block (head dim and RoPE axes unchanged), so its
 residual stream is H x head_dim wide and its FFNs as wide as the family's layout says for that width (Qwen-Image
@@ -30,7 +32,7 @@ import torch
 
 from ..errors import DistilleryError
 
-STRATEGIES = ("uniform", "first", "interval", "list", "importance")
+STRATEGIES = ("uniform", "first", "interval", "list", "importance", "learnable")
 WIDTH_METHODS = ("magnitude", "importance")
 
 
@@ -103,9 +105,10 @@ def check_layers(layers, num_source: int) -> int:
 
 
 def select_blocks(strategy: str, num_source: int, layers: int | None, *, keep_blocks=None, keep_first=None,
-                  scores=None, family=None) -> list[int]:
+                  scores=None, family=None, learned=None) -> list[int]:
     """Source indices of the kept blocks, ascending (student block i = source block result[i]); `family` (a
-    `families.Family`) names the model in messages."""
+    `families.Family`) names the model in messages; `learned`: the blocks `learnable.learn_blocks` chose, for
+    strategy 'learnable' (checked: `layers` of them, the last included)."""
     if strategy not in STRATEGIES:
         raise DistilleryError("strategy", strategy, "unknown depth strategy.", f"use one of {list(STRATEGIES)}.")
     if keep_blocks is not None and strategy != "list":
@@ -122,6 +125,17 @@ def select_blocks(strategy: str, num_source: int, layers: int | None, *, keep_bl
         if layers is not None and check_layers(layers, num_source) != len(kept):
             raise DistilleryError("layers", layers, f"the block list keeps {len(kept)} blocks, not {layers}.",
                                   "drop layers or make it match the list.")
+        return kept
+    if strategy == "learnable":
+        if layers is None:
+            raise DistilleryError("layers", None, "the learnable strategy needs the number of blocks to keep.",
+                                  f"give layers between 1 and {num_source}.")
+        check_layers(layers, num_source)
+        if learned is None:
+            raise ValueError("learnable selection needs the learnt blocks (shrink.learnable.learn_blocks)")
+        kept = sorted(int(i) for i in learned)
+        if len(kept) != layers or len(set(kept)) != layers or kept[-1] != num_source - 1 or kept[0] < 0:
+            raise ValueError(f"learnt blocks {kept} are not {layers} distinct blocks ending with {num_source - 1}")
         return kept
     layers = num_source if layers is None else check_layers(layers, num_source)
     last = num_source - 1
