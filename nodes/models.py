@@ -16,7 +16,7 @@ from dit_distillery.models import aaadit_presets
 
 from .common import (DIT, MODELS_CATEGORY, NONE, PIPELINE, Progress, check_relative, find_model, list_diffusers_folders,
                      list_models, lines, model_dirs, model_write_dir, path_inside, resolve_name, stat_key, user_errors)
-from .refs import BUILTIN_PIPELINES, DTYPES, DitRef, PipelineRef
+from .refs import BUILTIN_PIPELINES, DTYPES, DitRef, PipelineRef, check_base_dtype, memory_inputs, swap_setting
 
 FROM_INPUT = "[dit input]"  # Shrink DiT's source when the DiT comes from the `dit` socket
 
@@ -89,9 +89,9 @@ class BuildAAADiT:
 # Shrink DiT
 
 class ShrinkDiT:
-    DESCRIPTION = ("Makes a smaller DiT from exact slices of a source's weights: fewer blocks (depth) and/or fewer "
-                   "heads per block (width; Qwen-Image, Z-Image), or fewer blocks per stack (FLUX.2 [klein], "
-                   "depth only), streamed tensor by tensor so a 41 GB source needs about one "
+    DESCRIPTION = ("Makes a smaller DiT from exact slices of a source's weights: fewer blocks (depth; per block "
+                   "stack for FLUX.2 [klein]) and/or fewer heads per block (width; Qwen-Image, Z-Image, FLUX.2), "
+                   "streamed tensor by tensor so a 41 GB source needs about one "
                    "tensor of memory. Saves the student to models/diffusion_models (a depth-only student loads in "
                    "stock UNETLoader). Re-running with the same settings reuses the file.")
     CATEGORY = MODELS_CATEGORY
@@ -130,8 +130,8 @@ class ShrinkDiT:
                                "strategy 'interval': how many first blocks to keep; 0 = about a third."}),
                 "heads": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip":
                           "Attention heads per block to keep (width shrink; Qwen-Image has 24 of 128 channels); "
-                          "0 keeps all. A width-shrunk student needs Load Student to load in ComfyUI. FLUX.2 is "
-                          "shrunk by depth only: leave 0."}),
+                          "0 keeps all. A width-shrunk Qwen-Image or Z-Image student needs Load Student to load in "
+                          "ComfyUI; FLUX.2 [klein] ones (whole heads of 128, FFN 3x) load in UNETLoader too."}),
                 "width_method": (list(WIDTH_METHODS), {"default": "magnitude", "tooltip":
                                  "How kept heads/FFN units/channels are chosen: magnitude (weights only) or importance "
                                  "(activations on calibration inputs)."}),
@@ -155,7 +155,8 @@ class ShrinkDiT:
             "optional": {
                 "dit": (DIT, {"tooltip": "A DiT from another node (e.g. Load DiT); used when source is '[dit input]' "
                               "or instead of the source file."}),
-                "pipeline": (PIPELINE, {"tooltip": "Encodes the calibration prompts (a Qwen-Image pipeline)."}),
+                "pipeline": (PIPELINE, {"tooltip": "Encodes the calibration prompts (a pipeline of the source's "
+                             "family)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -187,8 +188,8 @@ class ShrinkDiT:
         if prompts and needs_scores:
             if pipeline is None:
                 raise DistilleryError("calibration_prompts", prompts[0], "prompts need a pipeline to encode them.",
-                                      "connect a Qwen-Image pipeline (Load Pipeline), or clear the prompts to score "
-                                      "with the seeded proxy.")
+                                      "connect a pipeline of the source's family (Load Pipeline), or clear the "
+                                      "prompts to score with the seeded proxy.")
             calibration = _calibration(pipeline, prompts, int(calibration_size), int(calibration_seed))
         progress = Progress(100, unique_id)
         with user_errors(progress):  # the same settings reuse the file (the core checks it)
@@ -294,6 +295,7 @@ class LoadPipeline:
             "optional": {
                 "dit": (DIT, {"tooltip": "A DiT from another node (Build AAADiT, Shrink DiT, Load DiT); wins over "
                               "dit_name."}),
+                **memory_inputs("sampling with this pipeline (Sample, Generate Distill Dataset's teacher)"),
             },
         }
 
@@ -308,7 +310,8 @@ class LoadPipeline:
                     paths.append(name)
         return f"{source}|{stat_key(*paths)}"
 
-    def load(self, source, dit_name, text_encoder_name, vae_name, text_max_length, dtype, device, dit=None):
+    def load(self, source, dit_name, text_encoder_name, vae_name, text_max_length, dtype, device, dit=None,
+             base_dtype="bf16", blocks_to_swap=0):
         if source in BUILTIN_PIPELINES:
             src = source
         else:
@@ -335,7 +338,8 @@ class LoadPipeline:
                                       "and VAE do not fit.", f"pick a {family} pipeline as the source, or a "
                                       f"{expected} DiT.")
         ref = PipelineRef(source=src, dit=dit_path, text_encoder=picked["text_encoders"], vae=picked["vae"],
-                          text_max_length=text_max_length or None, device=device, dtype=dtype)
+                          text_max_length=text_max_length or None, device=device, dtype=dtype,
+                          base_dtype=check_base_dtype(base_dtype), blocks_to_swap=swap_setting(blocks_to_swap))
         return (ref, ref.describe())
 
 
@@ -393,7 +397,6 @@ class ModelSizeReport:
             "optional": {
                 "dit": (DIT, {"tooltip": "Report on this DiT (wins over pipeline and preset)."}),
                 "pipeline": (PIPELINE, {"tooltip": "Report on this pipeline's DiT (wins over preset)."}),
-            },
                 "plan": (["off", "lora", "full", "sample"], {"default": "off", "tooltip":
                          "Also plan one run's peak GPU memory by part (LoRA or full training, or teacher sampling) "
                          "and the blocks to swap for budget_gb."}),
@@ -406,6 +409,7 @@ class ModelSizeReport:
                 "blocks_to_swap": ("INT", {"default": -1, "min": -1, "max": 1000, "tooltip":
                                    "Blocks kept on the CPU and streamed to the GPU; -1 = the fewest that fit "
                                    "budget_gb (0 without a budget)."}),
+            },
         }
 
     def report(self, preset, layers, heads, height, width, batch, text_tokens, lora_rank, lora_targets,

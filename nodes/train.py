@@ -38,7 +38,7 @@ from .common import (DATASET, LOSS, LOSS_HISTORY, NONE, PIPELINE, TRAIN_CATEGORY
                      Progress, downsample, find_model, format_seconds, free_comfy_memory, int_list, lines, list_models,
                      model_write_dir, output_dir, path_inside, pil_to_image, prompt_id, run_dir, safe_name,
                      send_event, send_text, text_image, user_errors, view_url)
-from .refs import training_pipeline
+from .refs import check_base_dtype, memory_inputs, swap_setting, training_pipeline
 
 
 def _train_inputs() -> dict:
@@ -120,11 +120,41 @@ def _train_inputs() -> dict:
 TRAIN_INPUT_NAMES = tuple(_train_inputs())
 
 
+def _teacher_input() -> dict:
+    """The optional teacher (the job's `model.teacher`), after the other optional inputs."""
+    return {"teacher": (PIPELINE, {"tooltip":
+                        "The teacher, when it is not the trained pipeline's own DiT: DMD's real score (needed when "
+                        "the student is another DiT, e.g. from Shrink DiT) and the validation grid's teacher column. "
+                        "Its DiT file is used (one file, no LoRA on top); the text encoder and VAE stay the "
+                        "pipeline's."})}
+
+
+def teacher_dit_path(teacher) -> str:
+    """The DiT file or transformer folder of a teacher pipeline, as the job's `model.teacher` names it."""
+    if getattr(teacher, "not_exportable", None):
+        raise DistilleryError("teacher", teacher.describe(), "its DiT is ComfyUI's loaded model, which a training "
+                              "job cannot name as a file.", "load the teacher with Load Pipeline (its DiT file).")
+    if teacher.loras:
+        raise DistilleryError("teacher", teacher.describe(), "has LoRAs on top; the teacher is one DiT file.",
+                              "merge them into a DiT file first (Load Student with export_name) and connect that "
+                              "pipeline.")
+    if teacher.dit:
+        return str(teacher.dit)
+    folder = Path(str(teacher.source or ""))
+    if (folder / "model_index.json").is_file() and (folder / "transformer").is_dir():
+        return str(folder / "transformer")
+    raise DistilleryError("teacher", teacher.describe(), "has no DiT file (a built-in pipeline).",
+                          "save its DiT first (Load Student with export_name) and connect that pipeline.")
+TRAINING_USE = "training (fp8: LoRA only; also fp8 when the pipeline's base_dtype is)"
+
+
 def build_job(pipeline, dataset, loss, out_dir: str, **w):
     """The `TrainJob` these inputs describe (checked by `TrainJob.validate`)."""
     from dit_distillery.trainer import TrainJob
 
     model, lora_preset = pipeline.job_model()
+    if w.get("teacher") is not None:
+        model["teacher"] = teacher_dit_path(w["teacher"])
     init = None if w["init_lora"] in (None, "", NONE) else str(find_model("loras", w["init_lora"], "init_lora"))
     prefixes = [p.strip() for p in str(w["full_trainable"]).split(",") if p.strip()] or [""]
     spec = {
@@ -143,6 +173,10 @@ def build_job(pipeline, dataset, loss, out_dir: str, **w):
         "grad_accum": int(w["grad_accum"]),
         "mixed_precision": w["mixed_precision"],
         "gradient_checkpointing": bool(w["gradient_checkpointing"]),
+        # an fp8 pipeline (Load Pipeline's base_dtype) is an fp8 base: the job says so, for Export Training Job too
+        "base_dtype": "fp8" if getattr(pipeline, "base_dtype", "bf16") == "fp8" else
+                      check_base_dtype(w.get("base_dtype", "bf16")),
+        "blocks_to_swap": swap_setting(w.get("blocks_to_swap", 0)),
         "checkpoint_offload": bool(w["checkpoint_offload"]),
         "ema_decay": float(w["ema_decay"]),
         "seed": int(w["seed"]),
@@ -238,6 +272,33 @@ def _archive(out: Path) -> Path | None:
     return target
 
 
+def _lend_dit(base, job):
+    """Lend the loaded pipeline's DiT to a training copy that shares its weights. When the copy is stored in fp8
+    or block-swapped (the job's base_dtype / blocks_to_swap), or the DiT itself is swapped (Load Pipeline's
+    blocks_to_swap), the trainer places the copy itself: the DiT waits on the CPU, its swap lifted (a swap's hooks
+    and host buffers are its own), so that only the copy takes GPU memory. Returns `restore(work)`: afterwards the
+    copy's swap is lifted (it holds the shared weights' masters) and the DiT is placed as it was, swapped on the
+    same blocks again."""
+    from dit_distillery.block_swap import block_swap_of, disable_block_swap, enable_block_swap
+
+    swap = block_swap_of(base.dit)
+    if swap is None and job.base_dtype != "fp8" and job.blocks_to_swap == 0:
+        return lambda work: None
+    n, device = (swap.count, swap.device) if swap is not None else (0, base.device)
+    disable_block_swap(base.dit, "cpu")
+    base.dit.to("cpu")
+
+    def restore(work) -> None:
+        if work is not None:
+            disable_block_swap(work.dit, "cpu")
+        if n:
+            enable_block_swap(base.dit, n, device)
+        else:
+            base.dit.to(device)
+
+    return restore
+
+
 def _publish_target(mode: str, name: str) -> Path:
     """Where the trained file is copied so stock loaders list it (models/loras or models/diffusion_models),
     checked before training: a file of that name that this pack did not train is never replaced."""
@@ -282,7 +343,8 @@ class TrainLoRAFull:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": _train_inputs(), "hidden": {"unique_id": "UNIQUE_ID"}}
+        return {"required": _train_inputs(), "optional": {**memory_inputs(TRAINING_USE), **_teacher_input()},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def train(self, pipeline, dataset, loss, unique_id=None, **widgets):
         from PIL import Image
@@ -301,9 +363,11 @@ class TrainLoRAFull:
             base = pipeline.without_loras().load()
         # the trainer seeds its own (forked) RNG from job.seed, so a queued-again graph gives the same weights
         with user_errors(progress), torch.inference_mode(False), torch.enable_grad():
-            # plain LoRA training only adds adapters: the frozen weights are shared, not copied
-            work = training_pipeline(base, share_weights=job.mode == "lora" and not job.lora.preset)
+            restore = _lend_dit(base, job)
+            work = None
             try:
+                # plain LoRA training only adds adapters: the frozen weights are shared, not copied
+                work = training_pipeline(base, share_weights=job.mode == "lora" and not job.lora.preset)
                 result = train(job, pipeline=work, callbacks=callbacks, stop=progress.stop)
             except StopRequested:
                 callbacks.send("stopped", force=True, message="stopped; queue again to continue from the checkpoint")
@@ -311,6 +375,8 @@ class TrainLoRAFull:
             except Exception as exc:
                 callbacks.send("error", force=True, message=str(exc))
                 raise
+            finally:
+                restore(work)
         callbacks.send("done", force=True, message=f"done: {result.weights}")
         weights = _publish(Path(result.weights), target)
         model = pipeline.with_lora(str(weights)) if job.mode == "lora" else pipeline.with_dit(str(weights))
@@ -352,6 +418,8 @@ class ExportTrainingJob:
                             "ddp: every GPU holds the whole model (LoRA, or full training that fits one GPU). fsdp: "
                             "full training sharded over the GPUs (weights, gradients and AdamW states split: "
                             "accelerate's FSDP2), for a DiT whose full training does not fit one GPU."}),
+            **memory_inputs(TRAINING_USE),
+            **_teacher_input(),
         }}
 
     def export(self, pipeline, dataset, loss, num_processes, cluster_output_dir, distributed="ddp", **widgets):
@@ -373,7 +441,6 @@ class ExportTrainingJob:
         from dit_distillery.trainer.launch import write_launch
 
         config, command = write_launch(job, path, int(num_processes))  # <name>.accelerate.yaml beside the job
-
         atomic_write_text(path.with_suffix(".sh"), f"#!/bin/sh\n# DiT Distillery training job {name}\n{command}\n")
         text = f"job: {path}\naccelerate config: {config}\ncommand: {command}"
         return {"ui": {"text": [text]}, "result": (str(path), command)}
@@ -401,13 +468,15 @@ class LossChart:
 
     def chart(self, loss_history, smoothing, log_scale, width, height):
         from dit_distillery.charts import loss_chart
+        from dit_distillery.trainer.validation import aux_series
 
         history = loss_history.get("history", [])
         image = loss_chart([h["step"] for h in history], [h["loss"] for h in history],
                            lrs=[h["lr"] for h in history] if history and "lr" in history[0] else None,
                            title=loss_history.get("title", "loss"), width=width, height=height,
                            smoothing=smoothing, log_scale=log_scale,
-                           evals=[(e["step"], e["eval_loss"]) for e in loss_history.get("eval", [])])
+                           evals=[(e["step"], e["eval_loss"]) for e in loss_history.get("eval", [])],
+                           **aux_series(history))  # (DMD's fake-score loss)
         return (pil_to_image([image]),)
 
 

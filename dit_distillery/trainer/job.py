@@ -35,7 +35,9 @@ class ModelSpec:
     text_encoder: str | None = None
     vae: str | None = None
     dtype: str = "auto"  # base weights: auto = bf16 on GPU, fp32 on CPU
-    teacher: str | None = None  # for validation beside a distilled student; defaults to the base pipeline
+    # The teacher, a DiT file or transformer folder: DMD's real score, and validation's teacher column (default: the
+    # pipeline's DiT before training). Needed when `dit` replaces the pipeline's DiT with a student for DMD.
+    teacher: str | None = None
 
 
 @dataclass
@@ -54,6 +56,10 @@ class DataSpec:
     on_error: str = "raise"  # or "skip" bad rows (counted in the report)
     caption_dropout: float = 0.0  # DiffSynth never drops captions; >0 teaches the unconditional branch for CFG
     num_workers: int = 0
+    # Prompts only, no images (a loss that needs prompts only: DMD): `prompts` lists them here, or `prompts_only`
+    # reads the prompt column of `path`'s metadata. Samples are height x width (default: the pipeline's size).
+    prompts: list[str] | None = None
+    prompts_only: bool = False
 
 
 @dataclass
@@ -104,9 +110,9 @@ class ValidationSpec:
     negative_prompt: str = ""
     height: int | None = None
     width: int | None = None
-    teacher: bool = True  # distillation: also sample the teacher (many steps, CFG) for side-by-side images
-    teacher_steps: int = 50
-    teacher_cfg: float = 4.0
+    teacher: bool = True  # distillation: also sample the teacher (model.teacher, else the base) beside the student
+    teacher_steps: int | None = None  # default: the dataset rows' teacher_steps, else 50
+    teacher_cfg: float | None = None  # default: the loss's (DMD's teacher_cfg), else the rows' teacher_cfg, else 4
     # A stable held-out measure (SimpleTuner's "evaluation loss"): the loss on the first N samples with fixed
     # noise and sigmas, at the start, at every validation and at the end. The training loss itself is too noisy
     # (it depends on the sigma drawn) to compare two checkpoints.
@@ -130,6 +136,12 @@ class TrainJob:
     checkpoint_offload: bool = False  # DiffSynth: --use_gradient_checkpointing_offload
     ema_decay: float = 0.0  # 0 = off
     compile: bool = False  # torch.compile each DiT block (regional): faster GPU steps after a one-off warm-up
+    # The frozen DiT weights: "bf16" as loaded, or "fp8" (their Linear weights stored in float8_e4m3fn with one
+    # scale each, computed in model.dtype: bf16 on a GPU, fp32 on the CPU; fp8.store_in_fp8). LoRA only.
+    base_dtype: str = "bf16"
+    # DiT blocks whose frozen weights stay in CPU memory and are streamed to the GPU as they run (block_swap.py):
+    # a number, or "auto" = the fewest that fit the GPU's free memory by the run's memory plan (0 on the CPU).
+    blocks_to_swap: Any = 0
     seed: int = 0
     output: OutputSpec = field(default_factory=OutputSpec)
     validation: ValidationSpec = field(default_factory=ValidationSpec)
@@ -172,8 +184,13 @@ class TrainJob:
         """A hash of what a resumed run must share with the one that wrote the checkpoint: not where it is
         written, how often it is saved or validated, nor the total step count (extending a run is allowed)."""
         data = self.to_dict()
-        for key in ("output", "resume", "validation", "steps", "compile", "distributed"):
+        for key in ("output", "resume", "validation", "steps", "compile", "distributed", "blocks_to_swap"):
             data.pop(key)  # (distributed: checked on resume against the checkpoint's own, with its own message)
+        if data["base_dtype"] == "bf16":  # the default: checkpoints written before the setting existed still match
+            data.pop("base_dtype")
+        for key, default in (("prompts", None), ("prompts_only", False)):  # (the same for these)
+            if data["data"][key] == default:
+                data["data"].pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def validate(self) -> None:
@@ -198,17 +215,20 @@ class TrainJob:
         if not 0 <= self.data.caption_dropout < 1:
             raise DistilleryError("data.caption_dropout", self.data.caption_dropout, "must be in [0, 1).",
                                   "use 0 (DiffSynth) or ~0.1 so CFG has an unconditional branch to use.")
-        if self.data.path is None and self.data.synthetic is None:
+        if self.data.path is None and self.data.synthetic is None and self.data.prompts is None:
             raise DistilleryError("data.path", None, "no dataset given.",
-                                  "set data.path to a dataset folder, or data.synthetic to {} for the embedded shapes.")
+                                  "set data.path to a dataset folder, data.synthetic to {} for the embedded shapes, "
+                                  "or data.prompts to a list of prompts (DMD).")
         if self.output.save_every < 0:
             raise DistilleryError("output.save_every", self.output.save_every, "must be >= 0.", "0 saves only at the end.")
         if not isinstance(self.loss, dict) or "kind" not in self.loss:
             raise DistilleryError("loss", self.loss, "must be an object with a 'kind'.",
                                   'use {"kind": "flow_matching"} or {"kind": "direct_distill"}.')
         _check_loss(self.loss, self)
+        _check_prompts_only(self)
         _check_ranges(self)
         _check_dtypes(self)
+        _check_memory_options(self)
         _check_targets(self.lora.targets)
         _check_distributed(self)
         _check_synthetic(self.data.synthetic)
@@ -391,6 +411,38 @@ def _check_loss(loss: dict, job: "TrainJob | None" = None) -> None:
         built.check_job(job)
 
 
+def is_prompts_only(job: TrainJob) -> bool:
+    """Whether the job's dataset holds prompts only (no images, no teacher latents)."""
+    return job.data.prompts is not None or job.data.prompts_only
+
+
+def _check_prompts_only(job: TrainJob) -> None:
+    """data.prompts / data.prompts_only: one source of prompts, and a loss that needs nothing else."""
+    d = job.data
+    if d.prompts is not None:
+        from ..data.metadata import prompt_rows
+
+        prompt_rows(d.prompts)  # a non-empty list of non-empty prompts
+        for name, value in (("data.path", d.path), ("data.synthetic", d.synthetic)):
+            if value is not None:
+                raise DistilleryError(name, value, "given together with data.prompts.",
+                                      "give the prompts either as data.prompts or in a folder's metadata "
+                                      "(data.path with data.prompts_only), not both.")
+    if d.prompts_only and d.synthetic is not None:
+        raise DistilleryError("data.prompts_only", True, "the synthetic shapes are images.",
+                              "drop data.prompts_only, or give data.path / data.prompts instead of data.synthetic.")
+    if not is_prompts_only(job):
+        return
+    from ..losses import LOSSES
+
+    kind = job.loss.get("kind")
+    if getattr(LOSSES.get(kind), "needs_images", True):
+        raise DistilleryError("loss.kind", kind, f"the {kind} loss trains on each row's image or teacher latents, "
+                              "and this dataset holds prompts only (data.prompts / data.prompts_only).",
+                              'use the DMD loss ("dmd": it needs prompts only), or a dataset with images: a folder '
+                              "of images and captions, or a Generate Distill Dataset folder for distillation.")
+
+
 def _check_ranges(job: TrainJob) -> None:
     o, v, d = job.optim, job.validation, job.data
     for name, value in (("optim.betas[0]", o.betas[0]), ("optim.betas[1]", o.betas[1])):
@@ -428,6 +480,23 @@ def _check_dtypes(job: TrainJob) -> None:
     # model.dtype is the base weights' dtype (trainer.loop._base_dtype); auto = bf16 on a GPU, fp32 on the CPU
     _choice("model.dtype", job.model.dtype, ("auto", "bf16", "fp16", "fp32"))
     dtype_from_name(job.output.save_dtype, "output.save_dtype")
+
+
+def _check_memory_options(job: TrainJob) -> None:
+    """base_dtype and blocks_to_swap: what they can be, and what they cannot be combined with."""
+    _choice("base_dtype", job.base_dtype, ("bf16", "fp8"))
+    if job.base_dtype == "fp8" and job.mode == "full":
+        raise DistilleryError("base_dtype", job.base_dtype, "full training updates the DiT's weights, and fp8 "
+                              "storage is for frozen weights (a LoRA's base).",
+                              'use base_dtype "bf16" for full training, or mode "lora" on an fp8 base.')
+    n = job.blocks_to_swap
+    if n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise DistilleryError("blocks_to_swap", n, "must be a whole number >= 0 or \"auto\".",
+                              'use 0 (every block on the GPU), e.g. 8, or "auto" (the fewest that fit the GPU).')
+    if n != 0 and job.compile:
+        raise DistilleryError("blocks_to_swap", n, "swapped blocks change their tensors at every call, which "
+                              "compiled blocks (compile) cannot follow.",
+                              "set compile to false, or blocks_to_swap to 0.")
 
 
 def _check_distributed(job: TrainJob) -> None:

@@ -44,6 +44,9 @@ class StepInfo:
     images_per_s: float  # averaged since this process's first step (progress.Eta), checkpoints included
     eta_s: float  # seconds left at that pace
     epoch: int
+    peak_memory_bytes: int | None = None  # CUDA: torch.cuda.max_memory_allocated over the steps so far
+    predicted_peak_bytes: int | None = None  # the memory plan's total, to compare with it
+    aux_losses: dict = field(default_factory=dict)  # what the loss's `before_step` returned, e.g. {"fake_loss"}
 
 
 @dataclass
@@ -52,7 +55,7 @@ class TrainResult:
     weights: Path | None  # the final LoRA or full-weights file
     checkpoint: Path | None
     steps: int
-    history: list[dict]  # [{"step", "loss", "lr"}]
+    history: list[dict]  # [{"step", "loss", "lr"}, plus the loss's own from before_step, e.g. "fake_loss"]
     chart: Path | None
     validation: list[Path] = field(default_factory=list)
     eval_history: list[dict] = field(default_factory=list)  # [{"step", "eval_loss"}] with validation.eval_samples
@@ -87,11 +90,12 @@ class Trainer:
         self.accelerator = make_accelerator(job)  # FSDP for distributed "fsdp" (sharded.py); DeepSpeed refused
         self.device = self.accelerator.device
         dtype = base_dtype(job, self.device)
-        # a sharded run keeps its DiT on the CPU until it is sharded: each GPU then receives only its shards
-        sharded = is_sharded(job, self.accelerator)
-        self.pipe = pipeline if pipeline is not None else load_job_pipeline(job, "cpu" if sharded else self.device,
+        # a sharded run keeps its DiT on the CPU until it is sharded: each GPU then receives only its shards; a DiT
+        # to store in fp8 or block-swap is placed by set_up once it is (as loaded it may not fit)
+        offload = is_sharded(job, self.accelerator) or job.base_dtype == "fp8" or job.blocks_to_swap != 0
+        self.pipe = pipeline if pipeline is not None else load_job_pipeline(job, "cpu" if offload else self.device,
                                                                               dtype)
-        for part in (self.pipe.prompt_encoder, self.pipe.codec) if sharded else (self.pipe,):
+        for part in (self.pipe.prompt_encoder, self.pipe.codec) if offload else (self.pipe,):
             part.to(device=self.device)
         self.loss = loss_from_dict(job.loss)
         self.state = RunState()
@@ -118,6 +122,7 @@ class Trainer:
         if state.step == 0:
             p.validator.evaluate()
         batches = Batches(job, p.data, state, self.device)
+        peak = PeakMemory(self.device, p.memory)
         opt, sched = p.optim.optimizer, p.optim.lr_scheduler
         last_saved = state.step if state.resumed_from else None
         eta = Eta(job.steps, done=state.step)  # steady: the average since this process's first step
@@ -126,9 +131,11 @@ class Trainer:
             while state.step < job.steps:
                 if self.stop():
                     raise StopRequested(f"stopped at step {state.step}")
+                aux = {}
                 if hasattr(self.loss, "before_step"):  # the loss's own updates, on batches of the same stream
                     draws = itertools.count()
-                    self.loss.before_step(state.step, lambda: batches.draw(state.step, f"aux{next(draws)}:"))
+                    aux = self.loss.before_step(state.step, lambda: batches.draw(state.step, f"aux{next(draws)}:"))
+                    aux = {k: float(v) for k, v in (aux or {}).items()}  # logged beside the loss (metrics.jsonl)
                 loss = self._forward_backward(batches)
                 if not math.isfinite(loss):
                     raise p.checkpoints.diverged(loss)
@@ -141,18 +148,21 @@ class Trainer:
                 state.step += 1
                 state.update_ema(p.model.trainable(), job.ema_decay)
                 lr = opt.param_groups[0]["lr"]
-                state.history.append({"step": state.step, "loss": loss, "lr": lr})
+                state.history.append({"step": state.step, "loss": loss, "lr": lr, **aux})
                 left, per_step = eta.update(state.step), eta.seconds_per_unit
                 images = job.batch_size * job.grad_accum * acc.num_processes
                 self.callbacks.on_step(StepInfo(state.step, job.steps, loss, lr,
-                                                images / per_step if per_step else 0.0, left, state.epoch))
+                                                images / per_step if per_step else 0.0, left, state.epoch,
+                                                peak.measured(), peak.predicted, aux))
                 if job.output.save_every and state.step % job.output.save_every == 0 and state.step < job.steps:
                     p.checkpoints.save(prune=False)
                     last_saved = state.step
                 if job.validation.every and state.step % job.validation.every == 0 and state.step < job.steps:
-                    p.validator.validate()
+                    with peak.paused():  # (validation brings the text encoder and VAE back: not a training step)
+                        p.validator.validate()
         except (StopRequested, KeyboardInterrupt):
             stopped = True
+        peak.report(p.data.report, self.callbacks, self.out if self.main else None)
         return self._finish(started, stopped, last_saved)
 
     def _forward_backward(self, batches: Batches) -> float:
@@ -194,6 +204,54 @@ class Trainer:
         if stopped:
             raise StopRequested(f"stopped at step {state.step}; checkpoint {checkpoint}")
         return result
+
+
+class PeakMemory:
+    """CUDA: the peak of `torch.cuda.max_memory_allocated` over the training steps (validation left out), beside
+    the memory plan's prediction (`setup.Memory`). Elsewhere it measures nothing (None)."""
+
+    def __init__(self, device, memory):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.predicted = memory.predicted_peak() if memory is not None else None
+        self.plan = memory.plan if memory is not None else None
+        self.peak = 0
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def measured(self) -> int | None:
+        if not self.cuda:
+            return None
+        self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+        return self.peak
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.measured()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+
+    def report(self, report: dict, callbacks, out: Path | None) -> None:
+        """The measured peak beside the prediction: in the run's data report, the log and memory_plan.json."""
+        measured = self.measured()
+        if measured is None:
+            return
+        entry = {"measured_peak_bytes": measured, "predicted_peak_bytes": self.predicted}
+        if self.predicted:
+            entry["predicted_over_measured"] = self.predicted / measured if measured else None
+        report["memory"] = entry
+        gib = 1024 ** 3
+        callbacks.on_message(f"peak GPU memory of the training steps: {measured / gib:.2f} GiB measured"
+                             + (f", {self.predicted / gib:.2f} GiB predicted" if self.predicted else ""))
+        if out is not None and self.plan is not None:
+            from ..formats import atomic_write_json
+
+            atomic_write_json(out / "memory_plan.json", {**self.plan.to_dict(), **entry})
 
 
 def train(job: TrainJob, *, pipeline=None, callbacks: Callbacks | None = None,

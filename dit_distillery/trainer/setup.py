@@ -36,9 +36,9 @@ from ..conditioning import TextEmbeds
 from ..errors import DistilleryError
 from ..losses import DirectDistillLoss, SampleRNG
 from .checkpoints import Checkpoints, RunState
-from .job import TrainJob, synthetic_options
+from .job import TrainJob, is_prompts_only, synthetic_options
 from .sharded import fsdp_plugin, is_sharded
-from .validation import Validator, sample_settings
+from .validation import Components, Validator, sample_settings
 
 
 def make_accelerator(job: TrainJob):
@@ -104,6 +104,7 @@ class Data(NamedTuple):
 def prepare_data(job: TrainJob, pipe, accelerator, callbacks, stop) -> Data:
     """Rows -> (cached) dataset and bucketed, sharded batch sampler; also the empty-prompt embedding."""
     from ..data import BucketBatchSampler, CachedDataset, EncodingDataset, Resolution, build_cache, read_metadata
+    from ..data.metadata import prompt_rows
     from ..data.synthetic import write_dataset
 
     out = Path(job.output.dir)
@@ -119,8 +120,15 @@ def prepare_data(job: TrainJob, pipe, accelerator, callbacks, stop) -> Data:
         base, metadata = spec.path, spec.metadata
     # Without the cache, images are decoded only when trained on: check them all now, so a damaged one is
     # skipped (on_error="skip") or refused before training, as the cache build does.
-    rows = read_metadata(base, metadata, on_error=spec.on_error, validate=not spec.cache)
-    resolution = Resolution(spec.height, spec.width, spec.max_pixels, factor=pipe.size_multiple)
+    if spec.prompts is not None:
+        rows = prompt_rows(spec.prompts)
+    else:
+        rows = read_metadata(base, metadata, on_error=spec.on_error, validate=not spec.cache,
+                             prompts_only=spec.prompts_only)
+    height, width = spec.height, spec.width
+    if is_prompts_only(job) and height is None:  # no image to size the samples by: the pipeline's default size
+        height, width = pipe.defaults["height"], pipe.defaults["width"]
+    resolution = Resolution(height, width, spec.max_pixels, factor=pipe.size_multiple)
     report = {}
     skipped, reasons = rows.skipped, list(rows.reasons)  # rows left out: bad metadata, missing/unreadable files
     if spec.cache:
@@ -153,9 +161,8 @@ def prepare_data(job: TrainJob, pipe, accelerator, callbacks, stop) -> Data:
 def move_batch(batch: dict, device) -> dict:
     """A collated batch with its tensors (latents, text, teacher latents) on `device`."""
     out = dict(batch)
-    out["latents"] = batch["latents"].to(device)
     out["text"] = batch["text"].to(device)
-    for name in ("target_latents", "trajectory", "trajectory_sigmas"):
+    for name in ("latents", "target_latents", "trajectory", "trajectory_sigmas"):  # (latents: None, prompts only)
         if batch.get(name) is not None:
             out[name] = batch[name].to(device)
     return out
@@ -232,14 +239,24 @@ class Model:
         return [p for _, p in sorted(self.trainable().items())]
 
 
-def prepare_model(job: TrainJob, pipe, device, place: bool = True) -> Model:
-    """Everything done to the DiT before training: trainables, gradient checkpointing, block-wise compile, device.
-    (Where a frozen base in another precision or block swapping belong.) New adapters are initialised from torch's
-    global RNG, which the trainer seeds from the job. `place=False` leaves the DiT where it is (a sharded run:
-    sharding moves each process's shards to its device)."""
+def prepare_model(job: TrainJob, pipe, device, place: bool = True, blocks_to_swap: int = 0) -> Model:
+    """Everything done to the DiT before training: trainables, the frozen base in fp8 (`job.base_dtype`), gradient
+    checkpointing, block-wise compile, device (with `blocks_to_swap` blocks swapped: `block_swap`). New adapters
+    are initialised from torch's global RNG, which the trainer seeds from the job. `place=False` leaves the DiT
+    where it is (a sharded run: sharding moves each process's shards to its device).
+
+    The order matters: a preset LoRA is merged and the adapters are injected into the weights as loaded, then the
+    frozen Linears (the LoRA layers' base_layer included, `lora_` adapters not) are stored in fp8, computing in
+    the DiT's dtype; the adapters are made in that dtype and kept fp32, as on a bf16 base. A resumed run quantises
+    the same file the same way, so its base is bit-identical. The swap comes last: it places what trains."""
     dit = pipe.dit
+    compute = pipe.dtype  # (before the fp32 adapters): bf16 on a GPU, fp32 on the CPU, or model.dtype
     dit.train()
     names = set_trainable(job, dit)
+    if job.base_dtype == "fp8":
+        from ..fp8 import store_in_fp8
+
+        store_in_fp8(dit, compute)
     if job.gradient_checkpointing and hasattr(dit, "enable_gradient_checkpointing"):
         dit.enable_gradient_checkpointing()
     if job.compile:  # block by block: one compiled graph reused by every block, names and hooks unchanged
@@ -247,7 +264,11 @@ def prepare_model(job: TrainJob, pipe, device, place: bool = True) -> Model:
 
         for block in block_list(dit)[0]:
             block.compile()
-    if place:
+    if place and blocks_to_swap:
+        from ..block_swap import enable_block_swap
+
+        enable_block_swap(dit, blocks_to_swap, device)
+    elif place:
         dit.to(device)
     return Model(dit, names)
 
@@ -334,7 +355,15 @@ def prepare_optimisation(job: TrainJob, model: Model, loss, empty: TextEmbeds | 
     # tolerate them (DiffSynth's --find_unused_parameters); elsewhere the check only costs a traversal.
     accelerator.ddp_handler.find_unused_parameters = family.ddp_find_unused_parameters
     module = TrainingModule(model.dit, loss, empty, job.data.caption_dropout, job.checkpoint_offload)
-    module, optimizer = accelerator.prepare(module, optimizer)
+    from ..block_swap import block_swap_of
+
+    swap = block_swap_of(model.dit)
+    if swap is None:
+        module, optimizer = accelerator.prepare(module, optimizer)
+    else:  # the swap placed the DiT (its swapped blocks' masters stay on the CPU, which DDP must not touch)
+        prefix = next(n for n, m in module.named_modules() if m is swap.model)
+        module._ddp_params_and_buffers_to_ignore = swap.swapped_tensor_names(f"{prefix}." if prefix else "")
+        module, optimizer = accelerator.prepare(module, optimizer, device_placement=[False, True])
     return Optimisation(module, optimizer, scheduler, params)
 
 
@@ -409,6 +438,89 @@ def check_memory(job: TrainJob, pipe, loss, accelerator, height: int, width: int
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Memory plan and block swap
+
+@dataclass
+class Memory:
+    """The run's memory plan (`memory_plan.MemoryPlan` at the blocks swapped; None when not planned) and the
+    blocks swapped."""
+    plan: Any
+    blocks_to_swap: int
+
+    def predicted_peak(self) -> int | None:
+        return None if self.plan is None else self.plan.total()
+
+
+def unrolled_steps(loss, dataset=None) -> int:
+    """DiT calls with grad one training step keeps (Direct Distill's unrolled sampler: its steps, else the most
+    a dataset row asks for; DMD's and Trajectory's own count)."""
+    if hasattr(loss, "unrolled_steps"):
+        return loss.unrolled_steps()
+    if not isinstance(loss, DirectDistillLoss):
+        return 1
+    rows = getattr(dataset, "rows", None) or []
+    return loss.steps or max((r.num_inference_steps or loss.default_steps for r in rows), default=loss.default_steps)
+
+
+def _text_tokens(dataset, rows: int = 64) -> int | None:
+    """The longest prompt, in tokens, among a cached dataset's first rows (an encoder that trims padding gives
+    each prompt its own length; a batch is as long as its longest). None (the family's default) without a cache."""
+    if dataset is None or getattr(dataset, "cache", None) is None or not len(dataset):
+        return None
+    return max(int(dataset[i]["text"][0].shape[0]) for i in range(min(rows, len(dataset)))) or None
+
+
+def plan_memory(job: TrainJob, pipe, loss, accelerator, height: int, width: int, callbacks, dataset=None) -> Memory:
+    """The peak GPU memory of this run by part (`memory_plan.memory_plan` from the job's resolution, batch, mode,
+    unrolled steps, base dtype and checkpointing) and the blocks to swap: `job.blocks_to_swap`, or for "auto" the
+    fewest for which the plan fits the device's free memory (0 on the CPU). Planned on a GPU (the loop compares
+    the measured peak with it) and wherever blocks are swapped; both are logged and written to memory_plan.json."""
+    from .. import fp8
+    from ..block_swap import auto_blocks_to_swap
+    from ..formats import atomic_write_json
+    from ..velocity import base_model
+
+    device = accelerator.device
+    n = job.blocks_to_swap
+    if n == "auto" and device.type != "cuda":
+        callbacks.on_message(f"blocks_to_swap auto: 0 on {device.type} (every block is in the same memory)")
+        n = 0
+    if device.type != "cuda" and n == 0:
+        return Memory(None, 0)
+    from ..memory_plan import memory_plan
+
+    dit = base_model(pipe.dit)
+    config = {k: v for k, v in dict(dit.config).items() if not k.startswith("_")}
+    steps = unrolled_steps(loss, dataset)
+    base = "fp8" if job.base_dtype == "fp8" or fp8.compute_dtype(dit) is not None else "bf16"
+    tokens = _text_tokens(dataset) if pipe.prompt_encoder.trims_padding else \
+        int(getattr(pipe.prompt_encoder, "max_length", 0)) or None
+    targets = None if job.lora.targets in (None, "", "preset") else job.lora.targets
+    try:
+        plan = memory_plan((pipe.family, config), height=height, width=width, batch=job.batch_size, mode=job.mode,
+                           loss="sft" if steps == 1 else f"direct:{steps}", base_dtype=base,
+                           gradient_checkpointing=job.gradient_checkpointing, lora_rank=job.lora.rank,
+                           lora_targets=targets, text_tokens=tokens)
+    except DistilleryError as exc:
+        if n == "auto":
+            raise DistilleryError("blocks_to_swap", "auto", f"needs the run's memory plan, which failed: "
+                                  f"{exc.problem}", "give a number of blocks to swap.") from exc
+        callbacks.on_message(f"no memory plan for this run: {exc.problem}")
+        return Memory(None, n)
+    if n == "auto":
+        n = auto_blocks_to_swap(dit, device, plan)
+        callbacks.on_message(f"blocks_to_swap auto: {n} of {plan.max_swappable} (the fewest whose plan fits "
+                             f"{device}'s free memory)")
+    plan = plan.with_swap(n)  # (a number above the blocks there are is refused here, naming blocks_to_swap)
+    lines = plan.summary_lines()
+    callbacks.on_message(f"memory plan: {lines['plan']}")
+    callbacks.on_message(f"predicted peak: {lines['peak']}")
+    if accelerator.is_main_process:
+        atomic_write_json(Path(job.output.dir) / "memory_plan.json", plan.to_dict())
+    return Memory(plan, n)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # All of it, in order
 
 @dataclass
@@ -419,6 +531,7 @@ class Parts:
     optim: Optimisation
     validator: Validator
     checkpoints: Checkpoints
+    memory: Memory | None = None
 
 
 def set_up(job: TrainJob, pipe, loss, accelerator, callbacks, stop, state: RunState) -> Parts:
@@ -434,22 +547,40 @@ def set_up(job: TrainJob, pipe, loss, accelerator, callbacks, stop, state: RunSt
     if job.data.height is None and data.dataset.sizes:  # aspect buckets: the largest one the data gave
         check_memory(job, pipe, loss, accelerator, *max(data.dataset.sizes, key=lambda hw: hw[0] * hw[1]),
                      dataset=data.dataset)
-    if job.data.cache:  # training runs only the DiT: the text encoder leaves the GPU (the VAE decodes samples)
-        pipe.prompt_encoder.to(device="cpu")
-    validator = Validator(job, pipe, loss, accelerator, data.dataset, callbacks, state)
+    # training runs only the DiT: with the cache the text encoder and VAE leave the GPU (validation brings them back
+    # while it samples); without it they encode every batch, and a loss decoding images keeps the VAE
+    components = Components(pipe, accelerator.device, keep_codec=getattr(loss, "image_weight", 0) > 0)
+    if job.data.cache:
+        components.park()
+    validator = Validator(job, pipe, loss, accelerator, data.dataset, callbacks, state, components)
     sharded = is_sharded(job, accelerator)
-    if not sharded:
+    # a DiT not on the device yet (sharded, or loaded on the CPU to be stored in fp8 / block-swapped: it may not
+    # fit as loaded) samples the teacher once placed, with its adapters off (a preset LoRA is merged by then)
+    late_teacher = sharded or pipe.device.type != accelerator.device.type
+    if not late_teacher:
         validator.sample_teacher()  # the base model's images, before any change
-    model = prepare_model(job, pipe, accelerator.device, place=not sharded)
+    size = (job.data.height, job.data.width) if job.data.height is not None else \
+        max(data.dataset.sizes, key=lambda hw: hw[0] * hw[1]) if data.dataset.sizes else (None, None)
+    # (a sharded run's plan would be of the whole model, not of a process's shards)
+    planned = size[0] is not None and not sharded
+    memory = plan_memory(job, pipe, loss, accelerator, *size, callbacks, data.dataset) if planned else Memory(None, 0)
+    model = prepare_model(job, pipe, accelerator.device, place=not sharded, blocks_to_swap=memory.blocks_to_swap)
     count = sum(p.numel() for p in model.params())
     callbacks.on_message(f"training {count:,} parameters in {len(model.names)} tensors/modules"
                          + (f", sharded over {accelerator.num_processes} processes" if sharded else ""))
     optim = prepare_optimisation(job, model, loss, data.empty, accelerator, pipe.family_spec)
     state.start_ema(model.trainable(), job.ema_decay)  # (after sharding: the shadows of each process's shards)
-    if sharded:  # every process samples with the sharded DiT: still the base weights (no update, no resume yet)
-        validator.sample_teacher()
+    if late_teacher:  # (sharded: every process samples with the sharded DiT) still the base weights: no update yet
+        from ..losses_dmd import active_adapter
+
+        with active_adapter(model.dit, None):
+            validator.sample_teacher()
     setup_loss(loss, LossContext(job, accelerator, accelerator.device, pipe, model, data))
+    from ..block_swap import block_swap_of
+
+    if block_swap_of(model.dit) is not None:  # what the loss added (DMD's fake adapters) goes to the device too
+        block_swap_of(model.dit).place_resident()
     checkpoints = Checkpoints(job, accelerator, callbacks, model, optim, loss, data.sampler, state,
                               validator.write_chart)
     checkpoints.resume()
-    return Parts(data, model, optim, validator, checkpoints)
+    return Parts(data, model, optim, validator, checkpoints, memory)
