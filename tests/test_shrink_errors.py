@@ -99,10 +99,10 @@ def test_bad_sources(tmp_path, state, out_dir):
     incomplete = tmp_path / "incomplete.safetensors"
     save_file({k: v for k, v in state.items() if k != "transformer_blocks.2.attn.to_k.weight"}, str(incomplete))
     cases["incomplete"] = (incomplete, "not a complete Qwen-Image DiT")
-    scaled = tmp_path / "qwen_scaled_fp8.safetensors"
-    save_file({**state, "scaled_fp8": torch.zeros(0), "transformer_blocks.0.attn.to_q.scale_weight": torch.ones(1)},
-              str(scaled))
-    cases["scaled fp8"] = (scaled, "scaled fp8")
+    blockwise = tmp_path / "qwen_blockwise_fp8.safetensors"  # scaled fp8 is shrunk (test_shrink_fp8.py); blocks not
+    save_file({**state, "scaled_fp8": torch.zeros(0), "transformer_blocks.0.attn.to_q.scale_weight": torch.ones(7)},
+              str(blockwise))
+    cases["block-wise scales"] = (blockwise, "block-wise scales")
     pickled = tmp_path / "model.ckpt"
     pickled.write_bytes(b"\x80\x04")
     cases["pickle"] = (pickled, "only .safetensors")

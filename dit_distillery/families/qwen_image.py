@@ -143,7 +143,7 @@ def _load_block(source, index: int, dtype, device):
         block = QwenImageTransformerBlock(dim=source.heads * source.head_dim, num_attention_heads=source.heads,
                                           attention_head_dim=source.head_dim)
     prefix = f"{BLOCK_PREFIX}{index}."
-    state = {k: source.reader.read(prefix + k).to(device=device, dtype=dtype) for k in block.state_dict()}
+    state = {k: source.read_value(prefix + k).to(device=device, dtype=dtype) for k in block.state_dict()}
     block.load_state_dict(state, assign=True, strict=True)
     return block.eval()
 
@@ -168,7 +168,7 @@ def _calibrate(source, cal, device=None, progress=None, stop=None):
         heads, head_dim = source.heads, source.head_dim
 
         stem = empty_model(dict(config, num_layers=0), FAMILY)
-        stem.load_state_dict({k: source.reader.read(k).to(device=device, dtype=dtype) for k in stem.state_dict()},
+        stem.load_state_dict({k: source.read_value(k).to(device=device, dtype=dtype) for k in stem.state_dict()},
                              assign=True, strict=True)
         stem.eval()
         latents = cal.latents.to(device=device, dtype=dtype)

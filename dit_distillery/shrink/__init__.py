@@ -67,7 +67,8 @@ def shrink(source, out, *, layers=None, strategy="uniform", keep_blocks=None, ke
     `heads`: heads per block (default all);
     `width_method`: magnitude | importance; `calibration`: a `Calibration` (None = seeded Gaussian proxy, used
     only when a strategy needs scores); `dtype`: None/'keep', 'bf16', 'fp16', 'fp32' or 'fp8' (e4m3fn weight
-    matrices); `diffusers_folder`: also write config.json + weights there; `device`: where calibration runs;
+    matrices; from ComfyUI's scaled fp8, keep and fp8 keep its fp8 weights with their scales, wider dtypes
+    dequantise them); `diffusers_folder`: also write config.json + weights there; `device`: where calibration runs;
     `progress(done, total, stage=...)`, `stop()`: as for every long job (stopping leaves nothing on disk).
 
     An existing `out`: with `reuse`, a student made from the same plan (same source, blocks, heads, calibration)

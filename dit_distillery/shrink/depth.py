@@ -11,8 +11,9 @@ one unit at a time (one global tensor, or every tensor of one kept block, with p
 `stream.RawReader`), maps it to our names (`Family.from_comfy`), renumbers the block, slices the kept rows and
 columns (the layout's tables are in our names, so a fused BFL qkv is sliced as its q, k and v), maps it back to
 the source's naming (`Family.to_comfy` for a ComfyUI-named file) and writes it before reading the next; dropped
-blocks are never read. Kept tensors are exact slices (or casts to `dtype`). The student carries our metadata
-(family, config, provenance) like every DiT file we write.
+blocks are never read. Kept tensors are exact slices (or casts to `dtype`); a scaled fp8 source's scales go with
+their weights, or the weights are dequantised for a wider `dtype` (`stream.Quantisation`). The student carries our
+metadata (family, config, provenance) like every DiT file we write.
 """
 
 from __future__ import annotations
@@ -139,12 +140,12 @@ class DepthSource:
             raise
 
     def _check(self, field: str) -> None:
-        from .stream import expected_shapes, file_shapes, refuse_scaled
+        from .stream import Quantisation, expected_shapes, file_shapes
 
-        refuse_scaled(self.src, self.path, field)
+        self.quant = Quantisation(self.src, field)  # a scaled fp8 file's scales and markers go with their weights
         name, config, _ = families.detect(self.src, field)
         self.family, self.config = families.get(name), dict(config)
-        have = {k: tuple(self.src.shape(k)) for k in self.src.keys()}
+        have = {k: tuple(self.src.shape(k)) for k in self.quant.keys}
         ours, theirs = expected_shapes(self.config, self.family), file_shapes(self.config, self.family)
         self.comfy_names = have == theirs and set(theirs) != set(ours)
         if have != theirs and have != ours:
@@ -175,8 +176,9 @@ class DepthSource:
         return [(attr, index) for _, attr, index in self.units(kept) if index is not None]
 
     def read_state(self, keys) -> dict:
-        """Source tensors `keys` (file names: all of a unit) under our names, in fresh buffers."""
-        return self.family.from_comfy({k: self.reader.read(k) for k in keys})
+        """Source tensors `keys` (file names: all of a unit) under our names, in fresh buffers, as the model
+        computes with them (a scaled fp8 weight times its scale, in fp32): what scoring and calibration read."""
+        return self.family.from_comfy({k: self.quant.value(k, self.reader.read(k)) for k in keys})
 
     def global_state(self) -> dict:
         """Every tensor outside the blocks, under our names (a calibration runner's stem)."""
@@ -234,14 +236,71 @@ class DepthSource:
 
     def layout(self, kept: dict, dtype, comfy_names: bool, width=None) -> list[tuple[str, torch.dtype, tuple]]:
         """(name, dtype, shape) of every student tensor in writing order (dtype: `stream.output_dtype`)."""
-        from .stream import output_dtype
-
-        out = []
+        out = [(k, t.dtype, tuple(t.shape)) for k, t in self.student_head(dtype, meta=True).items()]
         for keys, attr, index in self.units(kept):
-            meta = {k: torch.empty(self.shapes[k], dtype=self.src.dtype(k), device="meta") for k in keys}
-            for name, t in self.convert(meta, attr, index, kept, comfy_names, width).items():
-                out.append((name, output_dtype(name, t.ndim, t.dtype, dtype), tuple(t.shape)))
+            unit = self.student_unit(keys, attr, index, kept, dtype, comfy_names, width, meta=True)
+            out += [(name, t.dtype, tuple(t.shape)) for name, t in unit.items()]
         return out
+
+    def _read(self, key: str, meta: bool) -> torch.Tensor:
+        if meta:
+            return torch.empty(self.src.shape(key), dtype=self.src.dtype(key), device="meta")
+        return self.reader.read(key)
+
+    def student_head(self, dtype, meta: bool = False) -> dict:
+        """What the student starts with: a scaled fp8 source's `scaled_fp8` marker when it keeps fp8."""
+        marker = self.quant.marker
+        return {marker: self._read(marker, meta)} if marker and self.quant.keeps(dtype) else {}
+
+    def student_unit(self, keys, attr: str, index: int | None, kept: dict, dtype, comfy_names: bool, width=None,
+                     meta: bool = False) -> dict:
+        """One unit of the student, {name: tensor} in its output dtype (`meta`: nothing read). From a scaled fp8
+        source (`stream.Quantisation`), a student that keeps fp8 gets every kept weight's exact slice followed by
+        its scale (unchanged; a per-row one sliced with the weight's rows), input scale and `comfy_quant` entry;
+        a wider student gets the weights dequantised in fp32 (weight x scale), then cast."""
+        from .stream import convert, output_dtype
+
+        quant = self.quant
+        keep = quant.keeps(dtype)
+        if keep and quant.scales and comfy_names != self.comfy_names:
+            raise DistilleryError(self.field, str(self.path), "a scaled fp8 file whose student would be renamed "
+                                  f"({'to' if comfy_names else 'from'} ComfyUI's names): fused and split weights "
+                                  "cannot keep their per-tensor scales.", "keep the source's naming (shrink.shrink "
+                                  "does), or write the student in bf16 (dtype bf16).")
+        target = quant.target(dtype)
+        tensors = {k: (lambda t: t if keep else quant.value(k, t))(self._read(k, meta)) for k in keys}
+        state = self.convert(tensors, attr, index, kept, comfy_names, width)
+        out = {name: convert(t, output_dtype(name, t.ndim, t.dtype, target)) for name, t in state.items()}
+        if not keep:
+            return out
+        for key in keys:
+            companions = quant.companions(key)
+            if not companions:
+                continue
+            scale = quant.scales.get(key)
+            per_row = scale is not None and scale.numel() > 1
+            rows = self.src.shape(key)[0]
+            # the weight's student name, and its per-row scale's kept rows: a column moved as the weight's rows are
+            column = self._read(companions[0], meta).reshape(-1) if per_row else torch.empty(rows, device="meta")
+            ((name, moved),) = self.convert({key: column}, attr, index, kept, comfy_names, width).items()
+            for companion in companions:
+                value = self._read(companion, meta)
+                if per_row and quant.per_row(companion):
+                    value = moved.reshape(-1, *self.src.shape(companion)[1:])
+                out[quant.renamed(companion, key, name)] = value
+        return out
+
+    def student_pairs(self, kept: dict, comfy_names: bool, width=None) -> list[tuple[str, str]]:
+        """(student weight, source weight) of every kept weight the `_quantization_metadata` header names: the
+        pairs `Quantisation.metadata` renames its layers by."""
+        pairs = []
+        for keys, attr, index in self.units(kept):
+            for key in keys:
+                if key.endswith(".weight") and key[: -len(".weight")] in self.quant.layers:
+                    column = torch.empty(self.src.shape(key)[0], device="meta")
+                    ((name, _),) = self.convert({key: column}, attr, index, kept, comfy_names, width).items()
+                    pairs.append((name, key))
+        return pairs
 
     @property
     def heads(self) -> int | None:
@@ -409,33 +468,36 @@ def write_depth(source: DepthSource, plan, out: Path, dtype: torch.dtype | None,
     in memory, in the source's naming unless `comfy_names` says; returns the bytes written. Dropped blocks are
     never read."""
     from ..runlock import remove_leftovers
-    from .stream import _write_error, check_free_space, convert, metadata_for
+    from ..fp8 import is_quant_key
+    from .stream import _write_error, check_free_space, metadata_for
 
     names = source.comfy_names if comfy_names is None else comfy_names
     kept, width = plan.kept_blocks, plan.width
     layout = source.layout(kept, dtype, names, width)
-    produced = source.family.from_comfy({k: torch.empty(s, device="meta") for k, _, s in layout})
+    produced = source.family.from_comfy({k: torch.empty(s, device="meta") for k, _, s in layout
+                                         if not is_quant_key(k)})
     expected = registry.build_empty(source.family.name, plan.config).state_dict()
     if {k: tuple(v.shape) for k, v in produced.items()} != {k: tuple(v.shape) for k, v in expected.items()}:
         raise RuntimeError(f"depth shrink of {source.path}: the student's tensors do not build its config")
     metadata = metadata_for(plan)
+    if source.quant.keeps(dtype):
+        metadata.update(source.quant.metadata(source.student_pairs(kept, names, width)))
     remove_leftovers(out.parent, recursive=False, target=out.name)
     check_free_space(out, sum(_numel(s) * torch.empty((), dtype=d).element_size() for _, d, s in layout)
                      + (1 << 20))
-    want = {name: d for name, d, _ in layout}
     units = source.units(kept)
     try:
         writer = StreamingSafetensorsWriter(out, layout, metadata)
     except OSError as exc:
         raise _write_error(out, exc) from exc
     try:
+        for name, t in source.student_head(dtype).items():
+            writer.write(name, t)
         for done, (keys, attr, index) in enumerate(units):
             if stop is not None and stop():
                 raise StopRequested("depth shrink stopped before the student was complete; nothing was written")
-            tensors = {k: source.reader.read(k) for k in keys}
-            for name, t in source.convert(tensors, attr, index, kept, names, width).items():
-                writer.write(name, convert(t, want[name]))
-            del tensors
+            for name, t in source.student_unit(keys, attr, index, kept, dtype, names, width).items():
+                writer.write(name, t)
             if progress is not None:
                 progress(done + 1, len(units), stage="write", tensor=keys[0])
         writer.close()

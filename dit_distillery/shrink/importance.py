@@ -254,6 +254,7 @@ def magnitude_scores(source: SourceModel, kept_blocks: list[int], progress=None,
         if stop is not None and stop():
             raise StopRequested("scoring stopped")
         block, module, _ = source.split_key(key)
+        tensor = source.quant.value(key, tensor)  # a scaled fp8 weight's mass is that of weight x scale
         row_space, col_space = source.spaces_of(key, tensor.ndim)
         mass.add(i, tensor, row_space, col_space, untrained=block == last and module in
                  source.layout.last_block_untrained)

@@ -4,6 +4,10 @@ Memory stays near one tensor whatever the model size: `RawReader` reads a tensor
 buffer it owns, the kept rows/columns are sliced out, and `StreamingSafetensorsWriter` writes it before the next
 is read. The real 60-block bf16 Qwen-Image (41 GB) therefore shrinks on a 24 GB machine; its largest tensor
 (img_mod.1.weight, 18432 x 3072) is 113 MB.
+
+ComfyUI's fp8 files are read too (`Quantisation`): plain fp8 is sliced byte for byte, and a scaled fp8 student
+keeps its source's scales (a per-tensor scale is valid for any slice of its weight) or, written in bf16/fp16/fp32,
+gets the weights dequantised.
 """
 
 from __future__ import annotations
@@ -126,13 +130,90 @@ def streamable() -> list:
                                                  f.width_layout is not None and f.width_layout.per_stack))
 
 
-def refuse_scaled(src: TensorSource, path, field: str) -> None:
-    """A 'scaled fp8' checkpoint is refused by name: its weights need their per-layer scales applied."""
-    scaled = [k for k in src.keys() if k.endswith((".scale_weight", ".scale_input")) or k == "scaled_fp8"]
-    if scaled:
-        raise DistilleryError(field, str(path), "a 'scaled fp8' checkpoint (weights stored with per-layer "
-                              f"scale factors, e.g. {scaled[0]!r}): slicing it needs the scales applied, which "
-                              "Shrink DiT does not do.", "shrink the bf16 or the plain fp8_e4m3fn file instead.")
+class Quantisation:
+    """A source's ComfyUI fp8 quantisation, as `fp8.read_layout` reads it (plain fp8, or scaled fp8 in either of
+    ComfyUI's layouts; other formats and block-wise scales are refused there, by name).
+
+    A student that keeps fp8 (`keeps`: dtype keep or fp8) is a scaled fp8 file like its source: each kept weight's
+    bytes are an exact slice, its scale goes with it unchanged (a per-tensor scale is valid for any slice of its
+    weight; a per-row one is sliced with the weight's rows), and so do its input scale, its `comfy_quant` entry,
+    the `scaled_fp8` marker and the `_quantization_metadata` header (layers renamed with their blocks). A student
+    in bf16/fp16/fp32 gets the weights dequantised (`value`: weight x scale in fp32) and then cast, and no scales.
+    Scoring and calibration read `value` too."""
+
+    def __init__(self, src: TensorSource, field: str):
+        from .. import fp8
+
+        layout = fp8.read_layout(src, field)
+        self.src, self.keys, self.scales, self.scaled = src, layout.keys, layout.scales, layout.scaled
+        self.marker = fp8.MARKER if fp8.MARKER in src else None
+        self.suffixes = fp8._SCALE_SUFFIXES + fp8._INPUT_SUFFIXES + (fp8._CONF,)
+        header = src.metadata.get(fp8._QUANT_META)
+        self.header = fp8._conf(header, fp8._QUANT_META, field, src.path) if header else {}
+        prefix = src.prefix  # the header's layers by the tensors' names (without the file's storage prefix)
+        self.layers = {(k[len(prefix):] if prefix and k.startswith(prefix) else k): v
+                       for k, v in self.header.get("layers", {}).items()}
+        if self.scaled:  # what fp8.load_weights refuses: the student would load nowhere, and a slice compute wrongly
+            unscaled = [k for k in self.keys if fp8.is_fp8(torch.empty(0, dtype=src.dtype(k)))
+                        and len(src.shape(k)) == 2 and k not in self.scales]
+            if unscaled:
+                raise DistilleryError(field, str(src.path), f"is a scaled fp8 file but {len(unscaled)} fp8 weights "
+                                      f"have no scale (first {unscaled[0]!r}): they would compute wrongly.",
+                                      "the file is incomplete or was edited: download it again, or use the bf16 file.")
+
+    @staticmethod
+    def keeps(dtype: torch.dtype | None) -> bool:
+        """Whether a student in `dtype` keeps the source's fp8 weights (and scales) as they are."""
+        return dtype is None or dtype == FP8
+
+    def target(self, dtype: torch.dtype | None) -> torch.dtype | None:
+        """The `output_dtype` target of a student in `dtype`: fp8 from a scaled source keeps every tensor as the
+        source has it (what it quantised stays fp8 with its scale; what it left wide stays wide, as a cast
+        without a scale would compute wrongly in a scaled file)."""
+        return None if self.scaled and dtype == FP8 else dtype
+
+    def value(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """Tensor `key` as the model computes with it: a scaled weight times its scale, in fp32."""
+        scale = self.scales.get(key)
+        if scale is None:
+            return t
+        if t.is_meta:
+            return torch.empty(t.shape, dtype=torch.float32, device="meta")
+        from ..fp8 import _dequant
+
+        return _dequant(t, scale, torch.float32)
+
+    def companions(self, weight: str) -> list[str]:
+        """The quantisation tensors of one weight (scale, input scale, comfy_quant), as the source has them."""
+        if not weight.endswith(".weight"):
+            return []
+        layer = weight[: -len(".weight")]
+        return [layer + s for s in self.suffixes if layer + s in self.src]
+
+    def per_row(self, key: str) -> bool:
+        """Whether the companion `key` is a per-row weight scale (sliced with its weight's rows)."""
+        weight = key.rsplit(".", 1)[0] + ".weight"
+        return key.endswith(self.suffixes[:2]) and weight in self.scales and self.scales[weight].numel() > 1
+
+    @staticmethod
+    def renamed(companion: str, weight: str, student_weight: str) -> str:
+        """The student's name of a companion of `weight`, which the student calls `student_weight`."""
+        return student_weight[: -len(".weight")] + companion[len(weight) - len(".weight"):]
+
+    def metadata(self, pairs) -> dict:
+        """The student's `_quantization_metadata` header entry (none when the source has none): the source's, with
+        its layers renamed by `pairs` ((student weight, source weight) of every kept weight) and the others left
+        out."""
+        from .. import fp8
+
+        if not self.header:
+            return {}
+        renamed = {}
+        for student, source in pairs:
+            layer = source[: -len(".weight")]
+            if source.endswith(".weight") and layer in self.layers:
+                renamed[student[: -len(".weight")]] = self.layers[layer]
+        return {fp8._QUANT_META: json.dumps(dict(self.header, layers=renamed))}
 
 
 class SourceModel:
@@ -150,9 +231,9 @@ class SourceModel:
             raise
 
     def _check(self, field: str) -> None:
-        keys = self.src.keys()
         titles = ", ".join(f.title for f in streamable()[:-1]) + " or " + streamable()[-1].title
-        refuse_scaled(self.src, self.path, field)
+        self.quant = Quantisation(self.src, field)
+        keys = self.quant.keys  # the model's tensors: a scaled fp8 file's scales and markers go with their weights
         try:
             name, config, _ = families.detect(self.src)
         except DistilleryError as exc:
@@ -226,6 +307,11 @@ class SourceModel:
 
     def spaces_of(self, key: str, ndim: int) -> tuple[str | None, str | None]:
         return spaces_of(key, ndim, self.layout)
+
+    def read_value(self, key: str) -> torch.Tensor:
+        """Tensor `key` as the model computes with it (a scaled fp8 weight times its scale, in fp32), in a fresh
+        buffer: what calibration runners load."""
+        return self.quant.value(key, self.reader.read(key))
 
     def split_key(self, key: str) -> tuple[int | None, str, str]:
         return split_key(key, self.group.prefix)
@@ -345,13 +431,24 @@ def convert(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class StudentTensor:
-    """One output tensor: its name, where it comes from, and which rows/columns are kept."""
+    """One output tensor: its name, where it comes from, which rows/columns are kept, and the scale its slice is
+    multiplied by in fp32 before the cast (a scaled fp8 weight written wide; None: copied, or cast)."""
 
-    __slots__ = ("name", "source_key", "block", "rows", "cols", "dtype", "shape")
+    __slots__ = ("name", "source_key", "block", "rows", "cols", "dtype", "shape", "scale")
 
-    def __init__(self, name, source_key, block, rows, cols, dtype, shape):
+    def __init__(self, name, source_key, block, rows, cols, dtype, shape, scale=None):
         self.name, self.source_key, self.block = name, source_key, block
-        self.rows, self.cols, self.dtype, self.shape = rows, cols, dtype, shape
+        self.rows, self.cols, self.dtype, self.shape, self.scale = rows, cols, dtype, shape, scale
+
+    def data(self, raw: torch.Tensor) -> torch.Tensor:
+        """This tensor from its source tensor `raw`: the kept slice, dequantised when it has a scale, cast."""
+        data = slice_tensor(raw, self.rows, self.cols)
+        if self.scale is not None:
+            scale = self.scale
+            if scale.numel() > 1 and self.rows is not None:  # per row: the kept rows' scales
+                scale = scale.index_select(0, self.rows)
+            data = data.float() * scale
+        return convert(data, self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -362,9 +459,16 @@ class StudentTensor:
 
 
 def student_tensors(source: SourceModel, plan: ShrinkPlan, dtype: torch.dtype | None) -> list[StudentTensor]:
-    """The student's tensors in diffusers' state_dict order (block i renamed from source block kept_blocks[i])."""
+    """The student's tensors in diffusers' state_dict order (block i renamed from source block kept_blocks[i]);
+    from a scaled fp8 source, each kept weight followed by its quantisation tensors (`Quantisation`) when the
+    student keeps fp8, or dequantised when it does not."""
     dim = source.heads * source.head_dim
+    quant, keep = source.quant, source.quant.keeps(dtype)
+    dtype = quant.target(dtype)
     out = []
+    if keep and quant.marker:
+        out.append(StudentTensor(quant.marker, quant.marker, None, None, None, source.src.dtype(quant.marker),
+                                 source.src.shape(quant.marker)))
     shapes = (file_shapes if source.comfy_names else expected_shapes)(plan.config, source.family)
     for name, shape in shapes.items():
         block, module, param = source.split_key(name)
@@ -379,8 +483,16 @@ def student_tensors(source: SourceModel, plan: ShrinkPlan, dtype: torch.dtype | 
         sliced = tuple(len(ix) if ix is not None else s for ix, s in zip((rows, cols), src_shape)) + src_shape[2:]
         if sliced != shape:  # the plan and the student config disagree: a bug, not bad input
             raise RuntimeError(f"{name}: slicing {source_key}{src_shape} gives {sliced}, the student needs {shape}")
+        scale = None if keep else quant.scales.get(source_key)
         out.append(StudentTensor(name, source_key, block, rows, cols,
-                                 output_dtype(name, ndim, source.src.dtype(source_key), dtype), shape))
+                                 output_dtype(name, ndim, source.src.dtype(source_key), dtype), shape, scale))
+        for companion in quant.companions(source_key) if keep else ():
+            per_row = quant.per_row(companion)
+            shape = source.src.shape(companion)
+            if per_row and rows is not None:
+                shape = (len(rows),) + tuple(shape[1:])
+            out.append(StudentTensor(quant.renamed(companion, source_key, name), companion, block,
+                                     rows if per_row else None, None, source.src.dtype(companion), tuple(shape)))
     return out
 
 
@@ -412,6 +524,8 @@ def write_student(source: SourceModel, plan: ShrinkPlan, out: Path, dtype: torch
     """Stream the student into `out` (atomically); returns the bytes written."""
     tensors = student_tensors(source, plan, dtype)
     metadata = metadata_for(plan)
+    if source.quant.keeps(dtype):
+        metadata.update(source.quant.metadata([(t.name, t.source_key) for t in tensors]))
     from ..runlock import remove_leftovers
 
     remove_leftovers(out.parent, recursive=False, target=out.name)  # a killed shrink's temp file (up to 20 GB)
@@ -425,7 +539,7 @@ def write_student(source: SourceModel, plan: ShrinkPlan, out: Path, dtype: torch
         for i, (t, (_, raw)) in enumerate(zip(tensors, read_ahead(source.reader, [t.source_key for t in tensors]))):
             if stop is not None and stop():
                 raise StopRequested("shrink stopped before the student was complete; nothing was written")
-            data = convert(slice_tensor(raw, t.rows, t.cols), t.dtype)
+            data = t.data(raw)
             del raw
             writer.write(t.name, data)
             del data
