@@ -15,9 +15,10 @@ bench/keep_lora_few_step.py also reads; the demo is run there when it holds no t
   `evaluate.HELD_OUT_START_SEED`), which Evaluate Student (`evaluate.evaluate_student(teacher_dataset=...)`) reads
   as the teacher's side: accuracy (`classify_image`), diversity (same-prompt pairwise pixel distance), latent MSE;
 * for each loss x student steps a rank-16 LoRA on the teacher (the demo's LoRA settings), trained for the SAME
-  WALL-CLOCK budget: a short probe run measures the seconds per step of that loss at those steps (DMD's fake-score
-  updates included: they run inside each of its steps), and the run gets `budget_s / seconds_per_step` steps
-  (cosine LR schedule over them);
+  COMPUTE budget in CPU seconds (this process's CPU time, one torch thread: the wall-clock the run would take on an
+  idle core; wall-clock itself swung 2.5x between runs of the same budget on the shared machine): a short probe run
+  measures the CPU seconds per step of that loss at those steps (DMD's fake-score updates included: they run inside
+  each of its steps), and the run gets `budget_cpu_s / cpu_seconds_per_step` steps (cosine LR schedule over them);
 * each student evaluated by `evaluate_student` against the held-out teacher dataset, with the undistilled teacher at
   the student's steps (CFG 1) as the baseline.
 
@@ -51,9 +52,18 @@ from dit_distillery.formats import atomic_output, atomic_write_json, save_safete
 NAME = "objectives"
 OUT = ROOT / "bench" / "out" / NAME
 DEMO_DIR = ROOT / "bench" / "out" / "demo_out"
-STAGES = ("teacher", "data", "runs", "report")
+STAGES = ("teacher", "data", "runs", "variants", "report")
 LABELS = {"direct_distill": "Direct Distill", "dmd": "DMD2", "trajectory": "Trajectory"}
 GOALS = {2: (3.0, 0.8), 1: (5.0, None)}  # steps -> (max accuracy points below the teacher, min diversity ratio)
+# A brief check of DMD2's settings at the goal's 2 steps (stage `variants`; run when the matrix has that step count):
+# name -> (loss, student steps, loss options over the matrix's, budget multiplier, label). Kept out of the config
+# guard, as bench/quality.py's budget runs are: each is its own folder and record.
+VARIANTS = {
+    "dmd_2step_fake1": ("dmd", 2, {"fake_updates": 1}, 1, "DMD2, 1 fake-score update per step (more student steps)"),
+    "dmd_2step_reg": ("dmd", 2, {"regression_weight": 0.25}, 1, "DMD2 + regression on the teacher latents, weight "
+                      "0.25 (DMD's λ_reg)"),
+    "dmd_2step_x3": ("dmd", 2, {}, 3, "DMD2, 3x the budget"),
+}
 
 
 @dataclass
@@ -68,8 +78,8 @@ class ObjectivesConfig:
     eval_seeds: int = 4  # ... x seeds each: diversity needs >= 2
     student_steps: tuple = (1, 2, 4)
     losses: tuple = ("direct_distill", "dmd", "trajectory")
-    budget_s: float = 160.0  # training wall-clock per run
-    probe_steps: int = 4  # timed steps of the probe run (after one untimed step)
+    budget_cpu_s: float = 100.0  # training CPU seconds per run (one thread)
+    probe_steps: int = 6  # timed steps of the probe run (after one untimed step); their mean
     min_steps: int = 10
     max_steps: int = 5000
     batch: int = 8
@@ -87,7 +97,7 @@ PRESETS = {
     "full": ObjectivesConfig(),
     # seconds-long: proves the pipeline and the report (tests/test_objectives_smoke.py); numbers are meaningless
     "smoke": ObjectivesConfig(name="smoke", teacher_steps=4, train_prompts=4, record_trajectory=3, eval_prompts=2,
-                              eval_seeds=2, student_steps=(1, 2), budget_s=0.0, probe_steps=1, min_steps=2,
+                              eval_seeds=2, student_steps=(1, 2), budget_cpu_s=0.0, probe_steps=1, min_steps=2,
                               max_steps=2, batch=2, lora_rank=2, dmd={"teacher_cfg": 4.0, "fake_updates": 1,
                                                                      "fake_rank": 2, "regression_weight": 0.0},
                               grid_rows=2, eval_batch=4),
@@ -186,19 +196,21 @@ def stage_data(b: Bench) -> None:
 
 
 class _StepTimes(LogCallbacks):
-    """The demo's log, plus the time of every step (a step = the end of the previous one to the end of this one:
-    DMD's fake-score updates, the data and the optimiser step are inside)."""
+    """The demo's log, plus the wall and CPU time at the end of every step (a step = the end of the previous one to
+    the end of this one: DMD's fake-score updates, the data and the optimiser step are inside)."""
 
     def __init__(self, stage, log, every):
         super().__init__(stage, log, every=every)
         self.times: list[float] = []
+        self.cpu: list[float] = []
 
     def on_step(self, info):
         self.times.append(time.perf_counter())
+        self.cpu.append(time.process_time())
         super().on_step(info)
 
 
-def _job(b: Bench, folder: Path, loss: str, steps: int, train_steps: int, resume):
+def _job(b: Bench, folder: Path, loss: str, spec: dict, train_steps: int, resume):
     c = b.cfg
     model = {"pipeline": "default", "dit": str(b.teacher_file)}
     if loss == "dmd":  # the student replaces the pipeline's DiT: DMD's real score must be named
@@ -206,49 +218,61 @@ def _job(b: Bench, folder: Path, loss: str, steps: int, train_steps: int, resume
     return job_for(folder, model=model, mode="lora", steps=train_steps, lora={"rank": c.lora_rank},
                    data={"path": str(b.out / "teacher_data"), "height": c.size, "width": c.size,
                          "cache_dir": str(b.out / "cache")},
-                   loss=loss_spec(c, loss, steps), batch_size=c.batch, gradient_checkpointing=False, seed=c.seed,
+                   loss=spec, batch_size=c.batch, gradient_checkpointing=False, seed=c.seed,
                    optim={"lr": c.lr, "warmup_steps": min(20, train_steps // 10), "schedule": "cosine",
                           "min_lr_ratio": 0.1, "weight_decay": 0.0},
                    output={"name": "student", "save_dtype": "fp32", "save_every": 100, "keep_last": 1},
                    resume=resume)
 
 
-def probe(b: Bench, loss: str, steps: int) -> dict:
-    """Seconds per training step of this loss at these student steps: a fresh run of probe_steps + 1 steps, the
-    first untimed; the median of the rest. Cached in runs/<name>/probe.json."""
+def probe(b: Bench, name: str, loss: str, spec: dict) -> dict:
+    """CPU (and wall) seconds per training step of this loss at these student steps: a fresh run of
+    probe_steps + 1 steps, the first untimed; the mean of the rest (DMD's steps vary with the backward-simulation
+    depth drawn). Cached in runs/<name>/probe.json."""
     from dit_distillery.trainer import train
 
-    folder = b.out / "runs" / run_name(loss, steps)
+    folder = b.out / "runs" / name
     path = folder / "probe.json"
     if path.is_file():
         return json.loads(path.read_text())
-    cb = _StepTimes(f"probe {run_name(loss, steps)}", b.log, every=10 ** 9)
-    train(_job(b, folder / "probe", loss, steps, b.cfg.probe_steps + 1, None), callbacks=cb)
+    cb = _StepTimes(f"probe {name}", b.log, every=10 ** 9)
+    train(_job(b, folder / "probe", loss, spec, b.cfg.probe_steps + 1, None), callbacks=cb)
     gaps = [y - x for x, y in zip(cb.times, cb.times[1:])]
-    info = {"seconds_per_step": statistics.median(gaps) if gaps else None, "step_seconds": gaps}
+    cpu = [y - x for x, y in zip(cb.cpu, cb.cpu[1:])]
+    info = {"cpu_seconds_per_step": statistics.mean(cpu) if cpu else None,
+            "wall_seconds_per_step": statistics.mean(gaps) if gaps else None, "step_cpu_seconds": cpu,
+            "step_wall_seconds": gaps}
     atomic_write_json(path, info)
     return info
 
 
-def train_run(b: Bench, loss: str, steps: int) -> dict:
-    """Train (resuming) unless runs/<name>/run.json exists; the step count fills the wall-clock budget."""
+def train_run(b: Bench, loss: str, steps: int, name: str | None = None, options: dict | None = None,
+              budget: float = 1.0) -> dict:
+    """Train (resuming) unless runs/<name>/run.json exists; the step count fills `budget` x the CPU-time budget.
+    `options` go over the matrix's loss settings (a variant)."""
     from dit_distillery.trainer import train
 
     c = b.cfg
-    folder = b.out / "runs" / run_name(loss, steps)
+    name = name or run_name(loss, steps)
+    spec = {**loss_spec(c, loss, steps), **(options or {})}
+    folder = b.out / "runs" / name
     record = folder / "run.json"
     if record.is_file():
         return json.loads(record.read_text())
-    p = probe(b, loss, steps)
-    per = p["seconds_per_step"]
-    n = c.max_steps if not per else round(c.budget_s / per)
+    p = probe(b, name, loss, spec)
+    per = p["cpu_seconds_per_step"]
+    n = c.max_steps if not per else round(budget * c.budget_cpu_s / per)
     n = max(c.min_steps, min(c.max_steps, n))
-    b.log(f"[runs] {run_name(loss, steps)}: {per or 0:.3f} s/step in the probe -> {n} steps")
-    cb = _StepTimes(run_name(loss, steps), b.log, every=max(1, n // 5))
-    result = train(_job(b, folder, loss, steps, n, "auto"), callbacks=cb)
+    b.log(f"[runs] {name}: {per or 0:.3f} CPU s/step in the probe -> {n} steps")
+    cb = _StepTimes(name, b.log, every=max(1, n // 5))
+    cpu = time.process_time()
+    result = train(_job(b, folder, loss, spec, n, "auto"), callbacks=cb)
+    cpu = time.process_time() - cpu
     losses = [h["loss"] for h in result.history]
-    info = {"loss": loss, "student_steps": steps, "train_steps": result.steps, "budget_s": c.budget_s,
-            "probe_seconds_per_step": per, "train_seconds": round(result.seconds, 1),
+    info = {"loss": loss, "student_steps": steps, "spec": spec, "train_steps": result.steps,
+            "budget_cpu_s": budget * c.budget_cpu_s,
+            "probe_cpu_seconds_per_step": per, "train_cpu_seconds": round(cpu, 1),
+            "train_seconds": round(result.seconds, 1),
             "final_loss": losses[-1] if losses else None,
             "first_loss": losses[0] if losses else None,
             "nonfinite_losses": sum(not math.isfinite(x) for x in losses), "weights": str(result.weights),
@@ -287,6 +311,18 @@ def stage_runs(b: Bench) -> None:
         _add_seconds(b, name, time.perf_counter() - t)
 
 
+def stage_variants(b: Bench) -> None:
+    from dit_distillery.student import load_student
+
+    for name, (loss, steps, options, budget, _) in VARIANTS.items():
+        if steps not in b.cfg.student_steps or loss not in b.cfg.losses:
+            continue
+        t = time.perf_counter()
+        info = train_run(b, loss, steps, name, options, budget)
+        evaluate_run(b, name, load_student(b.teacher(), lora=info["weights"]), steps)
+        _add_seconds(b, name, time.perf_counter() - t)
+
+
 def _add_seconds(b: Bench, key: str, seconds: float) -> None:
     path = b.out / "stage_seconds.json"
     done = json.loads(path.read_text()) if path.is_file() else {}
@@ -306,7 +342,14 @@ def collect(b: Bench) -> dict:
         name = run_name(loss, steps)
         runs[name] = {"loss": loss, "student_steps": steps, "train": load(b.out / "runs" / name / "run.json"),
                       "probe": load(b.out / "runs" / name / "probe.json"), "eval": load(b.out / "eval" / f"{name}.json")}
-    return {"config": asdict(b.cfg), "runs": runs, "seconds": load(b.out / "stage_seconds.json") or {},
+    variants = {}
+    for name, (loss, steps, options, budget, label) in VARIANTS.items():
+        ev = load(b.out / "eval" / f"{name}.json")
+        if ev:
+            variants[name] = {"loss": loss, "student_steps": steps, "options": options, "budget": budget,
+                              "label": label, "train": load(b.out / "runs" / name / "run.json"),
+                              "probe": load(b.out / "runs" / name / "probe.json"), "eval": ev}
+    return {"config": asdict(b.cfg), "runs": runs, "variants": variants, "seconds": load(b.out / "stage_seconds.json") or {},
             "teacher_file": str(b.teacher_file.relative_to(ROOT)) if b.teacher_file.is_relative_to(ROOT) else
             b.teacher_file.name}
 
@@ -381,10 +424,13 @@ def write_report(b: Bench, results: Path, command: str) -> list[Path]:
               "cosine to 0.1x), sampled at CFG 1 on the pipeline's schedule at their steps. DMD2: real score = the "
               f"teacher at CFG {c.dmd['teacher_cfg']:g}, fake score = a rank-{c.dmd['fake_rank']} LoRA on the "
               f"teacher updated {c.dmd['fake_updates']}x per student step at the job's lr, backward simulation.",
-              f"* **Budget: equal wall-clock**, {c.budget_s:g} s of training per run. A {c.probe_steps}-step probe "
-              "(after one untimed step) measures the loss's seconds per step at those student steps, DMD's "
-              "fake-score updates included, and the run gets budget ÷ that many steps. The machine is shared, so "
-              "the achieved seconds (column `train s`) drift from the budget with the load.",
+              f"* **Budget: equal compute, {c.budget_cpu_s:g} CPU seconds of training per run** (the process's CPU "
+              "time on one torch thread: the wall-clock on an idle core). A "
+              f"{c.probe_steps}-step probe (after one untimed step) measures the loss's mean CPU seconds per step "
+              "at those student steps, DMD's fake-score updates included, and the run gets budget ÷ that many "
+              "steps. Wall-clock was not used: on this shared machine the same wall budget gave runs from 111 to "
+              "285 s (a first attempt). `train CPU s` is the whole `train()` call (data set-up and checkpoints "
+              "included), so it sits a little above the budget; `train wall s` shows the load.",
               f"* **Evaluation** (Evaluate Student, `evaluate.evaluate_student`): {n} held-out pairs = "
               f"{first['prompts']} prompts never trained on x {c.eval_seeds} seeds (from {HELD_OUT_START_SEED}), "
               "the teacher's side read from a held-out teacher dataset. *Accuracy*: colour, shape and background "
@@ -398,7 +444,8 @@ def write_report(b: Bench, results: Path, command: str) -> list[Path]:
               f"background {_pct(teacher['accuracy']['background'])}), diversity {teacher['diversity']:.4f}.", "",
               "## Results", ""]
     head = ["steps", "model", "accuracy %", "Δ vs teacher (pts)", "colour / shape / bg %", "latent MSE",
-            "MSE ÷ undistilled", "diversity ÷ teacher", "train steps", "train s", "s/step (probe)"]
+            "MSE ÷ undistilled", "diversity ÷ teacher", "train steps", "train CPU s", "train wall s",
+            "CPU s/step (probe)"]
     rows = []
     for steps in c.student_steps:
         base = next((r["eval"]["baseline"] for r in done.values() if r["student_steps"] == steps), None)
@@ -410,6 +457,11 @@ def write_report(b: Bench, results: Path, command: str) -> list[Path]:
                 rows.append(_row(steps, LABELS[loss], r["eval"]["student"], teacher, r["eval"]["ratios"], r["train"],
                                  n))
     lines += common.md_table(head, rows) + [""]
+    if data["variants"]:
+        lines += ["## DMD2's settings, checked at 2 steps", "",
+                  "The matrix's DMD2 run and variants of it, each changing one thing (stage `variants`); the same "
+                  "evaluation. Each variant's budget multiplier applies to the CPU budget above.", "",
+                  *common.md_table(head, _variant_rows(data, done, teacher, n, c)), ""]
     lines += ["## Goals", ""]
     for verdict in rec["goals"]:
         goal = GOALS[verdict["steps"]]
@@ -446,6 +498,20 @@ def write_report(b: Bench, results: Path, command: str) -> list[Path]:
     return written
 
 
+def _variant_rows(data: dict, done: dict, teacher: dict, n: int, c: ObjectivesConfig) -> list[list]:
+    """The matrix's 2-step DMD2 row (when run), then each variant's."""
+    rows = []
+    main = done.get(run_name("dmd", 2))
+    if main:
+        rows.append(_row(2, f"{LABELS['dmd']} (the matrix: {c.dmd['fake_updates']} fake updates, regression "
+                            f"{c.dmd['regression_weight']:g}, 1x budget)", main["eval"]["student"], teacher,
+                         main["eval"]["ratios"], main["train"], n))
+    for v in data["variants"].values():
+        rows.append(_row(v["student_steps"], v["label"], v["eval"]["student"], teacher, v["eval"]["ratios"],
+                         v["train"], n))
+    return rows
+
+
 def _row(steps, label, m, teacher, ratios, train, n: int) -> list:
     acc = m["accuracy"]
     se = _se_points(acc["all"], n)
@@ -457,7 +523,8 @@ def _row(steps, label, m, teacher, ratios, train, n: int) -> list:
             " / ".join(_pct(acc[k]) for k in ("colour", "shape", "background")),
             f"{m['latent_mse']:.4f} ± {m['latent_mse_se']:.4f}", common.fmt(mse_ratio, ".3f"),
             common.fmt(div, ".3f"), common.fmt(train.get("train_steps"), "d"),
-            common.fmt(train.get("train_seconds"), ".0f"), common.fmt(train.get("probe_seconds_per_step"), ".3f")]
+            common.fmt(train.get("train_cpu_seconds"), ".0f"), common.fmt(train.get("train_seconds"), ".0f"),
+            common.fmt(train.get("probe_cpu_seconds_per_step"), ".3f")]
 
 
 def _grid(b: Bench, done: dict):
@@ -493,7 +560,7 @@ def _grid(b: Bench, done: dict):
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 
-STAGE_FUNCS = {"teacher": stage_teacher, "data": stage_data, "runs": stage_runs}
+STAGE_FUNCS = {"teacher": stage_teacher, "data": stage_data, "runs": stage_runs, "variants": stage_variants}
 
 
 def run_all(out: Path = OUT, cfg: ObjectivesConfig | None = None, *, results: Path = common.RESULTS,
@@ -526,13 +593,14 @@ def main(argv: list[str] | None = None) -> list[Path]:
     ap.add_argument("--results", default=str(common.RESULTS), help="where objectives.md/.json/.png go")
     ap.add_argument("--only", default=None, help=f"comma list of stages among {','.join(STAGES)}")
     ap.add_argument("--preset", default="full", choices=sorted(PRESETS))
-    ap.add_argument("--budget-s", type=float, default=None, help="training wall-clock per run (default: the preset's)")
+    ap.add_argument("--budget-cpu-s", type=float, default=None,
+                    help="training CPU seconds per run (default: the preset's)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = PRESETS[args.preset]
-    if args.budget_s is not None:
-        cfg = replace(cfg, budget_s=args.budget_s)
+    if args.budget_cpu_s is not None:
+        cfg = replace(cfg, budget_cpu_s=args.budget_cpu_s)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     return run_all(Path(args.out), cfg, results=Path(args.results), only=only,
                    demo_dir=Path(args.demo_dir) if args.demo_dir else None,
