@@ -178,9 +178,10 @@ def job_spec(out: Path, inputs: Inputs, s: RecipeSettings, student_dit: str | No
     lora = {"rank": s.rank}
     if inputs.lora is not None:
         lora.update(preset=inputs.lora, preset_strength=float(inputs.lora_strength))
+    teacher, show_teacher = _teacher_dit(inputs, student_dit)
     return {
         "model": {"pipeline": str(inputs.base), "dit": student_dit, "text_encoder": inputs.text_encoder,
-                  "vae": inputs.vae, "dtype": dtype},
+                  "vae": inputs.vae, "dtype": dtype, "teacher": teacher},
         "data": {"path": str(out / "teacher_data"), "height": height, "width": width},
         "loss": loss,
         "mode": "lora",
@@ -189,11 +190,29 @@ def job_spec(out: Path, inputs: Inputs, s: RecipeSettings, student_dit: str | No
         "steps": s.train_steps, "batch_size": s.batch_size, "gradient_checkpointing": s.gradient_checkpointing,
         "seed": s.seed,
         "output": {"dir": str(out / "train"), "name": s.name, "save_every": s.save_every, "keep_last": 2},
-        # the trainer's "teacher" column would be the student's base, not this recipe's teacher: left out
+        # the teacher column beside the student's samples, when the trainer can show this recipe's teacher
         "validation": {"prompts": list(s.prompts[:s.validation_prompts]), "seeds": [s.seed],
-                       "every": s.save_every, "teacher": False},
+                       "every": s.save_every, "teacher": show_teacher, "teacher_steps": s.teacher_steps,
+                       "teacher_cfg": s.teacher_cfg},
         "resume": "auto",
     }
+
+
+def _teacher_dit(inputs: Inputs, student_dit: str | None) -> tuple[str | None, bool]:
+    """(the job's model.teacher, whether validation can show the recipe's teacher). The teacher is the base with
+    the user's LoRA: without a LoRA it is the job's own base (the student's DiT before training: no model.teacher
+    needed) or, when the student is a turbo DiT, the base's DiT file; with a LoRA it is no file the job can name,
+    and the column is left out."""
+    if inputs.lora is not None:
+        return None, False
+    if student_dit == inputs.base_dit:  # the student starts from the teacher's own DiT
+        return None, True
+    if inputs.base_dit is not None:
+        return inputs.base_dit, True
+    folder = Path(str(inputs.base))
+    if (folder / "model_index.json").is_file() and (folder / "transformer").is_dir():
+        return str(folder / "transformer"), True
+    return None, False  # a built-in base: its DiT is no file
 
 
 def _fingerprint(path: str | None) -> dict | None:

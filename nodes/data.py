@@ -1,4 +1,5 @@
-"""Dataset nodes: Dataset (Folder), Synthetic Shapes Dataset, Dataset from Images, Generate Distill Dataset.
+"""Dataset nodes: Dataset (Folder), Synthetic Shapes Dataset, Dataset from Images, Generate Distill Dataset, Prompts
+Dataset.
 
 Each returns a `DD_DATASET`: the TrainJob `data` section (a folder and how to size, bucket, repeat and cache it),
 checked when the node runs, so a missing file or a bad row is reported on the dataset node, not mid-training.
@@ -365,15 +366,54 @@ def _prompt_source(prompts: str, synthetic: int):
     return [line for line in lines(text) if not line.startswith("#")]
 
 
+class PromptsDataset:
+    DESCRIPTION = ("Prompts only, no images: the data of DMD Loss (the student learns from the teacher's scores on "
+                   "its own samples, so no teacher images are needed). The text is encoded once and cached; the "
+                   "samples are width x height. Losses that train on images refuse it.")
+    CATEGORY = DATA_CATEGORY
+    FUNCTION = "make"
+    RETURN_TYPES = (DATASET, "STRING")
+    RETURN_NAMES = ("dataset", "summary")
+    OUTPUT_TOOLTIPS = ("The dataset (for Train LoRA / Full with DMD Loss).", "Prompts found and the sample size.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "One prompt per line."}),
+            "width": ("INT", {"default": 1024, "min": 16, "max": 8192, "step": 16,
+                              "tooltip": "Width of the student's samples in pixels."}),
+            "height": ("INT", {"default": 1024, "min": 16, "max": 8192, "step": 16,
+                               "tooltip": "Height of the student's samples in pixels."}),
+            **_common_inputs(),
+            "caption_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01, "tooltip":
+                                "Probability of a sample with the empty prompt."}),
+        }}
+
+    def make(self, prompts, width, height, repeat, cache, caption_dropout):
+        from dit_distillery.data.metadata import prompt_rows
+
+        found = lines(prompts)
+        if not found:
+            raise DistilleryError("prompts", prompts, "no prompt given.", "write one prompt per line.")
+        prompt_rows(found)
+        spec = {"prompts": found, "height": int(height), "width": int(width), "repeat": int(repeat),
+                "cache": bool(cache), "caption_dropout": float(caption_dropout)}
+        summary = (f"{len(found)} prompts, samples {int(width)}x{int(height)} (repeat {int(repeat)}, cache "
+                   f"{'on' if cache else 'off'})\nfirst: {found[0][:120]!r}")
+        return (DatasetRef(spec, len(found), summary), summary)
+
+
 NODE_CLASS_MAPPINGS = {
     "DD_DatasetFolder": DatasetFolder,
     "DD_SyntheticShapesDataset": SyntheticShapesDataset,
     "DD_DatasetFromImages": DatasetFromImages,
     "DD_GenerateDistillDataset": GenerateDistillDataset,
+    "DD_PromptsDataset": PromptsDataset,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DD_DatasetFolder": "Dataset (Folder)",
     "DD_SyntheticShapesDataset": "Synthetic Shapes Dataset",
     "DD_DatasetFromImages": "Dataset from Images",
     "DD_GenerateDistillDataset": "Generate Distill Dataset",
+    "DD_PromptsDataset": "Prompts Dataset",
 }

@@ -108,9 +108,10 @@ class FlowMatchingLoss:
 class DMDLoss:
     DESCRIPTION = ("DMD2 (distribution matching, no GAN): the student's few-step samples are pushed toward the "
                    "teacher's distribution by the difference of two scores: the frozen teacher with CFG (real) and a "
-                   "LoRA on the teacher trained online on the student's samples (fake). Needs prompts only; a "
-                   "Generate Distill Dataset folder also gives teacher latents for the optional regression term. "
-                   "With mode lora the student, the teacher and the fake score share one base model.")
+                   "LoRA on the teacher trained online on the student's samples (fake). Needs prompts only (Prompts "
+                   "Dataset); a Generate Distill Dataset folder also gives teacher latents for the optional "
+                   "regression term. With mode lora the student, the teacher and the fake score share one base "
+                   "model; a student DiT of its own (e.g. Shrink DiT's) needs Train's teacher input.")
     CATEGORY = TRAIN_CATEGORY
     FUNCTION = "make"
     RETURN_TYPES = (LOSS,)

@@ -22,7 +22,7 @@ NODES = {
     "DD_TrainLoRAFull": "Train LoRA / Full", "DD_ExportTrainingJob": "Export Training Job",
     "DD_LossChart": "Loss Chart", "DD_LoadStudent": "Load Student", "DD_Sample": "Sample",
     "DD_EvaluateStudent": "Evaluate Student", "DD_PipelineFromComfyModels": "Pipeline from ComfyUI Models",
-    "DD_DMDLoss": "DMD Loss", "DD_TrajectoryLoss": "Trajectory Loss",
+    "DD_DMDLoss": "DMD Loss", "DD_TrajectoryLoss": "Trajectory Loss", "DD_PromptsDataset": "Prompts Dataset",
 }
 
 # Saved workflows store widget values by position and links by input name and output slot, so these may only
@@ -40,7 +40,7 @@ FROZEN = {
                            ["teacher", "teacher_dataset", "baseline"],
                            [("table", "STRING"), ("grid", "IMAGE"), ("report_json", "STRING")]),
     "DD_DirectDistillLoss": (["student_steps", "student_cfg", "schedule_mu", "target", "default_steps",
-                              "default_cfg"], [], [("loss", "DD_LOSS")]),
+                              "default_cfg"], ["schedule_template"], [("loss", "DD_LOSS")]),
     "DD_ExportTrainingJob": (["pipeline", "dataset", "loss", "mode", "output_name", "steps", "batch_size",
                               "grad_accum", "learning_rate", "lr_schedule", "warmup_steps", "optimizer",
                               "weight_decay", "grad_clip", "lora_rank", "lora_alpha", "lora_targets", "init_lora",
@@ -49,6 +49,8 @@ FROZEN = {
                               "validation_every", "validation_steps", "validation_cfg", "eval_samples", "seed",
                               "resume", "num_processes", "cluster_output_dir"], ["distributed"],
                              [("job_path", "STRING"), ("command", "STRING")]),
+    "DD_PromptsDataset": (["prompts", "width", "height", "repeat", "cache", "caption_dropout"], [],
+                          [("dataset", "DD_DATASET"), ("summary", "STRING")]),
     "DD_DMDLoss": (["student_steps", "teacher_cfg", "fake_updates", "fake_rank", "fake_learning_rate",
                     "regression_weight", "min_sigma", "max_sigma", "schedule_mu"], [], [("loss", "DD_LOSS")]),
     "DD_TrajectoryLoss": (["student_steps", "student_cfg", "schedule_mu", "weighting", "image_weight"], [],
@@ -72,7 +74,7 @@ FROZEN = {
                            ["dit", "pipeline", "plan", "plan_loss", "base_dtype", "budget_gb", "blocks_to_swap"],
                            [("report", "STRING"), ("report_json", "STRING")]),
     "DD_Sample": (["pipeline", "prompt", "negative_prompt", "seed", "steps", "cfg", "width", "height", "batch_size"],
-                  [], [("images", "IMAGE")]),
+                  ["schedule_template"], [("images", "IMAGE")]),
     "DD_ShrinkDiT": (["source", "target_blocks", "strategy", "block_list", "keep_first", "heads", "width_method",
                       "calibration_prompts", "calibration_size", "calibration_seed", "dtype", "name", "overwrite"],
                      ["dit", "pipeline"], [("dit", "DD_DIT"), ("report", "STRING")]),
@@ -317,11 +319,6 @@ def test_model_size_report_overrides_and_ui_text(no_comfy):
     assert out["ui"]["text"] == [text] and "full training" in text
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data and losses
-
-def test_dataset_folder_relative_to_input_and_checked(fake_comfy):
-    from dit_distillery.data import write_dataset
 def test_model_size_report_memory_plan(no_comfy):
     """The optional memory plan: its lines in the text, the plan in the JSON, -1 blocks = the fewest that fit."""
     cls = info_class("DD_ModelSizeReport")
@@ -334,6 +331,11 @@ def test_model_size_report_memory_plan(no_comfy):
     assert plan["blocks_swapped"] == plan["blocks_needed"] == 4 and plan["fits"]  # 1.97 GiB at 0, 0.32 GiB a block
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Data and losses
+
+def test_dataset_folder_relative_to_input_and_checked(fake_comfy):
+    from dit_distillery.data import write_dataset
 
     write_dataset(fake_comfy.base / "input" / "shapes", 6, size=32)
     dataset, summary = call("DD_DatasetFolder", folder="shapes", sizing="fixed", width=32, height=32, repeat=2)
@@ -461,12 +463,17 @@ def test_load_student_merges_a_lora_and_exports(trained_lora, fake_comfy):
                                    export_name="student_merged", unique_id="9", prompt=prompt)
     assert model is None  # nothing reads the MODEL output, so none was built
     assert "LoRA lora_run.safetensors" in summary and "ComfyUI has no aaadit" in summary
-    merged = student.load().dit.state_dict()
+    in_memory, _, _ = call("DD_LoadStudent", pipeline=base, lora="lora_run.safetensors", unique_id="9", prompt=prompt)
+    merged = in_memory.load().dit.state_dict()
     original = base.load().dit.state_dict()
     changed = [k for k in original if not torch.equal(original[k], merged[k])]
     assert changed and all(k.startswith("blocks.") for k in changed)
     exported = fake_comfy.base / "models" / "diffusion_models" / "student_merged.safetensors"
     assert exported.is_file() and set(load_file(str(exported))) == set(original)
+    # with export_name the pipeline continues from the exported file (bf16 here, read back into fp32)
+    assert student.dit == str(exported) and not student.loras
+    from_file = load_file(str(exported))
+    assert all(torch.equal(v, from_file[k].float()) for k, v in student.load().dit.state_dict().items())
     half, _, _ = call("DD_LoadStudent", pipeline=base, lora="lora_run.safetensors", strength=0.0, unique_id="9",
                       prompt=prompt)
     assert all(torch.equal(v, half.load().dit.state_dict()[k]) for k, v in original.items())

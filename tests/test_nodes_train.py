@@ -222,3 +222,29 @@ def test_a_lora_trained_on_a_lora(setup, fake_comfy):
     assert job["lora"]["preset"] == weights  # the first LoRA is merged, the second trained on top
     images, = call("DD_Sample", pipeline=second, prompt="a red circle on a blue background", steps=2)
     assert images.shape == (1, 32, 32, 3)
+
+
+def test_dmd_on_a_prompts_dataset_with_the_teacher_input(setup, fake_comfy):
+    """Prompts Dataset + DMD Loss + Train's teacher input: DMD on a student DiT of its own (as Shrink DiT gives)
+    needs the teacher, which the node now sets as the job's model.teacher; losses needing images refuse."""
+    teacher, _, _ = setup
+    dit, _ = call("DD_BuildAAADiT", preset="demo", width=32, num_blocks=1, num_heads=2, seed=1, name="student")
+    student, _ = call("DD_LoadPipeline", source="default", dit=dit)
+    dataset, summary = call("DD_PromptsDataset", prompts="a red circle\n\na blue square\n", width=32, height=32)
+    assert dataset.spec["prompts"] == ["a red circle", "a blue square"] and "2 prompts" in summary
+    loss, = call("DD_DMDLoss", student_steps=1, fake_updates=1, fake_rank=4)
+    quick = dict(steps=2, validation_prompts="", output_name="dmd")
+    with pytest.raises(DistilleryError, match="model.teacher"):
+        _train(student, dataset, loss, **quick)
+    with pytest.raises(DistilleryError, match="teacher"):  # a teacher with a LoRA on top is not one file
+        _train(student, dataset, loss, teacher=teacher.with_lora("x.safetensors"), **quick)
+    _, _, history, _ = _train(student, dataset, loss, teacher=teacher, **quick)
+    job = json.loads((fake_comfy.base / "output" / "dit_distillery" / "dmd" / "job.json").read_text())
+    assert job["model"]["teacher"] == teacher.dit and job["model"]["dit"] == student.dit
+    assert job["data"]["prompts"] == ["a red circle", "a blue square"]
+    assert [h["step"] for h in history["history"]] == [1, 2] and all("fake_loss" in h for h in history["history"])
+    flow, = call("DD_FlowMatchingLoss")
+    with pytest.raises(DistilleryError, match="loss.kind"):
+        _train(student, dataset, flow, **quick)
+    with pytest.raises(DistilleryError, match="prompt"):
+        call("DD_PromptsDataset", prompts=" \n", width=32, height=32)

@@ -120,6 +120,10 @@ def test_distill_klein_recipe_on_tiny_flux2(tmp_path, capsys):
                    "--rank", "2", "--device", "cpu", "--json"], capsys)
     job = json.loads((tmp_path / "run" / "job.json").read_text())
     assert report["family"] == "flux2" and job["model"]["dit"] is None and job["lora"]["preset"] is None
+    # the teacher is the job's own base: validation shows it beside the student, at the recipe's teacher settings
+    v = job["validation"]
+    assert (v["teacher"], v["teacher_steps"], v["teacher_cfg"], job["model"]["teacher"]) == (True, 5, 4.0, None)
+    assert (tmp_path / "run" / "train" / "validation" / "teacher" / "000.png").is_file()
     row, _ = _first_row_latents(tmp_path / "run" / "teacher_data")
     assert (row.num_inference_steps, row.cfg_scale) == (4, 1.0)  # the recipe's default: 4 steps, CFG 1
     assert read_lora(report["weights"]).modules
@@ -143,3 +147,16 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, capsys, extra
     assert main(argv) == 2
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]["field"] == field
     assert not (tmp_path / "run").exists()
+
+
+def test_the_teacher_column_only_where_the_job_can_name_the_teacher(tmp_path):
+    from dit_distillery.recipes import _teacher_dit
+
+    folder = tmp_path / "base"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    assert _teacher_dit(Inputs(base="tiny:flux2"), None) == (None, True)  # the job's own base
+    assert _teacher_dit(Inputs(base="b", base_dit="base.safetensors", turbo="t"), "t") == ("base.safetensors", True)
+    assert _teacher_dit(Inputs(base=str(folder), turbo="t"), "t") == (str(folder / "transformer"), True)
+    assert _teacher_dit(Inputs(base="tiny:z_image", turbo="t"), "t") == (None, False)  # a built-in DiT: no file
+    assert _teacher_dit(Inputs(base="tiny:z_image", turbo="t", lora="l"), "t") == (None, False)  # base + LoRA
