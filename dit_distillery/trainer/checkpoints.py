@@ -168,6 +168,23 @@ class Checkpoints:
     def latest(self) -> Path | None:
         return latest_checkpoint(self.folder)
 
+    def finish(self, stopped: bool, last_saved: int | None, report: dict) -> tuple[Path | None, Path | None]:
+        """The run's end: the last checkpoint (unless the last step was just saved; a stopped run prunes nothing:
+        its last checkpoint's weights have not given a loss yet) and the weights file (main process; None
+        elsewhere). Under DDP `report` also says whether every process holds the same trainables."""
+        job, step = self.job, self.state.step
+        if self.accelerator.num_processes > 1 and not self.sharded:  # (sharded: each holds its own part)
+            report["ranks_identical"] = ranks_identical(self.accelerator, self.model.trainable())
+        checkpoint = self.save(prune=not stopped) if last_saved != step or stopped else self.latest()
+        if not self.main:
+            return checkpoint, None
+        path = Path(job.output.dir) / f"{job.output.name}.safetensors"
+        if self.sharded:
+            from .sharded import publish
+
+            return checkpoint, publish(checkpoint, path)
+        return checkpoint, export_weights(job, self.model.dit, step, path)
+
     def save(self, prune: bool = True) -> Path | None:
         """A resumable checkpoint + the user-facing weights, written by the main process.
 

@@ -7,7 +7,8 @@ chart (`validation.py`). A step: the loss may first update trainables of its own
 goes through the `TrainingModule`, whose forward is the whole loss (for Direct Distill the student's full N-step
 sampler), so DDP sees one forward and one backward per micro-batch and syncs on the last only. A NaN/inf loss
 stops the run and leaves the last good checkpoint untouched; otherwise the gradients are clipped, the optimiser
-and the LR schedule (warm-up, then constant/cosine) step, and the EMA follows.
+and the LR schedule (warm-up, then constant/cosine) step, and the EMA follows. (Kept under 200 lines, to be read in
+one sitting: what is not the loop goes to setup.py, checkpoints.py or validation.py.)
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ import torch
 from ..errors import StopRequested
 from ..losses import loss_from_dict
 from ..progress import Eta
-from .checkpoints import RunState, TrainingDiverged, export_weights, folder_lock, ranks_identical
+from .checkpoints import RunState, TrainingDiverged, folder_lock
 from .job import TrainJob
-from .setup import (Batches, TrainingModule, base_dtype, load_job_pipeline, lr_factor, make_accelerator, prepare_data,
-                    set_up)
-from .sharded import is_sharded, publish
+from .setup import (Batches, PeakMemory, TrainingModule, load_job_pipeline, lr_factor, make_accelerator,
+                    place_pipeline, prepare_data, set_up)
 
 __all__ = ["train", "Trainer", "TrainResult", "StepInfo", "Callbacks", "TrainingDiverged", "TrainingModule",
            "lr_factor", "prepare_data", "load_job_pipeline"]
@@ -89,14 +89,7 @@ class Trainer:
         self.out = Path(job.output.dir)
         self.accelerator = make_accelerator(job)  # FSDP for distributed "fsdp" (sharded.py); DeepSpeed refused
         self.device = self.accelerator.device
-        dtype = base_dtype(job, self.device)
-        # a sharded run keeps its DiT on the CPU until it is sharded: each GPU then receives only its shards; a DiT
-        # to store in fp8 or block-swap is placed by set_up once it is (as loaded it may not fit)
-        offload = is_sharded(job, self.accelerator) or job.base_dtype == "fp8" or job.blocks_to_swap != 0
-        self.pipe = pipeline if pipeline is not None else load_job_pipeline(job, "cpu" if offload else self.device,
-                                                                              dtype)
-        for part in (self.pipe.prompt_encoder, self.pipe.codec) if offload else (self.pipe,):
-            part.to(device=self.device)
+        self.pipe = place_pipeline(job, self.accelerator, pipeline)
         self.loss = loss_from_dict(job.loss)
         self.state = RunState()
         self.parts = None
@@ -184,17 +177,9 @@ class Trainer:
     def _finish(self, started: float, stopped: bool, last_saved: int | None) -> TrainResult:
         """The last checkpoint (a stopped run prunes nothing: its last checkpoint's weights have not given a loss
         yet), the weights file, the final validation and the chart; a stopped run then raises StopRequested."""
-        job, state, p = self.job, self.state, self.parts
+        state, p = self.state, self.parts
         report = p.data.report
-        if self.accelerator.num_processes > 1 and not p.optim.sharded:  # (sharded: each holds its own part)
-            report["ranks_identical"] = ranks_identical(self.accelerator, p.model.trainable())
-        checkpoint = (p.checkpoints.save(prune=not stopped) if last_saved != state.step or stopped
-                      else p.checkpoints.latest())
-        weights = None
-        if self.main:
-            path = self.out / f"{job.output.name}.safetensors"
-            weights = publish(checkpoint, path) if p.optim.sharded else export_weights(job, p.model.dit, state.step,
-                                                                                       path)
+        checkpoint, weights = p.checkpoints.finish(stopped, last_saved, report)
         if not stopped:
             p.validator.validate()
         chart = p.validator.write_chart() if self.main else None
@@ -204,54 +189,6 @@ class Trainer:
         if stopped:
             raise StopRequested(f"stopped at step {state.step}; checkpoint {checkpoint}")
         return result
-
-
-class PeakMemory:
-    """CUDA: the peak of `torch.cuda.max_memory_allocated` over the training steps (validation left out), beside
-    the memory plan's prediction (`setup.Memory`). Elsewhere it measures nothing (None)."""
-
-    def __init__(self, device, memory):
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self.predicted = memory.predicted_peak() if memory is not None else None
-        self.plan = memory.plan if memory is not None else None
-        self.peak = 0
-        if self.cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-
-    def measured(self) -> int | None:
-        if not self.cuda:
-            return None
-        self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
-        return self.peak
-
-    @contextlib.contextmanager
-    def paused(self):
-        self.measured()
-        try:
-            yield
-        finally:
-            if self.cuda:
-                torch.cuda.synchronize(self.device)
-                torch.cuda.reset_peak_memory_stats(self.device)
-
-    def report(self, report: dict, callbacks, out: Path | None) -> None:
-        """The measured peak beside the prediction: in the run's data report, the log and memory_plan.json."""
-        measured = self.measured()
-        if measured is None:
-            return
-        entry = {"measured_peak_bytes": measured, "predicted_peak_bytes": self.predicted}
-        if self.predicted:
-            entry["predicted_over_measured"] = self.predicted / measured if measured else None
-        report["memory"] = entry
-        gib = 1024 ** 3
-        callbacks.on_message(f"peak GPU memory of the training steps: {measured / gib:.2f} GiB measured"
-                             + (f", {self.predicted / gib:.2f} GiB predicted" if self.predicted else ""))
-        if out is not None and self.plan is not None:
-            from ..formats import atomic_write_json
-
-            atomic_write_json(out / "memory_plan.json", {**self.plan.to_dict(), **entry})
 
 
 def train(job: TrainJob, *, pipeline=None, callbacks: Callbacks | None = None,

@@ -81,6 +81,19 @@ def base_dtype(job: TrainJob, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def place_pipeline(job: TrainJob, accelerator, pipeline=None):
+    """The run's pipeline (`pipeline`, else the job's, loaded in the base dtype), on the device. A sharded run keeps
+    its DiT on the CPU until it is sharded (each GPU then receives only its shards); a DiT to store in fp8 or
+    block-swap is placed by `set_up` once it is (as loaded it may not fit)."""
+    device = accelerator.device
+    offload = is_sharded(job, accelerator) or job.base_dtype == "fp8" or job.blocks_to_swap != 0
+    pipe = pipeline if pipeline is not None else load_job_pipeline(job, "cpu" if offload else device,
+                                                                   base_dtype(job, device))
+    for part in (pipe.prompt_encoder, pipe.codec) if offload else (pipe,):
+        part.to(device=device)
+    return pipe
+
+
 def load_job_pipeline(job: TrainJob, device, dtype):
     """The pipeline a job names (built-in, diffusers folder, single files)."""
     from ..pipelines.loading import load_pipeline
@@ -518,6 +531,54 @@ def plan_memory(job: TrainJob, pipe, loss, accelerator, height: int, width: int,
     if accelerator.is_main_process:
         atomic_write_json(Path(job.output.dir) / "memory_plan.json", plan.to_dict())
     return Memory(plan, n)
+
+
+class PeakMemory:
+    """CUDA: the peak of `torch.cuda.max_memory_allocated` over the training steps (validation left out), beside
+    the memory plan's prediction (`setup.Memory`). Elsewhere it measures nothing (None)."""
+
+    def __init__(self, device, memory):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.predicted = memory.predicted_peak() if memory is not None else None
+        self.plan = memory.plan if memory is not None else None
+        self.peak = 0
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def measured(self) -> int | None:
+        if not self.cuda:
+            return None
+        self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+        return self.peak
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.measured()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+
+    def report(self, report: dict, callbacks, out: Path | None) -> None:
+        """The measured peak beside the prediction: in the run's data report, the log and memory_plan.json."""
+        measured = self.measured()
+        if measured is None:
+            return
+        entry = {"measured_peak_bytes": measured, "predicted_peak_bytes": self.predicted}
+        if self.predicted:
+            entry["predicted_over_measured"] = self.predicted / measured if measured else None
+        report["memory"] = entry
+        gib = 1024 ** 3
+        callbacks.on_message(f"peak GPU memory of the training steps: {measured / gib:.2f} GiB measured"
+                             + (f", {self.predicted / gib:.2f} GiB predicted" if self.predicted else ""))
+        if out is not None and self.plan is not None:
+            from ..formats import atomic_write_json
+
+            atomic_write_json(out / "memory_plan.json", {**self.plan.to_dict(), **entry})
 
 
 # --------------------------------------------------------------------------------------------------------------
