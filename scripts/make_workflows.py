@@ -53,6 +53,44 @@ QWEN_SETUP = f"""### Models (Qwen-Image)
   `text_encoder/config.json` (the three files above replace its weights). With the whole diffusers download
   there, set the three file widgets of **Load Pipeline** to `[none]`.
 """
+# ComfyUI's own Qwen-Image template files, read by the stock loaders (Pipeline from ComfyUI Models makes them ours).
+_QWEN_HF = "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/"
+QWEN_COMFY_MODELS = {
+    "qwen_image_fp8_e4m3fn.safetensors": ("diffusion_models",
+                                          _QWEN_HF + "diffusion_models/qwen_image_fp8_e4m3fn.safetensors"),
+    "qwen_2.5_vl_7b_fp8_scaled.safetensors": ("text_encoders",
+                                              _QWEN_HF + "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors"),
+    "qwen_image_vae.safetensors": ("vae", _QWEN_HF + "vae/qwen_image_vae.safetensors"),
+}
+QWEN_COMFY_DIT, QWEN_COMFY_TE, QWEN_COMFY_VAE = QWEN_COMFY_MODELS
+QWEN_COMFY_SETUP = """### Models (ComfyUI's Qwen-Image files)
+**Load Diffusion Model**, **Load CLIP** (type `qwen_image`) and **Load VAE** read the files of ComfyUI's own
+Qwen-Image template (Comfy-Org/Qwen-Image_ComfyUI; ComfyUI offers to download them):
+* `qwen_image_fp8_e4m3fn.safetensors` (20 GB, models/diffusion_models; weight_dtype fp8_e4m3fn keeps it in fp8),
+* `qwen_2.5_vl_7b_fp8_scaled.safetensors` (9.4 GB, models/text_encoders),
+* `qwen_image_vae.safetensors` (0.25 GB, models/vae).
+
+**Pipeline from ComfyUI Models** makes them the pipeline: prompts are encoded as CLIPTextEncode does, the teacher
+is sampled by ComfyUI's own sampler, and training computes with the MODEL's fp8 weights without copying or
+changing them. No diffusers folder is needed.
+"""
+QWEN_PLAN = "`python -m dit_distillery report qwen-image --plan`"  # the memory figures in the notes: its predictions
+
+
+def _qwen_comfy_pipeline(w, box_width: int = 360) -> tuple[list[dict], dict]:
+    """Stock UNETLoader / CLIPLoader / VAELoader with the template's files (and their download links), feeding
+    Pipeline from ComfyUI Models; returns (the loaders, the pipeline node)."""
+    unet = w.node("UNETLoader", box_width=box_width, models=[QWEN_COMFY_DIT], model_files=QWEN_COMFY_MODELS,
+                  unet_name=QWEN_COMFY_DIT, weight_dtype="fp8_e4m3fn")
+    clip = w.node("CLIPLoader", box_width=box_width, models=[QWEN_COMFY_TE], model_files=QWEN_COMFY_MODELS,
+                  clip_name=QWEN_COMFY_TE, type="qwen_image")
+    vae = w.node("VAELoader", box_width=box_width, models=[QWEN_COMFY_VAE], model_files=QWEN_COMFY_MODELS,
+                 vae_name=QWEN_COMFY_VAE)
+    pipeline = w.node("DD_PipelineFromComfyModels", title="Pipeline from ComfyUI Models (Qwen-Image)",
+                      box_width=box_width)
+    for loader, output, input_name in ((unet, "MODEL", "model"), (clip, "CLIP", "clip"), (vae, "VAE", "vae")):
+        w.connect(loader, output, pipeline, input_name)
+    return [unet, clip, vae], pipeline
 
 
 class Workflow:
@@ -65,10 +103,11 @@ class Workflow:
         self.groups: list[dict] = []
 
     # -- nodes -----------------------------------------------------------------------------------------------
-    def node(self, type: str, title: str | None = None, box_width: int = 320, node_mode: int = 0,
+    def node(self, type: str, /, title: str | None = None, box_width: int = 320, node_mode: int = 0,
              models: list[str] = (), model_files: dict | None = None, **widgets) -> dict:
         """Add a node; `widgets` by name (the rest keep their defaults), `node_mode` 2 = muted; `models`: the
-        files it needs, with their folder and download URL from `model_files` (default `QWEN_MODELS`)."""
+        files it needs, with their folder and download URL from `model_files` (default `QWEN_MODELS`). `type` is
+        positional-only: CLIPLoader has a widget named `type`."""
         spec = self.info[type]
         values = []
         for widget in widget_layout(spec):
@@ -293,7 +332,8 @@ QWEN_SAMPLE = QWEN_VALIDATION.split("\n")[0]
 
 
 def distill_qwen_image_lora(info) -> dict:
-    """DiffSynth's Qwen-Image-Distill-LoRA recipe (seed 002, examples/qwen_image/.../Qwen-Image-Distill-LoRA.sh)."""
+    """DiffSynth's Qwen-Image-Distill-LoRA recipe (seed 002, examples/qwen_image/.../Qwen-Image-Distill-LoRA.sh), on
+    ComfyUI's own Qwen-Image files (stock loaders -> Pipeline from ComfyUI Models)."""
     w = Workflow(info)
     note = w.note(f"""
 ## Direct Distill a Qwen-Image LoRA to 4 steps, CFG 1
@@ -308,13 +348,21 @@ Put your own prompts in **Generate Distill Dataset** (one per line, or a .txt fi
 more prompts generalise better. The LoRA is saved to `models/loras/qwen_image_distill_lora.safetensors` and also
 loads in stock **LoraLoaderModelOnly** (sample with 4 steps, CFG 1).
 
-{QWEN_SETUP}
-Memory: teacher sampling needs the 20B DiT in bf16 (~41 GB); training backpropagates through 4 DiT calls with
-gradient checkpointing (see **Model Size Report**).
-""", (460, 820))
-    pipeline = w.node("DD_LoadPipeline", title="Load Pipeline (Qwen-Image teacher)", box_width=360,
-                      models=list(QWEN_MODELS), **QWEN_PIPELINE)
-    size = w.node("DD_ModelSizeReport", box_width=360, height=1328, width=1328, lora_rank=32)
+{QWEN_COMFY_SETUP}
+### Memory (predicted, GPU peak of each DiT step)
+Predictions of the memory plan ({QWEN_PLAN}; **Model Size Report** shows the training one):
+* text encoder: its 8.3 GiB of fp8 weights are on the GPU only while prompts are encoded.
+* teacher dataset, 40 steps CFG 4 at 1328² (`--mode sample --resolution 1328 --base-dtype fp8 --cfg 4`):
+  **20.0 GiB** (19.1 of them the fp8 DiT).
+* LoRA training, Direct Distill through 4 steps (`--mode lora --loss direct:4 --resolution 1328 --base-dtype
+  fp8`): **35.2 GiB** (weights 20.4, activations of the 4 unrolled steps 11.0); for a 24 GB card
+  (`--budget 24GB`) the plan swaps 41 of the 60 blocks (22.9 GiB).
+* Sample, 4 steps CFG 1 (`--mode sample --resolution 1328 --base-dtype fp8 --cfg 1`): **19.6 GiB**.
+ComfyUI keeps the models it is not running in CPU memory: plan on about 32 GB of RAM for the two fp8 files.
+""", (480, 1020))
+    loaders, pipeline = _qwen_comfy_pipeline(w)
+    size = w.node("DD_ModelSizeReport", box_width=360, height=1328, width=1328, lora_rank=32, plan="lora",
+                  plan_loss="direct:4", base_dtype="fp8")
     size_text = w.node("PreviewAny", title="Memory needed", box_width=360)
     distill_data = w.node("DD_GenerateDistillDataset", title="Generate Distill Dataset (40 steps, CFG 4)",
                           box_width=380, prompts=QWEN_PROMPTS, seeds_per_prompt=1, start_seed=0, teacher_steps=40,
@@ -332,7 +380,7 @@ gradient checkpointing (see **Model Size Report**).
     sample = w.node("DD_Sample", title="Student: 4 steps, CFG 1", prompt=QWEN_SAMPLE, seed=0, steps=4, cfg=1.0,
                     width=1328, height=1328)
     save = w.node("SaveImage", filename_prefix="dit_distillery/qwen_distill_lora_4step")
-    w.columns([[note], [pipeline, size, size_text], [distill_data, preview, loss], [train],
+    w.columns([[note], [*loaders, pipeline], [size, size_text], [distill_data, preview, loss], [train],
                [chart, chart_view], [student, sample, save]])
 
     w.connect(pipeline, "pipeline", size, "pipeline")
@@ -347,36 +395,50 @@ gradient checkpointing (see **Model Size Report**).
     w.connect(train, "model", student, "pipeline")
     w.connect(student, "pipeline", sample, "pipeline")
     w.connect(sample, "images", save, "images")
+    w.group("Qwen-Image: ComfyUI's files", [*loaders, pipeline], "#3f789e")
     w.group("teacher dataset: 40 steps, CFG 4, 1328²", [distill_data, preview, loss], "#8A8")
     w.group("student: LoRA rank 32, 4 steps, CFG 1", [train, chart, chart_view, student, sample, save], "#b58b2a")
     return w.to_json()
 
 
 def shrink_qwen_image(info) -> dict:
-    """Shrink Qwen-Image 60 -> 20 blocks (importance on calibration prompts), then recover it by Direct Distill."""
+    """Shrink Qwen-Image 60 -> 20 blocks (importance on calibration prompts), then recover it by Direct Distill;
+    the teacher is ComfyUI's own Qwen-Image files (stock loaders -> Pipeline from ComfyUI Models)."""
     w = Workflow(info)
     note = w.note(f"""
 ## Shrink Qwen-Image (60 → 20 blocks) and recover it by distillation
 1. **Shrink DiT** keeps 20 of Qwen-Image's 60 blocks, chosen by **importance** (how much each block changes its
    input on the calibration prompts, encoded by the teacher's text encoder), and writes exact slices of the
-   source, streamed: the 41 GB source needs about one tensor of memory. The student (about 7B parameters) is
-   saved to `models/diffusion_models/qwen_image_20blocks.safetensors` and loads in stock UNETLoader.
-2. **Generate Distill Dataset**: the full 60-block teacher draws the prompts (40 steps, CFG 4, 1024²).
+   source file, streamed. Its `source` is a file (it never loads the whole model): the same
+   `qwen_image_fp8_e4m3fn.safetensors` as Load Diffusion Model (plain fp8, sliced as stored); the bf16 file and
+   ComfyUI's scaled-fp8 files (`*_fp8_scaled`, scales applied) work too. The student (about 7B parameters) is
+   saved in bf16 to `models/diffusion_models/qwen_image_20blocks.safetensors` (the fp8 values exactly) and loads
+   in stock UNETLoader.
+2. **Generate Distill Dataset**: the full 60-block teacher, sampled by ComfyUI, draws the prompts (40 steps, CFG 4,
+   1024²).
 3. **Train** the student's full weights with **Direct Distill Loss**: it learns to reach the teacher's images in
-   **4 steps, CFG 1** (fewer blocks *and* fewer steps). More prompts and steps give better quality. Full training
-   of the student needs a large GPU (see the size report); **Export Training Job** (muted: select it, Ctrl+M)
-   writes the same training as a job for `accelerate launch` on a cluster.
+   **4 steps, CFG 1** (fewer blocks *and* fewer steps). More prompts and steps give better quality.
 
-{QWEN_SETUP}
-""", (460, 760))
-    pipeline = w.node("DD_LoadPipeline", title="Load Pipeline (Qwen-Image teacher)", box_width=380,
-                      models=list(QWEN_MODELS), **QWEN_PIPELINE)
-    shrink = w.node("DD_ShrinkDiT", box_width=380, models=["qwen_image_bf16.safetensors"],
-                    source="qwen_image_bf16.safetensors", target_blocks=20, strategy="importance",
+{QWEN_COMFY_SETUP}
+### Memory (predicted, GPU peak of each DiT step)
+Predictions of the memory plan ({QWEN_PLAN}; **Model Size Report** shows the student's):
+* Shrink DiT: one source tensor at a time, plus one block (1.4 GiB in fp32) and its activations while the
+  calibration prompts are scored.
+* teacher dataset, 60 blocks, 40 steps CFG 4 at 1024² (`--mode sample --resolution 1024 --base-dtype fp8 --cfg
+  4`): **19.7 GiB**.
+* full training of the 20-block student through 4 steps (`--mode full --layers 20 --loss direct:4
+  --resolution 1024`): **118.3 GiB** with AdamW (fp32 masters 25.5, bf16 copies 12.7, gradients 25.5, AdamW
+  50.9); Adafactor, set here, keeps factored statistics instead of AdamW's 50.9 GiB: about 67 GiB, an 80 GB
+  GPU. A training job for a cluster needs the models as files: Load Pipeline + Export Training Job.
+* Sample, 20 blocks in bf16, 4 steps CFG 1 (`--mode sample --layers 20 --resolution 1024 --cfg 1`): **13.0 GiB**.
+""", (480, 1080))
+    loaders, pipeline = _qwen_comfy_pipeline(w, box_width=380)
+    shrink = w.node("DD_ShrinkDiT", box_width=380, models=[QWEN_COMFY_DIT], model_files=QWEN_COMFY_MODELS,
+                    source=QWEN_COMFY_DIT, target_blocks=20, strategy="importance",
                     calibration_prompts=QWEN_PROMPTS, calibration_size=512, calibration_seed=0, dtype="bf16",
                     name="qwen_image_20blocks.safetensors")
     report = w.node("PreviewAny", title="What was kept", box_width=380)
-    size = w.node("DD_ModelSizeReport", box_width=380, height=1024, width=1024)
+    size = w.node("DD_ModelSizeReport", box_width=380, height=1024, width=1024, plan="full", plan_loss="direct:4")
     size_text = w.node("PreviewAny", title="Student size and training memory", box_width=380)
     student_in = w.node("DD_LoadStudent", title="Load Student (20-block student)", box_width=380)
     distill_data = w.node("DD_GenerateDistillDataset", title="Generate Distill Dataset (full teacher)",
@@ -384,18 +446,16 @@ def shrink_qwen_image(info) -> dict:
                           teacher_cfg=4.0, width=1024, height=1024, student_steps=4, student_cfg=1.0,
                           batch_size=1, output_name="qwen_image_distill_1024")
     loss = w.node("DD_DirectDistillLoss", box_width=380)
-    train_widgets = dict(mode="full", output_name="qwen_image_20blocks_recovered", steps=3000, batch_size=1,
-                         learning_rate=1e-5, lr_schedule="cosine", warmup_steps=100, optimizer="adafactor",
-                         gradient_checkpointing=True, save_every=250, save_dtype="bf16",
-                         validation_prompts=QWEN_VALIDATION, validation_every=250, seed=0)
-    train = w.node("DD_TrainLoRAFull", title="Train student (full, Direct Distill)", box_width=420, **train_widgets)
-    export = w.node("DD_ExportTrainingJob", title="Export Training Job (cluster)", box_width=420, node_mode=2,
-                    num_processes=8, **train_widgets)
+    train = w.node("DD_TrainLoRAFull", title="Train student (full, Direct Distill)", box_width=420, mode="full",
+                   output_name="qwen_image_20blocks_recovered", steps=3000, batch_size=1, learning_rate=1e-5,
+                   lr_schedule="cosine", warmup_steps=100, optimizer="adafactor", gradient_checkpointing=True,
+                   save_every=250, save_dtype="bf16", validation_prompts=QWEN_VALIDATION, validation_every=250,
+                   seed=0)
     sample = w.node("DD_Sample", title="Recovered student: 4 steps, CFG 1", prompt=QWEN_SAMPLE, seed=0, steps=4,
                     cfg=1.0, width=1024, height=1024)
     save = w.node("SaveImage", filename_prefix="dit_distillery/qwen_20blocks_4step")
-    w.columns([[note], [pipeline, shrink, report], [size, size_text], [student_in, distill_data, loss], [train],
-               [export], [sample, save]])
+    w.columns([[note], [*loaders, pipeline], [shrink, report], [size, size_text], [student_in, distill_data, loss],
+               [train], [sample, save]])
 
     w.connect(pipeline, "pipeline", shrink, "pipeline")
     w.connect(shrink, "report", report, "source")
@@ -404,14 +464,13 @@ def shrink_qwen_image(info) -> dict:
     w.connect(pipeline, "pipeline", student_in, "pipeline")
     w.connect(shrink, "dit", student_in, "dit")
     w.connect(pipeline, "pipeline", distill_data, "teacher")
-    for trainer in (train, export):
-        w.connect(student_in, "pipeline", trainer, "pipeline")
-        w.connect(distill_data, "dataset", trainer, "dataset")
-        w.connect(loss, "loss", trainer, "loss")
+    w.connect(student_in, "pipeline", train, "pipeline")
+    w.connect(distill_data, "dataset", train, "dataset")
+    w.connect(loss, "loss", train, "loss")
     w.connect(train, "model", sample, "pipeline")
     w.connect(sample, "images", save, "images")
-    w.group("1 · shrink 60 → 20 blocks", [pipeline, shrink, report, size, size_text], "#3f789e")
-    w.group("2 · recover by Direct Distill from the full teacher", [student_in, distill_data, loss, train, export],
+    w.group("1 · shrink 60 → 20 blocks", [*loaders, pipeline, shrink, report, size, size_text], "#3f789e")
+    w.group("2 · recover by Direct Distill from the full teacher", [student_in, distill_data, loss, train],
             "#b58b2a")
     return w.to_json()
 
@@ -484,30 +543,39 @@ Validation uses the tutorial's 30 steps, CFG 10.
 
 
 def qwen_image_finetune(info) -> dict:
-    """DiffSynth's Qwen-Image LoRA and full fine-tuning (seed 003): LoRA lr 1e-4 rank 32, full lr 1e-5."""
+    """DiffSynth's Qwen-Image LoRA and full fine-tuning (seed 003): LoRA lr 1e-4 rank 32, full lr 1e-5; on ComfyUI's
+    own Qwen-Image files (stock loaders -> Pipeline from ComfyUI Models)."""
     w = Workflow(info)
     note = w.note(f"""
 ## Fine-tune Qwen-Image: LoRA and full
 DiffSynth-Studio's recipes (examples/qwen_image/model_training): flow-matching SFT on a DiffSynth-format
 dataset (`metadata.csv` with `image,prompt`), dynamic resolution up to **1024×1024 pixels**
 (`--max_pixels 1048576`), dataset repeat 50.
-* **LoRA**: rank 32 on DiffSynth's layers, **lr 1e-4**. Saved to `models/loras/qwen_image_lora.safetensors`
-  (loads in stock LoraLoaderModelOnly).
+* **LoRA**: rank 32 on DiffSynth's layers, **lr 1e-4**, over the MODEL's fp8 weights. Saved to
+  `models/loras/qwen_image_lora.safetensors` (loads in stock LoraLoaderModelOnly).
 * **Full** (muted: select the three purple nodes, Ctrl+M): all DiT weights, **lr 1e-5**, Adafactor; needs far
-  more memory (see **Model Size Report**). Saved to `models/diffusion_models/qwen_image_full.safetensors`.
+  more memory (below). Saved to `models/diffusion_models/qwen_image_full.safetensors`.
 
 ### Data
 `ComfyUI/input/example_image_dataset/` (`modelscope download --dataset DiffSynth-Studio/example_image_dataset
 --local_dir ComfyUI/input/example_image_dataset`), or any folder of images + metadata.csv / .txt captions.
 
-{QWEN_SETUP}
-""", (460, 700))
-    pipeline = w.node("DD_LoadPipeline", title="Load Pipeline (Qwen-Image)", box_width=360, models=list(QWEN_MODELS),
-                      **QWEN_PIPELINE)
+{QWEN_COMFY_SETUP}
+### Memory (predicted, GPU peak of each DiT step)
+Predictions of the memory plan ({QWEN_PLAN}; **Model Size Report** shows the LoRA one):
+* the prompts and images are encoded once into the cache before training (the text encoder's 8.3 GiB and the VAE
+  on the GPU only then).
+* LoRA training at 1024² (`--mode lora --resolution 1024 --base-dtype fp8`): **26.0 GiB** (weights 20.4,
+  activations 2.1); for a 24 GB card (`--budget 24GB`) the plan swaps 12 of the 60 blocks (22.8 GiB).
+* full training at 1024² (`--mode full --resolution 1024`): **345 GiB** with AdamW, about 193 GiB with Adafactor:
+  several GPUs, i.e. a training job with the models as files (Load Pipeline + Export Training Job).
+* Sample at 1024², CFG 4 (`--mode sample --resolution 1024 --base-dtype fp8 --cfg 4`): **19.7 GiB**.
+""", (480, 1000))
+    loaders, pipeline = _qwen_comfy_pipeline(w)
     data = w.node("DD_DatasetFolder", box_width=360, folder="example_image_dataset", metadata="metadata.csv",
                   sizing="buckets", max_pixels=1048576, repeat=50)
     loss = w.node("DD_FlowMatchingLoss", box_width=360)
-    size = w.node("DD_ModelSizeReport", box_width=360, lora_rank=32)
+    size = w.node("DD_ModelSizeReport", box_width=360, lora_rank=32, plan="lora", base_dtype="fp8")
     size_text = w.node("PreviewAny", title="Memory: LoRA vs full", box_width=360)
     lora = w.node("DD_TrainLoRAFull", title="Train LoRA (lr 1e-4, rank 32)", box_width=420, mode="lora",
                   output_name="qwen_image_lora", steps=2000, batch_size=1, learning_rate=1e-4, lora_rank=32,
@@ -524,8 +592,8 @@ dataset (`metadata.csv` with `image,prompt`), dynamic resolution up to **1024×1
     full_save = w.node("SaveImage", node_mode=2, filename_prefix="dit_distillery/qwen_image_full")
     for node in (full, full_sample, full_save):
         node["color"], node["bgcolor"] = "#323", "#535"
-    w.columns([[note], [pipeline, data, loss, size, size_text], [lora], [lora_sample, lora_save], [full],
-               [full_sample, full_save]])
+    w.columns([[note], [*loaders, pipeline], [data, loss, size, size_text], [lora], [lora_sample, lora_save],
+               [full], [full_sample, full_save]])
 
     w.connect(pipeline, "pipeline", size, "pipeline")
     w.connect(size, "report", size_text, "source")
@@ -535,6 +603,7 @@ dataset (`metadata.csv` with `image,prompt`), dynamic resolution up to **1024×1
         w.connect(loss, "loss", train, "loss")
         w.connect(train, "model", sample, "pipeline")
         w.connect(sample, "images", save, "images")
+    w.group("Qwen-Image: ComfyUI's files", [*loaders, pipeline], "#3f789e")
     w.group("LoRA: lr 1e-4, rank 32", [lora, lora_sample, lora_save], "#b58b2a")
     w.group("full: lr 1e-5 (muted)", [full, full_sample, full_save], "#a1309b")
     return w.to_json()

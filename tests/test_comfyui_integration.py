@@ -18,6 +18,7 @@ import torch
 
 from tests.comfyui_support import interop
 from tests.comfyui_support import object_info as oi
+from tests.comfyui_support import qwen_files
 from tests.comfyui_support.server import ComfyUIServer, PromptRejected, custom_node_loaded, import_problems
 from tests.comfyui_support.ui_builder import node, workflow
 from tests.comfyui_support.workflow_api import VIRTUAL_TYPES, check_workflow, ui_to_api, validate_prompt
@@ -33,8 +34,9 @@ pytestmark = [
     pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout (scripts/setup_comfyui.sh)"),
 ]
 
-# Bundled workflows that are also queued (file name -> timeout in seconds; slow tests); the others need model
-# files that are absent here, so they are converted and validated with the live server's /object_info only.
+# Bundled workflows that are also queued (file name -> timeout in seconds; slow tests); the Qwen-Image ones are
+# queued on stand-ins of ComfyUI's template files (`qwen_standins`), the others need model files that are absent
+# here, so they are converted and validated with the live server's /object_info only.
 QUEUE_WORKFLOWS: dict[str, float] = {"quickstart.json": 2400}
 
 # A small pack with one of everything the pack checks look at (a V1 node, a JS file, a workflow), so that the
@@ -89,6 +91,7 @@ def comfy(tmp_path_factory):
     (custom_nodes / BROKEN_PACK).mkdir()
     (custom_nodes / BROKEN_PACK / "__init__.py").write_text('raise ImportError("broken on purpose")\n')
     _make_probe_pack(custom_nodes / PROBE_PACK)
+    qwen_files.install_support_pack(custom_nodes)  # stand-in text encoders for CLIPLoader; DDProbe_Save
     server = ComfyUIServer(COMFYUI_DIR, base, python=COMFYUI_PYTHON)
     server.start(timeout=180)
     try:
@@ -537,7 +540,13 @@ def test_load_student_makes_a_comfyui_model_of_a_width_shrunk_qwen(comfy, live_i
 # ----------------------------------------------------------------------------------------------------------
 # Bundled workflows: templates, thumbnails, the quickstart run
 
-BUNDLED = ("quickstart", "shrink_qwen_image", "distill_qwen_image_lora", "aaadit_from_scratch", "qwen_image_finetune")
+def _bundled() -> tuple[str, ...]:
+    from tests.test_workflows import EXPECTED  # the workflows the pack ships
+
+    return tuple(sorted(EXPECTED))
+
+
+BUNDLED = _bundled()
 
 
 def test_all_bundled_workflows_are_templates_with_thumbnails(comfy):
@@ -561,6 +570,65 @@ def quickstart_run(comfy, live_info):
         entry = comfy.run_prompt(prompt, timeout=QUEUE_WORKFLOWS["quickstart.json"], client_id=events.client_id)
         events.wait_for("execution_success", prompt_id=entry["prompt"][1])
     return prompt, entry, events, time.monotonic() - began
+
+
+@pytest.fixture(scope="module")
+def qwen_standins(comfy):
+    """ComfyUI's Qwen-Image template files under their names, as small stand-ins with the real layouts and widths
+    (`qwen_files`): the DiT with 2 blocks (0.75 GB), the scaled-fp8 text encoder with 1 layer and no vision tower
+    (1.1 GB: the 152k x 3584 embedding), the real VAE; and a 2-image dataset for the fine-tune. Removed after."""
+    models, data = comfy.base_dir / "models", comfy.base_dir / "input" / "example_image_dataset"
+    written = qwen_files.write_template_files(models, COMFYUI_DIR, COMFYUI_PYTHON, vision=False, lm_head=False,
+                                              te_config={"num_hidden_layers": 1, "intermediate_size": 256})
+    from PIL import Image
+
+    data.mkdir(parents=True, exist_ok=True)
+    for i, color in enumerate(("red", "blue")):
+        Image.new("RGB", (64, 64), color).save(data / f"{i}.png")
+    (data / "metadata.csv").write_text("image,prompt\n0.png,a red square\n1.png,a blue square\n")
+    try:
+        yield written
+    finally:
+        for item in written.values():
+            item["path"].unlink(missing_ok=True)
+
+
+QWEN_WORKFLOWS = ("distill_qwen_image_lora", "shrink_qwen_image", "qwen_image_finetune")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", QWEN_WORKFLOWS)
+def test_qwen_workflow_runs_from_the_templates_files(comfy, qwen_standins, name):
+    """The bundled Qwen-Image workflow, as the frontend queues it, on stand-ins of ComfyUI's template files
+    (stock UNETLoader / CLIPLoader / VAELoader -> Pipeline from ComfyUI Models), made small (`qwen_files.small`:
+    64², 2 steps): every node runs, and what it promises is written (teacher rows, the LoRA or the student)."""
+    info = comfy.object_info()  # now listing the stand-ins in the loaders' pickers
+    tag = f"{name[:6]}{int(time.time())}"
+    workflow_json = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    prompt = qwen_files.small(check_workflow(workflow_json, info, name, check_files=True), tag)
+    began = time.monotonic()
+    entry = comfy.run_prompt(prompt, timeout=1800)
+    assert entry["status"]["status_str"] == "success"
+    outputs = {prompt[k]["class_type"] for k in entry["outputs"]}
+    assert "SaveImage" in outputs, outputs
+    base = comfy.base_dir
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "DD_TrainLoRAFull":
+            folder = "loras" if inputs["mode"] == "lora" else "diffusion_models"
+            assert (base / "models" / folder / f"{inputs['output_name']}.safetensors").is_file()
+        elif node["class_type"] == "DD_GenerateDistillDataset":
+            from dit_distillery.data import read_metadata
+
+            rows = read_metadata(base / "output" / "dit_distillery" / "datasets" / inputs["output_name"]).rows
+            assert len(rows) == 2 and all(row.latents is not None for row in rows)
+        elif node["class_type"] == "DD_ShrinkDiT":
+            from safetensors import safe_open
+
+            with safe_open(str(base / "models" / "diffusion_models" / inputs["name"]), "pt") as f:
+                assert not any(k.startswith("transformer_blocks.1.") for k in f.keys())
+                assert any(k.startswith("transformer_blocks.0.") for k in f.keys())
+    print(f"{name} on stand-ins: {time.monotonic() - began:.0f} s")
 
 
 @pytest.mark.slow

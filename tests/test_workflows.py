@@ -10,6 +10,7 @@ back from the converted prompts. The live-server counterparts are in `tests/test
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,7 @@ EXPECTED = {"quickstart", "shrink_qwen_image", "distill_qwen_image_lora", "aaadi
 USER_FILES = {("loras", "my_z_image_lora.safetensors"), ("loras", "my_qwen_image_lora.safetensors")}
 BUILTIN_SOURCES = ("default", "tiny:aaadit", "tiny:qwen_image")
 FILE_PICKERS = {  # inputs whose options are ComfyUI's model files: what a user without the models gets wrong
+    "UNETLoader": ("unet_name",), "CLIPLoader": ("clip_name",), "VAELoader": ("vae_name",),
     "DD_LoadPipeline": ("source", "dit_name", "text_encoder_name", "vae_name"),
     "DD_ShrinkDiT": ("source",), "DD_LoadDiT": ("dit_name",), "DD_LoadStudent": ("weights", "lora"),
     "DD_TrainLoRAFull": ("init_lora",), "DD_ExportTrainingJob": ("init_lora",),
@@ -62,9 +64,19 @@ def comfy_home(tmp_path, monkeypatch):
     return tmp_path
 
 
+# The stock loaders' pickers (recorded empty) list a model folder as ComfyUI does, plus their fixed entries.
+CORE_PICKERS = {"UNETLoader": ("unet_name", "diffusion_models"), "CLIPLoader": ("clip_name", "text_encoders"),
+                "VAELoader": ("vae_name", "vae")}
+
+
 def _specs() -> dict:
-    """Node specs as a ComfyUI serves them now (our pickers list the current home's files)."""
-    return {**oi.core_object_info(), **oi.pack_object_info(oi.load_pack())}
+    """Node specs as a ComfyUI serves them now (our pickers and the stock loaders' list the current home's files)."""
+    info = {**oi.core_object_info(), **oi.pack_object_info(oi.load_pack())}
+    home = os.environ.get("DIT_DISTILLERY_COMFY_HOME")
+    for node, (name, folder) in CORE_PICKERS.items():
+        files = sorted(p.name for p in (Path(home) / "models" / folder).glob("*.safetensors")) if home else []
+        info[node]["input"]["required"][name][0] = files + info[node]["input"]["required"][name][0]
+    return info
 
 
 def _provide(home: Path, needed) -> None:
@@ -173,10 +185,52 @@ def test_quickstart_needs_no_model_files(comfy_home):
     assert [n["source"] for n in _of_type(prompt, "DD_LoadPipeline")] == ["default"]
 
 
-@pytest.mark.parametrize("name", ["shrink_qwen_image", "distill_qwen_image_lora", "qwen_image_finetune",
-                                  "keep_lora_few_step_qwen_image"])
-def test_qwen_workflows_name_comfyui_model_files_with_download_links(name):
+QWEN_TEMPLATE = {  # ComfyUI's Qwen-Image template: loader -> (widget values, the file's folder)
+    "UNETLoader": (["qwen_image_fp8_e4m3fn.safetensors", "fp8_e4m3fn"], "diffusion_models"),
+    "CLIPLoader": (["qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image", "default"], "text_encoders"),
+    "VAELoader": (["qwen_image_vae.safetensors"], "vae"),
+}
+QWEN_TEMPLATE_URL = "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/{}/{}"
+LOADER_OUTPUT = {"UNETLoader": "MODEL", "CLIPLoader": "CLIP", "VAELoader": "VAE"}
+
+
+@pytest.mark.parametrize("name", ["shrink_qwen_image", "distill_qwen_image_lora", "qwen_image_finetune"])
+def test_qwen_workflows_start_from_stock_loaders_with_the_templates_files(name):
+    """UNETLoader / CLIPLoader (qwen_image) / VAELoader with the file names of ComfyUI's Qwen-Image template and
+    their download links (`properties.models`), into Pipeline from ComfyUI Models, the pipeline of every node of
+    ours; Shrink DiT reads the same DiT file (it streams a file)."""
     workflow = _load(name)
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    loaders = {n["type"]: n for n in workflow["nodes"] if n["type"] in QWEN_TEMPLATE}
+    assert sorted(loaders) == sorted(QWEN_TEMPLATE) and len(loaders) == 3
+    (pipeline,) = [n for n in workflow["nodes"] if n["type"] == "DD_PipelineFromComfyModels"]
+    for node_type, (values, folder) in QWEN_TEMPLATE.items():
+        loader = loaders[node_type]
+        assert loader["widgets_values"] == values and loader["mode"] == 0
+        url = QWEN_TEMPLATE_URL.format(folder, values[0])
+        assert loader["properties"]["models"] == [{"name": values[0], "url": url, "directory": folder}]
+        assert loader["properties"]["cnr_id"] == "comfy-core"
+        (link,) = [l for l in workflow["links"] if l[1] == loader["id"]]
+        assert (link[3], link[5]) == (pipeline["id"], LOADER_OUTPUT[node_type])
+    assert not [n for n in workflow["nodes"] if n["type"] == "DD_LoadPipeline"]
+    assert model_files(workflow) == {(folder, values[0]) for values, folder in QWEN_TEMPLATE.values()}
+
+    def root(node: dict) -> dict:  # up the `pipeline` inputs to where the pipeline was made
+        up = next((i["link"] for i in node["inputs"] if i["name"] == "pipeline"), None)
+        return node if up is None else root(by_id[next(l[1] for l in workflow["links"] if l[0] == up)])
+
+    sources = [by_id[origin] for _, origin, _, _, _, kind in workflow["links"] if kind == "DD_PIPELINE"]
+    assert len(sources) >= 4 and all(root(node) is pipeline for node in sources)
+    for node in workflow["nodes"]:
+        if node["type"] == "DD_ShrinkDiT":
+            assert node["widgets_values"][0] == "qwen_image_fp8_e4m3fn.safetensors"
+            assert node["properties"]["models"] == loaders["UNETLoader"]["properties"]["models"]
+    memory = workflow["nodes"][0]["widgets_values"][0].split("### Memory")[1]
+    assert "predicted" in memory and "--plan" in workflow["nodes"][0]["widgets_values"][0] and "GiB" in memory
+
+
+def test_keep_lora_qwen_workflow_names_comfyui_model_files_with_download_links():
+    workflow = _load("keep_lora_few_step_qwen_image")
     loaders = [n for n in workflow["nodes"] if n["type"] == "DD_LoadPipeline"]
     assert loaders
     for node in loaders:
