@@ -115,12 +115,17 @@ class ShrinkDiT:
                                   "count). For a DiT with several block stacks (FLUX.2: transformer_blocks 5/8, "
                                   "single_transformer_blocks 20/24) this is the single stack's count; give per-stack "
                                   "counts in block_list instead."}),
-                "strategy": (list(STRATEGIES), {"default": "uniform", "tooltip":
+                "strategy": (list(STRATEGIES), {"default": "interval", "tooltip":
                              "Which blocks: uniform (evenly spaced), first, interval (first K + last N-K: drops one "
                              "contiguous middle span), list (block_list), importance (ShortGPT block influence on "
                              "calibration inputs), learnable (TinyFusion: which blocks a short fine-tune recovers "
                              "best, learnt on the calibration inputs with the whole source loaded; 200 steps, seeded "
-                             "by calibration_seed). The source's last block is always kept last."}),
+                             "by calibration_seed). The source's last block is always kept last. Recommended "
+                             "(bench/results/block_selection.md, 12 -> 6 and 12 -> 4 blocks): learnable when the "
+                             "source fits this device for training (best, or within one standard error of it, at "
+                             "both); else importance with calibration_prompts and a pipeline (best at 4, second "
+                             "tier at 6); without calibration interval (the default); uniform was the worst at "
+                             "both."}),
                 "block_list": ("STRING", {"default": "", "tooltip": "strategy 'list': source blocks to keep, e.g. "
                                "'0-9,50-59' (must include the last block); per block stack: 'transformer_blocks=0-2,4; "
                                "single_transformer_blocks=0-9,19'. Other strategies: per-stack counts "

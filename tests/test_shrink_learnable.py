@@ -14,8 +14,8 @@ from dit_distillery.errors import DistilleryError
 from dit_distillery.models import registry
 from dit_distillery.shrink import Calibration, plan_shrink, proxy_calibration, shrink
 from dit_distillery.shrink.blocks import drop_blocks
-from dit_distillery.shrink.learnable import (BlockMasks, LearnSettings, LocalGroup, MaskSampler, candidate_masks,
-                                             learn_blocks, local_groups)
+from dit_distillery.shrink.learnable import (BlockMasks, LearnSettings, LocalGroup, MaskSampler, auto_group_size,
+                                             candidate_masks, learn_blocks, local_groups, plan_groups)
 from dit_distillery.tiny import seeded
 from dit_distillery.velocity import predict_velocity
 from tests.test_nodes_common import call, fake_comfy  # noqa: F401  (fixture)
@@ -50,6 +50,11 @@ def test_local_groups_partition_the_candidates_and_keep_the_count():
                 assert [b for g, _ in groups for b in g] == list(range(n - 1))  # all but the last, in order
                 assert sum(k for _, k in groups) == layers - 1
                 assert all(len(g) <= size and 0 <= k <= len(g) for g, k in groups)
+    # default: groups of 4, or one group when those would keep one block each (and its masks are few enough)
+    assert auto_group_size(12, 6) == 4 and auto_group_size(12, 4) == 11 and auto_group_size(4, 2) == 3
+    assert auto_group_size(61, 11) == 4  # one group of 60 keeping 10: too many masks to learn
+    _, groups = plan_groups(families.get("aaadit"), {"num_blocks": 12}, 4)
+    assert [(g.blocks, g.keep, len(g.masks)) for g in groups] == [(list(range(11)), 3, math.comb(11, 3))]
     masks = candidate_masks(4, 2)
     assert masks.shape == (6, 4) and (masks.sum(1) == 2).all() and len({tuple(m.tolist()) for m in masks}) == 6
 

@@ -21,7 +21,9 @@ def add_arguments(p) -> None:
                    "is the main stack's; per stack (FLUX.2): 'transformer_blocks=3,single_transformer_blocks=12' "
                    "(a stack not named is kept whole)")
     p.add_argument("--strategy", choices=STRATEGIES, default=None,
-                   help="which blocks to keep; none = list with --keep-blocks, else uniform")
+                   help="which blocks to keep; none = list with --keep-blocks, else interval. Measured best "
+                   "(bench/results/block_selection.md): learnable when the source fits --device for training, "
+                   "else importance; uniform was the worst")
     p.add_argument("--keep-blocks", default=None, help="explicit source blocks for --strategy list, e.g. '0-9,50-59'; "
                    "per stack: 'transformer_blocks=0-2,4;single_transformer_blocks=0-9,19'")
     p.add_argument("--keep-first", default=None,
@@ -72,7 +74,7 @@ def run(args) -> dict:
     from ..errors import DistilleryError
     from ..shrink import plan_shrink, shrink
 
-    strategy = args.strategy or ("list" if args.keep_blocks else "uniform")
+    strategy = args.strategy or ("list" if args.keep_blocks else "interval")
     common = dict(layers=_number(args.layers, "layers"), strategy=strategy, keep_blocks=args.keep_blocks,
                   keep_first=_number(args.keep_first, "keep_first"), heads=args.heads, width_method=args.width_method, device=args.device,
                   progress=None if (args.no_progress or args.json) else _progress_printer())

@@ -6,7 +6,9 @@ student needs is the set of blocks that fine-tuning repairs best. TinyFusion lea
 
 * the candidate blocks of a stack (all but its last, which Shrink DiT always keeps as the student's last block) are
   split into local groups of `group_size` consecutive blocks, each keeping a fixed share of the student's count
-  (`local_groups`; TinyFusion's N:M, e.g. 2 of every 4);
+  (`local_groups`; TinyFusion's N:M, e.g. 2 of every 4). By default groups of 4, or ONE group when groups of 4
+  would keep one block each or fewer (`auto_group_size`): then the groups only spread the kept blocks evenly over
+  depth, the layout `uniform` already gives and the worst measured (bench/results/block_selection.md);
 * every group has a learnable logit per candidate mask (each way to keep its k of m blocks, `candidate_masks`),
   sampled differentiably with Gumbel-softmax: hard 0/1 masks forward, soft gradients back (straight-through), the
   temperature annealed from 4 to 0.1 (`MaskSampler`);
@@ -51,7 +53,7 @@ class LearnSettings:
 
     steps: int = 200
     batch: int = 8
-    group_size: int = 4
+    group_size: int | None = None  # None: `auto_group_size`
     lora_rank: int = 8
     lora_targets: str | None = None
     lr: float = 1e-3
@@ -83,9 +85,12 @@ class LearnSettings:
     def check(self, field_name: str = "learn") -> None:
         for name in ("steps", "batch", "group_size", "lora_rank"):
             value = getattr(self, name)
+            if name == "group_size" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "group_size" else 1):
                 raise DistilleryError(f"{field_name}.{name}", value, "must be a whole number of at least "
-                                      f"{2 if name == 'group_size' else 1}.", f"use e.g. {getattr(LearnSettings, name)}.")
+                                      f"{2 if name == 'group_size' else 1}.",
+                                      f"use e.g. {getattr(LearnSettings, name) or 4}.")
         for name in ("lr", "logits_lr", "tau_start", "tau_end"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
@@ -129,6 +134,21 @@ def local_groups(num_blocks: int, layers: int, group_size: int = 4) -> list[tupl
         groups.append((list(range(start, start + size)), k))
         start += size
     return groups
+
+
+def auto_group_size(num_blocks: int, layers: int, group_size: int = 4) -> int:
+    """The default group size: `group_size`, unless its groups would keep at most one block each on average; then
+    one group of every candidate (any set can be kept) when its masks stay within `MAX_MASKS`.
+
+    Measured on a 12-block teacher (bench/results/block_selection.md, 5 seeds): to 6 blocks, groups of 4 (keeping
+    2, 2, 1) were best (0.037 latent MSE vs 0.042 for one group); to 4 blocks, groups of 4 had to keep one block
+    of each third (0.090) while one group kept the early blocks that mattered (0.078, the best 0.074). The rule was
+    chosen on that measurement, so it is not an independent test of it."""
+    candidates, keep = num_blocks - 1, layers - 1
+    groups = -(-candidates // group_size)
+    if 0 < keep <= groups and math.comb(candidates, keep) <= MAX_MASKS:
+        return max(2, candidates)
+    return group_size
 
 
 def candidate_masks(size: int, keep: int) -> torch.Tensor:
@@ -265,9 +285,10 @@ class LearnedSelection:
         """One line for a shrink report: how the blocks were learnt."""
         s = self.settings
         loss = (f", distillation loss {self.losses[0]:.4g} -> {self.losses[-1]:.4g}" if self.losses else "")
+        sizes = sorted({len(g["blocks"]) for g in self.groups})
         return (f"blocks learnt (TinyFusion) in {len(self.losses)} steps of {s.batch} calibration inputs, groups of "
-                f"{s.group_size}, LoRA rank {s.lora_rank}, seed {s.seed}{loss}; block_scores are the learnt "
-                "probabilities of keeping each block.")
+                f"{'/'.join(map(str, sizes)) or '-'} blocks, LoRA rank {s.lora_rank}, seed {s.seed}{loss}; "
+                "block_scores are the learnt probabilities of keeping each block.")
 
 
 def _counts(layers, family, config) -> dict[str, int]:
@@ -287,12 +308,15 @@ def _counts(layers, family, config) -> dict[str, int]:
     return counts
 
 
-def plan_groups(family, config: dict, layers, group_size: int = 4) -> tuple[dict[str, int], list[LocalGroup]]:
-    """(blocks kept per named stack, the local groups to learn) for `layers`; refuses a group with too many masks."""
+def plan_groups(family, config: dict, layers, group_size: int | None = None) -> tuple[dict[str, int], list[LocalGroup]]:
+    """(blocks kept per named stack, the local groups to learn) for `layers` (`group_size` None: per stack,
+    `auto_group_size`); refuses a group with too many masks."""
     counts = _counts(layers, family, config)
     groups = []
     for stack, n_keep in counts.items():
-        for blocks, keep in local_groups(config[family.group(stack).count_key], n_keep, group_size):
+        n = config[family.group(stack).count_key]
+        size = group_size if group_size is not None else auto_group_size(n, n_keep)
+        for blocks, keep in local_groups(n, n_keep, size):
             if math.comb(len(blocks), keep) > MAX_MASKS:
                 raise DistilleryError("learn.group_size", group_size, f"a group of {len(blocks)} blocks keeping {keep} "
                                       f"has {math.comb(len(blocks), keep)} candidate masks (at most {MAX_MASKS}).",
