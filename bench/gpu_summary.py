@@ -36,10 +36,15 @@ SFT_VS_DIFFSYNTH = 50.0  # x DiffSynth's tutorial loop
 DISTILL_SPEEDUP = 2.0  # x DiffSynth's DirectDistillLoss step, at no more memory
 LORA_SPEEDUP = 1.0  # faster than DiffSynth and ComfyUI's Train LoRA (strictly), at no more memory
 QWEN_BLOCKS = 60
+# Issue 11 §3 (bench/memory.py): the plan's peak within 15% of the measured one; block swap at most 1.3x the s/step
+# of the same setting unswapped; fp8 + swap fits 24 GB for LoRA SFT and Direct Distill, 16 GB for sampling.
+MEMORY_TOLERANCE = 0.15
+SWAP_SLOWDOWN_MAX = 1.3
 QWEN_BLOCK_GIB = 0.634  # bf16 weights of one full-width Qwen-Image block (340M parameters)
 # Benchmark folders under RES, written by bench/gpu_run.sh: step -> (folder, result stem)
 BENCHES = {"train": ("train", "train_speed"), "compile": ("compile", "train_speed"),
-           "distill": ("distill", "distill_speed"), "lora": ("lora", "lora_qwen_speed"), "gen": ("gen", "gen_speed")}
+           "distill": ("distill", "distill_speed"), "lora": ("lora", "lora_qwen_speed"), "gen": ("gen", "gen_speed"),
+           "memory": ("memory", "memory")}
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "huggingface-hub", "tokenizers",
             "numpy", "pillow", "einops", "pytest", "matplotlib", "pandas", "triton")
 
@@ -314,6 +319,99 @@ def gen_line(rec: dict | None) -> dict:
             "diffsynth_images_per_s": ds_ips, "detail": text}
 
 
+def memory_analysis(rec: dict | None) -> dict:
+    """bench/memory.py's rows read against issue 11 §3: measured / predicted peak and whether within 15%; for each
+    fp8 + swap row, its slowdown against the same workload's fp8 row (target <= 1.3x) and whether the budget
+    (24 GB training, 16 GB sampling) was met: on a GPU, the setting finished its steps with the allocator held to
+    the budget less the CUDA context; without that cap, measured peak + the plan's reserve <= budget."""
+    if not rec or not rec.get("rows"):
+        return {"rows": [], "targets": [], "detail": "not run" if not rec else "no setting planned in time"}
+    by = {r.get("key"): r for r in rec["rows"]}
+    rows, targets = [], []
+    for r in rec["rows"]:
+        m = r.get("measured")
+        ok = bool(m and m.get("step_s_median"))
+        peak = m.get("peak_memory_bytes") if ok else None
+        ratio = peak / r["predicted_bytes"] if peak and r.get("predicted_bytes") else None
+        note = []
+        if m is None:
+            note.append("not measured")
+        elif m.get("error"):
+            note.append(m["error"])
+        if m and m.get("stopped_early"):
+            note.append(f"stopped {m['stopped_early']}")
+        if m and m.get("capped_error"):
+            note.append(m["capped_error"])
+        comparable = not ok or "cuda" in str(m.get("peak_memory_kind", "cuda"))
+        if not comparable:
+            note.append("peak is the process's RSS on a CPU: not comparable with the GPU plan")
+        row = {"key": r.get("key"), "label": r["label"], "base": r["base"], "blocks_swapped": r["blocks_swapped"],
+               "budget_bytes": r.get("budget_bytes"), "predicted_bytes": r["predicted_bytes"], "measured_bytes": peak,
+               "ratio": ratio, "within": None if ratio is None or not comparable else abs(ratio - 1) <= MEMORY_TOLERANCE,
+               "step_s": m.get("step_s_median") if ok else None, "steps_measured": m.get("steps_measured") if ok else 0,
+               "peak_reserved_bytes": (m or {}).get("peak_reserved_bytes"),
+               "device_used_bytes": (m or {}).get("device_used_bytes"), "slowdown": None, "note": "; ".join(note)}
+        rows.append(row)
+        if r["base"] != "fp8+swap":
+            continue
+        budget = r.get("budget_bytes") or rec.get("budget_bytes")
+        name = f"{r['label']} in {budget / 2**30:.0f} GB (fp8 + {r['blocks_swapped']} blocks swapped)"
+        ref = (by.get(f"{r['workload']}/fp8") or {}).get("measured") or {}
+        if not ok:
+            targets.append({"target": name, "verdict": "not measured", "detail": row["note"] or "no timed step"})
+        else:
+            capped = m.get("memory_cap_bytes") and not m.get("capped_error")
+            reserve = r.get("reserve_bytes", 0)
+            if m.get("memory_cap_bytes") or m.get("capped_error"):
+                met = bool(capped)
+                how = ("ran its steps with the allocator held to the budget less the CUDA context"
+                       f" ({_gib(m.get('context_bytes'))})" if met else m["capped_error"])
+            else:
+                met = peak + reserve <= budget
+                how = f"peak + the plan's {_gib(reserve)} reserve {'<=' if met else '>'} the budget (no cap applied)"
+            detail = (f"{how}; peak allocated {_gib(peak)} (predicted {_gib(r['predicted_bytes'])}, "
+                      f"{ratio:.2f}x), reserved {_gib(m.get('peak_reserved_bytes'))}, device used "
+                      f"{_gib(m.get('device_used_bytes'))}; {m['step_s_median']:.3g} s/step")
+            targets.append({"target": name, "verdict": "met" if met else "missed", "detail": detail,
+                            "measured_bytes": peak, "budget_bytes": budget})
+        if r["blocks_swapped"]:
+            slow_name = f"{r['label']}: block swap ({r['blocks_swapped']} blocks) <= {SWAP_SLOWDOWN_MAX}x the unswapped step"
+            if ok and ref.get("step_s_median"):
+                row["slowdown"] = slow = m["step_s_median"] / ref["step_s_median"]
+                targets.append({"target": slow_name, "verdict": "met" if slow <= SWAP_SLOWDOWN_MAX else "missed",
+                                "measured": slow, "detail": f"{m['step_s_median']:.3g} vs {ref['step_s_median']:.3g} "
+                                                            f"s/step (fp8 unswapped) = {slow:.2f}x"})
+            else:
+                targets.append({"target": slow_name, "verdict": "not measured",
+                                "detail": "needs both the fp8 + swap and the fp8 setting measured"})
+    measured = sum(1 for r in rows if r["measured_bytes"])
+    within = sum(1 for r in rows if r["within"])
+    detail = (f"{measured} of {len(rows)} settings measured; {within} of them within {MEMORY_TOLERANCE:.0%} of the plan"
+              + (f"; not planned in time: {', '.join(rec['not_planned'])}" if rec.get("not_planned") else ""))
+    return {"rows": rows, "targets": targets, "detail": detail}
+
+
+def memory_md(analysis: dict) -> list[str]:
+    """The targets and the predicted-vs-measured table, as markdown lines (bench/memory.py's report uses them too)."""
+    if not analysis["rows"]:
+        return [f"Memory: {analysis['detail']}."]
+    lines = ["| target | verdict | measured |", "|---|---|---|"]
+    lines += [f"| {t['target']} | **{t['verdict']}** | {t['detail']} |" for t in analysis["targets"]]
+    lines += ["", analysis["detail"] + ".", "",
+              f"| workload | base | blocks swapped | budget | predicted GiB | measured GiB | measured / predicted | "
+              f"within {MEMORY_TOLERANCE:.0%} | s/step | swap slowdown (<= {SWAP_SLOWDOWN_MAX}x) | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in analysis["rows"]:
+        lines.append(" | ".join([
+            f"| {r['label']}", r["base"], str(r["blocks_swapped"]),
+            "—" if not r.get("budget_bytes") else f"{r['budget_bytes'] / 2**30:.0f} GiB",
+            f"{r['predicted_bytes'] / 2**30:.2f}", "—" if r["measured_bytes"] is None else f"{r['measured_bytes'] / 2**30:.2f}",
+            "—" if r["ratio"] is None else f"{r['ratio']:.2f}", {True: "yes", False: "**no**", None: "—"}[r["within"]],
+            "—" if r["step_s"] is None else f"{r['step_s']:.3g}" + (f" ({r['steps_measured']} timed)" if r["steps_measured"] else ""),
+            _x(r["slowdown"]), (r["note"] or "") + " |"]))
+    return lines
+
+
 def pytest_result(res: Path) -> dict:
     path = res / "pytest_gpu.xml"
     if not path.is_file():  # stopped before the report: the verbose log has one line per finished test
@@ -385,13 +483,14 @@ def summary(res: Path, out_dir: Path, dry_run: bool) -> dict:
     recs = {step: _load(res, step) for step in BENCHES}
     goals = goal_sft(recs["train"], recs["compile"]) + goal_distill(recs["distill"]) + goal_lora(recs["lora"])
     gen = gen_line(recs["gen"])
+    memory = memory_analysis(recs["memory"])
     tests = pytest_result(res)
     steps = read_steps(res)
     device = info.get("device") or "unknown device"
     title = (f"Dry run on a CPU ({device}): tiny sizes, correctness of the harness only — not evidence" if dry_run
              else f"GPU run on {device}")
     result = {"title": title, "dry_run": dry_run, "device": device, "env": info, "goals": goals, "generation": gen,
-              "pytest_gpu": tests, "steps": steps}
+              "memory": memory, "pytest_gpu": tests, "steps": steps}
 
     lines = [f"# {title}", ""]
     if dry_run:
@@ -421,6 +520,7 @@ def summary(res: Path, out_dir: Path, dry_run: bool) -> dict:
     lines += ["| goal | verdict | measured |", "|---|---|---|"]
     lines += [f"| {g['goal']} | **{g['verdict']}** | {g['detail']} |" for g in goals]
     lines += ["", f"Teacher generation (no goal): {gen['detail']}.", ""]
+    lines += ["## Memory (issue 11 §3: Qwen-Image 1024², bf16 / fp8 / fp8 + block swap)", ""] + memory_md(memory) + [""]
     lines += ["## CUDA correctness: `pytest -m gpu`", "", tests["detail"] + ".", ""]
     for bad in tests.get("failed_tests", []):
         lines.append(f"* {bad['kind']}: `{bad['test']}`: {bad['message']}")
@@ -429,6 +529,8 @@ def summary(res: Path, out_dir: Path, dry_run: bool) -> dict:
     total = sum(float(s.get("wall_s") or 0) for s in steps)
     lines += ["", f"Total {total:.0f} s of the steps before this summary.", ""]
     for step in BENCHES:
+        if step == "memory":  # its table is above; the predicted parts are in memory/memory.md of the tarball
+            continue
         md = _bench_md(res, step)
         if md:
             lines += [f"## Step `{step}`", ""] + ["#" + l if l.startswith("#") else l for l in md.splitlines()] + [""]

@@ -1,21 +1,32 @@
 """Memory bench (issue 11 §3): Qwen-Image at 1024x1024 (the full 60-block config), three workloads, each with a
 bf16 base, an fp8 base (`fp8.store_in_fp8`) and an fp8 base with block swap (`block_swap`), against a budget.
 
-    python bench/memory.py --device cuda [--budget 24GB]     # predicted and measured, side by side
+    python bench/memory.py --device cuda [--budget 24GB] [--sampling-budget 16GB]   # predicted and measured
     python bench/memory.py --device cpu                      # predicted; correctness on a tiny config
+    python bench/memory.py --device cpu --tiny               # the measurement path rehearsed on a tiny model
 
 Workloads: LoRA SFT (flow matching, rank 32 on the family's preset), Direct Distill LoRA with 4 unrolled student
 steps, and teacher sampling (CFG 4: positive and negative in one batch of 2). Training runs with gradient
 checkpointing, a bf16 compute dtype (autocast), fp32 adapters and AdamW, on cached inputs (256 prompt tokens of
 random embeddings, random latents); no text encoder or VAE is loaded, as in a cached training run.
-"fp8 + swap N": N = the fewest blocks the memory plan says fit the budget (`MemoryPlan.blocks_needed`).
+"fp8 + swap N": N = the fewest blocks the memory plan says fit the budget (`MemoryPlan.blocks_needed`): 24 GB for
+training (`--budget`), 16 GB for sampling (`--sampling-budget`).
 
 Predicted: `memory_plan.memory_plan` (peak `torch.cuda.max_memory_allocated`, by part; a budget also holds the
-plan's reserve for the CUDA context), on any machine. Measured (CUDA only, every setting in this one process, the
-model rebuilt for each): `torch.cuda.max_memory_allocated` over the timed steps and the median seconds per step
-(a training step: forward, backward, optimiser; sampling: one guided Euler step). The model is drawn on the GPU
-(`common.build_on`) and the swapped blocks then go to pinned host memory, so the GPU must hold the bf16 model once
-(an 80 GB card); the step itself is what the figures measure.
+plan's reserve for the CUDA context), on any machine. Measured (CUDA, or any device with `--tiny`):
+`torch.cuda.max_memory_allocated` over the timed steps and the median seconds per step (a training step: forward,
+backward, optimiser; sampling: one guided Euler step), plus the allocator's peak reserve and the device's used
+memory. The model is drawn on the GPU (`common.build_on`) and the swapped blocks then go to pinned host memory, so
+the GPU must hold the bf16 model once (an 80 GB card); the step itself is what the figures measure. An fp8 + swap
+setting the plan says fits runs with the allocator held to its budget less the measured CUDA context
+(`torch.cuda.set_per_process_memory_fraction`), as on a card of that size (out of memory there: recorded, then
+measured again without the cap).
+
+Time (bench/gpu_run.sh): the settings run one after another in one child process (`--child`), in `MEASURE_ORDER`
+(the 24 GB claims first), while this process computes the plans the later ones need. Each setting has a limit
+(`--setting-timeout`, and what `--deadline` leaves): past it the child stops after its current step, or is killed
+if that step runs on; what it had measured is kept, and a fresh child takes the remaining settings. The results are
+rewritten after every setting, so a run stopped from outside keeps the finished ones.
 
 On a CPU a tiny Qwen-Image checks correctness only: block swap gives bit-identical LoRA SFT and Direct Distill
 updates (two optimiser steps) and sampled latents; an fp8 base stays within the stated tolerance of the bf16 one.
@@ -31,9 +42,16 @@ import argparse
 import copy
 import functools
 import gc
+import json
+import os
+import queue
+import subprocess
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,8 +74,20 @@ WORKLOADS = {  # name -> (plan mode, loss, label)
     "direct4_lora": ("lora", "direct:4", "Direct Distill LoRA, 4 steps"),
     "teacher_sampling": ("sample", "sft", "teacher sampling, CFG 4"),
 }
+# The order settings are measured in (bench/gpu_run.sh's time may run out): the 24 GB claims first, then what
+# they are compared with (fp8 unswapped: the swap slowdown), bf16, and sampling (the 16 GB claim) last.
+MEASURE_ORDER = ["lora_sft/fp8+swap", "direct4_lora/fp8+swap", "lora_sft/fp8", "direct4_lora/fp8", "lora_sft/bf16",
+                 "direct4_lora/bf16", "teacher_sampling/fp8+swap", "teacher_sampling/fp8", "teacher_sampling/bf16"]
 LORA_RANK = 32
 TEXT_TOKENS = 256
+TINY = dict(num_layers=6, num_attention_heads=4, attention_head_dim=32, joint_attention_dim=32)  # --tiny, CPU checks
+TINY_SIZE, TINY_TEXT_TOKENS = 64, 8
+# The measuring child's protocol: one JSON line in per setting; these prefixes out.
+READY, PARTIAL, DONE = "MEMORY_READY ", "MEMORY_PARTIAL ", "MEMORY_DONE "
+GRACE_S = 6.0  # past its limit a setting may finish its step and free its memory before its child is killed
+WRITE_RESERVE_S = 3.0  # JSON + markdown, before --deadline
+MIN_SETTING_S = 5.0  # a setting given less is recorded as not started
+START_TIMEOUT_S = 120.0  # the child's imports and CUDA context
 SAMPLE_CFG = 4.0
 # fp8 (e4m3: 3 mantissa bits, one scale per tensor) against bf16 weights on the tiny model: a forward's output
 # moved by 3.3-3.6% (relative L2) over two seeds. 10% leaves room for other seeds and catches a lost scale (which
@@ -68,16 +98,17 @@ FP8_TOLERANCE = 0.10
 # ----------------------------------------------------------------------------------------------------------
 # The model and the steps (shared by the CUDA measurement and the CPU checks)
 
-def build(config: dict, base: str, swap: int, *, train: bool, device, compute_dtype, seed: int = 0):
-    """The DiT as the run holds it: bf16 (or the compute dtype on a CPU) base, fp8 if asked, LoRA adapters in
-    fp32 with gradient checkpointing when training, then `swap` blocks swapped."""
+def build(config: dict, base: str, swap: int, *, train: bool, device, compute_dtype, seed: int = 0,
+          tiny: bool = False):
+    """The DiT as the run holds it: bf16 (or the compute dtype on a CPU or `tiny`) base, fp8 if asked, LoRA
+    adapters in fp32 with gradient checkpointing when training, then `swap` blocks swapped."""
     from peft import LoraConfig, inject_adapter_in_model
 
     from dit_distillery.fp8 import store_in_fp8
     from dit_distillery.lora_presets import resolve_targets
 
     spec = families.get(FAMILY)
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" and not tiny:
         from bench.workloads import qwen_dit
 
         model = qwen_dit(config["num_layers"], device, torch.bfloat16, seed=seed)
@@ -120,8 +151,10 @@ def inputs(config: dict, size: int, device, text_tokens: int = TEXT_TOKENS, seed
     return {"latents": latents, "text": TextEmbeds(embeds[:1]), "negative": TextEmbeds(embeds[1:])}
 
 
-def train_steps(model, workload: str, data: dict, steps: int, device, autocast_dtype, clock=None) -> list[float]:
-    """`steps` optimiser steps of a LoRA run; returns the losses."""
+def train_steps(model, workload: str, data: dict, steps: int, device, autocast_dtype, clock=None,
+                on_step=None) -> list[float]:
+    """`steps` optimiser steps of a LoRA run (fewer if `on_step()`, called after each, says stop); returns the
+    losses."""
     loss_fn = FlowMatchingLoss() if workload == "lora_sft" else DirectDistillLoss(steps=4, cfg=1.0)
     params = [p for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -140,11 +173,14 @@ def train_steps(model, workload: str, data: dict, steps: int, device, autocast_d
         losses.append(float(loss.detach()))
         if clock is not None:
             clock.tick()
+        if on_step is not None and on_step():
+            break
     return losses
 
 
-def sample_steps(model, data: dict, steps: int, clock=None) -> torch.Tensor:
-    """`steps` guided Euler steps (CFG 4, positive and negative in one batch); returns the latents."""
+def sample_steps(model, data: dict, steps: int, clock=None, on_step=None) -> torch.Tensor:
+    """`steps` guided Euler steps (CFG 4, positive and negative in one batch; fewer if `on_step()` says stop);
+    returns the latents."""
     from dit_distillery.schedule import sigmas as schedule
 
     spec = families.get(FAMILY)
@@ -160,59 +196,285 @@ def sample_steps(model, data: dict, steps: int, clock=None) -> torch.Tensor:
             x = x + v * (s_next - s)
             if clock is not None:
                 clock.tick()
+            if on_step is not None and on_step():
+                break
     return x
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Predicted
 
-def plans(config: dict, size: int, budget: int) -> list[dict]:
-    """Every (workload, base) row with the plan's figures; fp8 + swap uses the fp8 plan's `blocks_needed`."""
-    rows = []
-    for workload, (mode, loss, label) in WORKLOADS.items():
-        for base in ("bf16", "fp8"):
-            t = time.perf_counter()
-            plan = memory_plan((FAMILY, config), height=size, width=size, mode=mode, loss=loss, base_dtype=base,
-                               lora_rank=LORA_RANK, text_tokens=TEXT_TOKENS, cfg_scale=SAMPLE_CFG)
-            seconds = time.perf_counter() - t
-            settings = [(base, 0)]
-            if base == "fp8":
-                need = plan.blocks_needed(budget)
-                settings.append(("fp8+swap", plan.max_swappable if need is None else need))
-            for name, n in settings:
-                rows.append({"workload": workload, "label": label, "base": name, "blocks_swapped": n,
-                             "predicted_bytes": plan.total(n), "predicted_parts": plan.parts(n),
-                             "fits_budget": plan.total(n) + plan.reserve_bytes <= budget,
-                             "reserve_bytes": plan.reserve_bytes, "plan_seconds": round(seconds, 2)})
-    return rows
+def plan_rows(config: dict, size: int, workload: str, base: str, budget: int,
+              text_tokens: int = TEXT_TOKENS) -> list[dict]:
+    """The rows of one plan: `base` ('bf16' or 'fp8'; fp8 adds 'fp8+swap' with the plan's `blocks_needed`)."""
+    mode, loss, label = WORKLOADS[workload]
+    t = time.perf_counter()
+    plan = memory_plan((FAMILY, config), height=size, width=size, mode=mode, loss=loss, base_dtype=base,
+                       lora_rank=LORA_RANK, text_tokens=text_tokens, cfg_scale=SAMPLE_CFG)
+    seconds = time.perf_counter() - t
+    settings = [(base, 0)]
+    if base == "fp8":
+        need = plan.blocks_needed(budget)
+        settings.append(("fp8+swap", plan.max_swappable if need is None else need))
+    return [{"key": f"{workload}/{name}", "workload": workload, "label": label, "base": name, "blocks_swapped": n,
+             "budget_bytes": budget, "predicted_bytes": plan.total(n), "predicted_parts": plan.parts(n),
+             "fits_budget": plan.total(n) + plan.reserve_bytes <= budget, "reserve_bytes": plan.reserve_bytes,
+             "plan_seconds": round(seconds, 2)} for name, n in settings]
+
+
+def plan_order() -> list[tuple[str, str]]:
+    """(workload, base) plans in the order `MEASURE_ORDER` needs them (fp8 + swap comes from the fp8 plan)."""
+    out = []
+    for key in MEASURE_ORDER:
+        workload, base = key.split("/")
+        item = (workload, "fp8" if base.startswith("fp8") else base)
+        if item not in out:
+            out.append(item)
+    return out
+
+
+def row_order(rows) -> list[dict]:
+    """Rows as the report lists them: by workload, then bf16, fp8, fp8 + swap."""
+    keys = [f"{w}/{b}" for w in WORKLOADS for b in ("bf16", "fp8", "fp8+swap")]
+    return sorted(rows, key=lambda r: keys.index(r["key"]))
+
+
+def plans(config: dict, size: int, budgets: dict[str, int], text_tokens: int = TEXT_TOKENS) -> list[dict]:
+    """Every (workload, base) row with the plan's figures; `budgets`: workload -> bytes the swap count is for."""
+    return row_order([row for w, b in plan_order() for row in plan_rows(config, size, w, b, budgets[w], text_tokens)])
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Measured (CUDA)
+# Measured (CUDA; any device with --tiny): in a child process, each setting held to its time by this one
 
-def measure(row: dict, config: dict, size: int, args) -> dict:
-    device = args.device
-    base = "fp8" if row["base"].startswith("fp8") else "bf16"
-    train = row["workload"] != "teacher_sampling"
-    common.free(device)
-    torch.cuda.reset_peak_memory_stats()
-    model = build(config, base, row["blocks_swapped"], train=train, device=device, compute_dtype=torch.bfloat16)
-    data = inputs(config, size, device)
-    clock = common.StepClock(device, args.warmup)
-    try:
-        if train:
-            losses = train_steps(model, row["workload"], data, args.warmup + args.steps, device, torch.bfloat16,
-                                 clock)
-            finite = all(torch.isfinite(torch.tensor(losses)))
-        else:
-            finite = bool(torch.isfinite(sample_steps(model, data, args.warmup + args.steps, clock)).all())
-        out = clock.summary()
-        out["finite"] = finite
-    except torch.cuda.OutOfMemoryError as exc:
-        out = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
-    del model, data
-    common.free(device)
+def measure(setting: dict, config: dict, size: int, device, warmup: int, steps: int, *, tiny: bool = False,
+            text_tokens: int = TEXT_TOKENS, context_bytes: int = 0, emit=None) -> dict:
+    """One setting: build, `warmup` + `steps` steps, the figures. `setting["limit_s"]`: stop after the step that
+    leaves too little time for another (once one step was measured); `setting["memory_cap_bytes"]` (CUDA): the
+    allocator is held to it less the CUDA context, and an out-of-memory there is recorded and measured again
+    without it. `emit(figures)` after every measured step (what is kept if the setting is stopped from outside)."""
+    cuda = torch.device(device).type == "cuda"
+    dtype, autocast = (torch.bfloat16, torch.bfloat16) if cuda and not tiny else (torch.float32, None)
+    base = "fp8" if setting["base"].startswith("fp8") else "bf16"
+    train = setting["workload"] != "teacher_sampling"
+    started, limit = time.perf_counter(), setting.get("limit_s")
+    total = torch.cuda.get_device_properties(device).total_memory if cuda else None
+
+    def attempt(cap: int | None) -> dict:
+        common.free(device)
+        t = time.perf_counter()
+        model = build(config, base, setting["blocks_swapped"], train=train, device=device, compute_dtype=dtype,
+                      tiny=tiny)
+        data = inputs(config, size, device, text_tokens=text_tokens)
+        common.free(device)  # the cache the bf16 model was drawn in goes back before anything is measured
+        info = {"build_s": round(time.perf_counter() - t, 2)}
+        if cap:
+            torch.cuda.set_per_process_memory_fraction(max(0.0, (cap - context_bytes) / total), device)
+            info["memory_cap_bytes"] = cap
+        clock = common.StepClock(device, warmup)
+
+        def figures() -> dict:
+            out = dict(info, **clock.summary())
+            if cuda:
+                free, _ = torch.cuda.mem_get_info(device)
+                out.update(peak_reserved_bytes=int(torch.cuda.max_memory_reserved(device)),
+                           device_used_bytes=int(total - free), context_bytes=context_bytes)
+            return out
+
+        def on_step() -> bool:
+            done = clock.steps - warmup
+            if done < 1:
+                return False
+            if emit is not None:
+                emit(figures())
+            if limit is not None and done < steps and time.perf_counter() - started + clock.times[-1] > limit:
+                info["stopped_early"] = f"after {done} of {steps} timed steps: another would pass the {limit:.0f} s limit"
+                return True
+            return False
+
+        try:
+            if train:
+                losses = train_steps(model, setting["workload"], data, warmup + steps, device, autocast, clock, on_step)
+                finite = all(torch.isfinite(torch.tensor(losses)))
+            else:
+                finite = bool(torch.isfinite(sample_steps(model, data, warmup + steps, clock, on_step)).all())
+            return dict(figures(), finite=bool(finite))
+        except torch.cuda.OutOfMemoryError as exc:
+            return dict(info, error=f"out of memory: {str(exc).splitlines()[0]}", out_of_memory=True)
+        finally:
+            if cap:
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
+            del model, data
+            common.free(device)
+
+    cap = setting.get("memory_cap_bytes") if cuda else None
+    out = attempt(cap)
+    if cap and out.get("out_of_memory"):
+        out = dict(attempt(None), capped_error=f"{out['error']} (allocator held to {cap / GIB:.1f} GiB less the "
+                                               f"{context_bytes / GIB:.2f} GiB CUDA context)")
     return out
+
+
+def child_main(spec: str) -> None:
+    """`memory.py --child SPEC`: measure each setting read from stdin (one JSON line each) until stdin closes."""
+    spec = json.loads(spec)
+    device = spec["device"]
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    ready = {"machine": common.machine(device), "pid": os.getpid()}
+    context = 0
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.zeros(1, device=device)  # the CUDA context, made before it is measured
+        free, total = torch.cuda.mem_get_info(device)
+        context = int(total - free - torch.cuda.memory_reserved(device))
+        ready["context_bytes"] = context
+    print(READY + json.dumps(ready), flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        setting = json.loads(line)
+        try:
+            out = measure(setting, spec["config"], spec["size"], device, spec["warmup"], spec["steps"],
+                          tiny=spec["tiny"], text_tokens=spec["text_tokens"], context_bytes=context,
+                          emit=lambda figures: print(PARTIAL + json.dumps(figures), flush=True))
+        except Exception as exc:  # noqa: BLE001 - recorded for this setting; the next one still runs
+            out = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+        print(DONE + json.dumps(out, default=str), flush=True)
+
+
+class Child:
+    """The measuring process: settings in on its stdin; its stdout read by a thread, so waits can time out."""
+
+    def __init__(self, cmd: list[str]):
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                     cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def send(self, obj: dict) -> bool:
+        try:
+            self.proc.stdin.write(json.dumps(obj) + "\n")
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError):
+            return False
+
+    def expect(self, prefixes: tuple[str, ...], until: float) -> tuple[str, dict] | None:
+        """The next line with one of `prefixes` and its JSON; None at `until` or when the child's output ends.
+        Other lines are passed on (the step's log)."""
+        while True:
+            wait = until - time.time()
+            try:
+                line = self.lines.get(timeout=None if wait == float("inf") else max(0.0, wait))
+            except queue.Empty:
+                return None
+            if line is None:
+                self.lines.put(None)  # stays ended for the next call
+                return None
+            prefix = next((p for p in prefixes if line.startswith(p)), None)
+            if prefix is None:
+                print(line, flush=True)
+                continue
+            return prefix, json.loads(line[len(prefix):])
+
+    def stop(self) -> str:
+        """Kill it (a step still running is abandoned); returns how it ended."""
+        alive = self.proc.poll() is None
+        if alive:
+            self.proc.kill()
+        rc = self.proc.wait()
+        return "killed" if alive else f"exited with {rc}"
+
+    def close(self, timeout: float = 30.0) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            self.stop()
+
+
+def limits(spec: str | None) -> dict[str, float]:
+    """`--setting-timeout`: '60' (every workload) or 'lora_sft=25,direct4_lora=45,...' -> workload -> seconds."""
+    if not spec:
+        return {}
+    if "=" not in spec:
+        return {w: float(spec) for w in WORKLOADS}
+    pairs = dict(item.split("=", 1) for item in spec.split(",") if item)
+    unknown = set(pairs) - set(WORKLOADS)
+    if unknown:
+        raise SystemExit(f"--setting-timeout: unknown workload(s) {sorted(unknown)}; use {list(WORKLOADS)}")
+    return {w: float(v) for w, v in pairs.items()}
+
+
+def supervise(keys: list[str], get_row, cmd: list[str], *, deadline: float, limit_s: dict[str, float],
+              on_ready=None, on_done=None) -> None:
+    """Measure each row of `keys` (in order; `get_row(key, until)` waits for its plan) in a child process `cmd`,
+    each held to its limit (`limit_s` per workload, and what `deadline` leaves): a setting past it is stopped, its
+    child killed and what it had measured kept (`partial`), and a fresh child takes the next setting.
+    `row["measured"]` gets the figures or the reason there are none; `on_done()` after each setting."""
+    child = None
+    try:
+        for key in keys:
+            row = get_row(key, deadline - WRITE_RESERVE_S)
+            if row is None:
+                continue
+            left = deadline - time.time() - WRITE_RESERVE_S
+            soft = min(limit_s.get(row["workload"], float("inf")), left - GRACE_S)
+            if soft < MIN_SETTING_S:
+                row["measured"] = {"error": f"not started: {max(left, 0):.0f} s left before the deadline"}
+                continue
+            if child is None:
+                t = time.time()
+                child = Child(cmd)
+                got = child.expect((READY,), until=min(t + START_TIMEOUT_S, deadline - WRITE_RESERVE_S))
+                if got is None:
+                    row["measured"] = {"error": f"the measuring process did not start ({child.stop()} after "
+                                                f"{time.time() - t:.0f} s)"}
+                    child = None
+                    continue
+                if on_ready is not None:
+                    on_ready(got[1])
+                left = deadline - time.time() - WRITE_RESERVE_S
+                soft = min(soft, left - GRACE_S)
+                if soft < MIN_SETTING_S:
+                    row["measured"] = {"error": f"not started: {max(left, 0):.0f} s left before the deadline"}
+                    continue
+            print(f"measuring {key} ({row['blocks_swapped']} blocks swapped), limit {soft:.0f} s", flush=True)
+            t0 = time.time()
+            setting = {k: row[k] for k in ("key", "workload", "base", "blocks_swapped")}
+            setting["limit_s"] = None if soft == float("inf") else soft
+            if row.get("memory_cap_bytes"):
+                setting["memory_cap_bytes"] = row["memory_cap_bytes"]
+            partial, got = None, None
+            if child.send(setting):
+                while True:
+                    got = child.expect((PARTIAL, DONE), until=t0 + soft + GRACE_S)
+                    if got is None or got[0] == DONE:
+                        break
+                    partial = got[1]
+            if got is None:
+                how = child.stop()
+                child = None
+                why = (f"stopped at its {soft:.0f} s limit (+{GRACE_S:.0f} s grace)" if how == "killed"
+                       else f"the measuring process {how}")
+                row["measured"] = dict(partial or {}, error=why, partial=partial is not None)
+            else:
+                row["measured"] = got[1]
+            row["measured"]["wall_s"] = round(time.time() - t0, 1)
+            m = row["measured"]
+            print(f"  {key}: " + (f"peak {common.gib(m.get('peak_memory_bytes'))} GiB, {m['step_s_median']:.3f} s/step"
+                                  if m.get("step_s_median") else "") + (f" [{m['error']}]" if m.get("error") else ""),
+                  flush=True)
+            if on_done is not None:
+                on_done()
+    finally:
+        if child is not None:
+            child.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,39 +525,40 @@ def cpu_checks(swap: int = 3) -> dict:
 # Report
 
 def markdown(result: dict) -> str:
-    rec, budget = result["record"], result["budget_bytes"]
-    measured = rec["machine"]["device_type"] == "cuda"
+    from bench import gpu_summary
+
+    rec, rows = result["record"], result["rows"]
+    budgets = result.get("budgets") or {w: result["budget_bytes"] for w in WORKLOADS}
+    measured = any("measured" in r for r in rows)
     # md_header's note about CPU timings of competing sides does not apply here: this bench has no sides
     lines = common.md_header(f"Memory: bf16, fp8 and block swap (Qwen-Image, {result['size']}x{result['size']})",
                              dict(rec, label="GPU, real sizes"))
-    if not measured:
+    if rec["label"] != "GPU, real sizes":
         lines[2:2] = [f"**{rec['label']}.**", ""]
-    lines += [f"Model: Qwen-Image, {result['layers']} blocks at full width; {result['size']}x{result['size']}, batch 1, "
-              f"{TEXT_TOKENS} prompt tokens; LoRA rank {LORA_RANK}; gradient checkpointing on. Budget "
-              f"{budget / GIB:.0f} GiB (plan reserve {result['rows'][0]['reserve_bytes'] / GIB:.1f} GiB for the "
-              "CUDA context). Predicted = `memory_plan` (peak allocated); measured = "
-              "`torch.cuda.max_memory_allocated` over the timed steps.", ""]
+    train_b, sample_b = budgets["lora_sft"] / GIB, budgets["teacher_sampling"] / GIB
+    lines += [f"Model: Qwen-Image, {result['layers']} blocks at {'tiny' if result.get('tiny') else 'full'} width; "
+              f"{result['size']}x{result['size']}, batch 1, {result.get('text_tokens', TEXT_TOKENS)} prompt tokens; "
+              f"LoRA rank {LORA_RANK}; gradient checkpointing on. Budgets (the swap count is chosen for them): "
+              f"{train_b:.0f} GiB for training, {sample_b:.0f} GiB for sampling"
+              + (f" (plan reserve {rows[0]['reserve_bytes'] / GIB:.1f} GiB for the CUDA context)" if rows else "")
+              + ". Predicted = `memory_plan` (peak allocated); measured = `torch.cuda.max_memory_allocated` over the "
+              "timed steps" + (f"; CUDA context {result['context_bytes'] / GIB:.2f} GiB" if result.get("context_bytes")
+                               else "") + ".", ""]
     if not measured:
         lines += ["**No GPU in this run: measured columns pending** (`python bench/memory.py --device cuda`).", ""]
-    headers = ["workload", "base", "blocks swapped", "predicted GiB", "fits budget"]
-    if measured:
-        headers += ["measured GiB", "measured / predicted", "s/step"]
-    rows = []
-    for r in result["rows"]:
-        row = [r["label"], r["base"], r["blocks_swapped"], f"{r['predicted_bytes'] / GIB:.2f}",
-               "yes" if r["fits_budget"] else "no"]
-        if measured:
-            m = r.get("measured", {})
-            peak = m.get("peak_memory_bytes")
-            row += [m.get("error") or common.gib(peak), common.fmt(common.ratio(peak, r["predicted_bytes"]), ".2f"),
-                    common.fmt(m.get("step_s_median"), ".3f")]
-        rows.append(row)
-    lines += common.md_table(headers, rows) + [""]
+        lines += common.md_table(["workload", "base", "blocks swapped", "budget GiB", "predicted GiB", "fits budget"],
+                                 [[r["label"], r["base"], r["blocks_swapped"], f"{budgets[r['workload']] / GIB:.0f}",
+                                   f"{r['predicted_bytes'] / GIB:.2f}", "yes" if r["fits_budget"] else "no"]
+                                  for r in rows]) + [""]
+    else:
+        lines += gpu_summary.memory_md(gpu_summary.memory_analysis(result)) + [""]
+    if not rows:
+        return "\n".join(lines) + "\n"
     lines += ["Predicted parts (GiB):", ""]
-    parts = list(result["rows"][0]["predicted_parts"])
+    parts = list(rows[0]["predicted_parts"])
     lines += common.md_table(["workload", "base", *[p.replace("_", " ") for p in parts]],
                              [[r["label"], f"{r['base']} ({r['blocks_swapped']})",
-                               *[f"{r['predicted_parts'][p] / GIB:.2f}" for p in parts]] for r in result["rows"]])
+                               *[f"{r['predicted_parts'][p] / GIB:.2f}" for p in parts]] for r in rows])
     checks = result.get("checks")
     if checks:
         lines += ["", f"Correctness on a tiny Qwen-Image ({checks['config']['num_layers']} blocks, width "
@@ -315,29 +578,96 @@ def main(argv: list[str] | None = None) -> list[Path]:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--budget", default="24GB", help="GPU memory the swap count is chosen for")
-    ap.add_argument("--size", type=int, default=1024, help="image side in pixels")
-    ap.add_argument("--layers", type=int, default=60, help="Qwen-Image blocks (60: the real model)")
+    ap.add_argument("--budget", default="24GB", help="GPU memory the training settings' swap count is chosen for "
+                                                      "(and an fp8 + swap setting that fits is held to)")
+    ap.add_argument("--sampling-budget", default="16GB", help="the same for teacher sampling")
+    ap.add_argument("--tiny", action="store_true",
+                    help=f"a tiny Qwen-Image ({TINY['num_layers']} blocks, width 128, {TINY_SIZE}x{TINY_SIZE}) measured "
+                         "on --device: the measurement path rehearsed (bench/gpu_run.sh --dry-run), not evidence")
+    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024; --tiny 64)")
+    ap.add_argument("--layers", type=int, default=None, help="Qwen-Image blocks (default 60, the real model)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--setting-timeout", default=None,
+                    help="seconds one setting may take (build included): one number, or workload=seconds,... "
+                         f"(workloads {','.join(WORKLOADS)}); past it the setting is stopped with what it measured")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="Unix time by which the results must be written: no setting runs past it")
     ap.add_argument("--results", default=str(common.RESULTS))
     args = ap.parse_args(argv)
-    args.tiny = False
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    rec = common.record(NAME, args, argv)
-    if args.device == "cpu":
-        rec["label"] = "CPU: predicted figures for the real model; correctness on a tiny one; GPU figures pending"
-    budget = parse_bytes(args.budget)
-    config = dict(families.get(FAMILY).presets()["qwen-image"], num_layers=args.layers)
-    rows = plans(config, args.size, budget)
-    result = {"record": rec, "budget_bytes": budget, "size": args.size, "layers": args.layers, "rows": rows}
-    if str(args.device).startswith("cuda"):
-        for row in rows:
-            print(f"measuring {row['workload']} {row['base']} ({row['blocks_swapped']} swapped)", flush=True)
-            row["measured"] = measure(row, config, args.size, args)
+    cuda = str(args.device).startswith("cuda")
+    budgets = {w: parse_bytes(args.sampling_budget if w == "teacher_sampling" else args.budget) for w in WORKLOADS}
+    spec = families.get(FAMILY)
+    if args.tiny:
+        config = spec.tiny_config(**dict(TINY, num_layers=args.layers or TINY["num_layers"]))
     else:
+        config = dict(spec.presets()["qwen-image"], num_layers=args.layers or 60)
+    size = args.size or (TINY_SIZE if args.tiny else 1024)
+    text_tokens = TINY_TEXT_TOKENS if args.tiny else TEXT_TOKENS
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    # This process never touches CUDA (the device-wide figures are the child's own); the child reports the machine.
+    rec = common.record(NAME, SimpleNamespace(device="cpu", tiny=True), argv)
+    if args.tiny:
+        rec["label"] = (f"tiny Qwen-Image on {args.device}: the measurement path rehearsed; its figures are not "
+                        "evidence (a CPU's peak is the whole process's RSS)")
+    elif not cuda:
+        rec["label"] = "CPU: predicted figures for the real model; correctness on a tiny one; GPU figures pending"
+    else:
+        rec["label"] = "GPU, real sizes"
+    lock = threading.Condition()
+    rows: dict[str, dict] = {}
+    result = {"record": rec, "budget_bytes": budgets["lora_sft"], "budgets": budgets, "size": size,
+              "layers": config["num_layers"], "text_tokens": text_tokens, "tiny": args.tiny,
+              "measure_order": MEASURE_ORDER, "rows": []}
+    stem = NAME + (f"_{'cuda' if cuda else 'cpu'}_tiny" if args.tiny else "")
+
+    def write() -> list[Path]:
+        with lock:
+            result["rows"] = row_order(rows.values())
+            result["not_planned"] = [k for k in MEASURE_ORDER if k not in rows]
+        return common.write_results(args.results, stem, result, markdown(result))
+
+    if cuda or args.tiny:
+        planned = {"done": False}
+
+        def planner() -> None:  # the plans, in the order the measurements need them, while the child measures
+            try:
+                for workload, base in plan_order():
+                    new = plan_rows(config, size, workload, base, budgets[workload], text_tokens)
+                    for r in new:
+                        if cuda and not args.tiny and r["base"] == "fp8+swap" and r["fits_budget"]:
+                            r["memory_cap_bytes"] = r["budget_bytes"]
+                    with lock:
+                        rows.update((r["key"], r) for r in new)
+                        lock.notify_all()
+            except Exception as exc:  # noqa: BLE001 - recorded; the rows planned so far are still measured
+                result["plan_error"] = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+            finally:
+                with lock:
+                    planned["done"] = True
+                    lock.notify_all()
+
+        def get_row(key: str, until: float) -> dict | None:
+            with lock:
+                wait = None if until == float("inf") else max(0.0, until - time.time())
+                lock.wait_for(lambda: key in rows or planned["done"], timeout=wait)
+                return rows.get(key)
+
+        def on_ready(info: dict) -> None:
+            rec["machine"] = info["machine"]
+            result["context_bytes"] = info.get("context_bytes")
+
+        threading.Thread(target=planner, daemon=True).start()
+        child = {"device": args.device, "config": config, "size": size, "warmup": args.warmup, "steps": args.steps,
+                 "tiny": args.tiny, "text_tokens": text_tokens}
+        supervise(MEASURE_ORDER, get_row, [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(child)],
+                  deadline=args.deadline or float("inf"), limit_s=limits(args.setting_timeout), on_ready=on_ready,
+                  on_done=write)
+    else:
+        rows.update((r["key"], r) for r in plans(config, size, budgets, text_tokens))
         result["checks"] = cpu_checks()
-    written = common.write_results(args.results, NAME, result, markdown(result))
+    written = write()
     failed = [k for k, v in result.get("checks", {}).items() if isinstance(v, dict) and v.get("passed") is False]
     print("\n".join(str(p) for p in written) + (f"\nFAILED: {failed}" if failed else ""))
     if failed:
@@ -346,4 +676,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        child_main(sys.argv[2])
+    else:
+        main()

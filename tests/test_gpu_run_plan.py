@@ -11,8 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 480
-REQUIRED = ["setup", "env", "pytest_gpu", "train", "distill", "lora", "compile", "gen", "summary"]
-BENCHMARKS = ("train", "distill", "lora", "compile", "gen")
+REQUIRED = ["setup", "env", "pytest_gpu", "train", "distill", "lora", "memory", "compile", "gen", "summary"]
+BENCHMARKS = ("train", "distill", "lora", "memory", "compile", "gen")
 
 
 def _plan(*args: str) -> tuple[list[dict], tuple[int, int]]:
@@ -42,12 +42,19 @@ def test_gpu_plan_runs_the_real_sizes_and_dry_run_shrinks_them():
     gpu = {s["name"]: s["command"] for s in _plan()[0]}
     dry = {s["name"]: s["command"] for s in _plan("--dry-run")[0]}
     assert "-m gpu" in gpu["pytest_gpu"] and "DIT_GPU_TESTS_DEVICE" not in gpu["pytest_gpu"]
-    for name in ("train", "distill", "lora", "compile", "gen"):
+    for name in BENCHMARKS:
         assert "--device cuda" in gpu[name] and "--device cpu" in dry[name], name
         assert "--deadline $STEP_DEADLINE" in gpu[name], name  # a side past its time keeps what it measured
     assert "--compile" in gpu["compile"] and "--batch-sizes 256,128,64,32,16,8,4,2,1" in gpu["compile"]
     assert "--num-layers $LORA_LAYERS" in gpu["lora"]
     assert "/tmp/site" in gpu["setup"] and ".whl/" in gpu["setup"]
+    # issue 11's memory evidence: the real model at warm-up 1 + 2 timed steps, 24 GB training / 16 GB sampling
+    # budgets, every setting held to a limit; the dry run measures the tiny model the same way
+    for flag in ("bench/memory.py", "--warmup 1 --steps 2", "--budget 24GB", "--sampling-budget 16GB",
+                 "--setting-timeout lora_sft=", "--results $RES/memory"):
+        assert flag in gpu["memory"], flag
+    assert "--layers" not in gpu["memory"] and "--tiny" not in gpu["memory"]
+    assert "--tiny" in dry["memory"] and "--setting-timeout" in dry["memory"]
 
 
 def test_side_caps_leave_room_inside_each_step():
@@ -132,4 +139,81 @@ def test_summary_reads_the_goals_met_or_missed_by_how_much(tmp_path):
     assert goals["Qwen-Image LoRA faster than ComfyUI's Train LoRA at no more memory"]["verdict"] == "not measured"
     md = (tmp_path / "out" / "gpu_summary.md").read_text()
     assert md.startswith("# GPU run on NVIDIA H100 80GB HBM3") and "| train | ok | 50 | 100 |" in md
+    assert "## Memory (issue 11" in md and "Memory: not run." in md and out["memory"]["targets"] == []
     assert "## Step `distill`" in md and (tmp_path / "out" / "gpu_summary.json").is_file()
+
+
+def test_memory_settings_are_each_held_to_their_limit(tmp_path, monkeypatch):
+    """bench/memory.py's supervisor: a setting past its limit is stopped with the figures it had reported, a fresh
+    child measures the next one, and a setting the deadline leaves no time for is recorded as not started."""
+    import json
+    import sys
+    import time
+
+    from bench import memory
+
+    child = tmp_path / "child.py"
+    child.write_text("import json, os, sys, time\n"
+                     f"print({memory.READY!r} + json.dumps({{'machine': {{'device': 'fake'}}, 'pid': os.getpid()}}), flush=True)\n"
+                     "for line in sys.stdin:\n"
+                     "    s = json.loads(line)\n"
+                     "    if s['workload'] == 'slow':\n"
+                     f"        print({memory.PARTIAL!r} + json.dumps({{'step_s_median': 0.5, 'steps_measured': 1}}), flush=True)\n"
+                     "        time.sleep(60)\n"
+                     f"    print({memory.DONE!r} + json.dumps({{'step_s_median': 0.1, 'limit': s['limit_s']}}), flush=True)\n")
+    monkeypatch.setattr(memory, "GRACE_S", 0.5)
+    monkeypatch.setattr(memory, "MIN_SETTING_S", 0.5)
+    rows = {k: {"key": k, "workload": k.split("/")[0], "base": "fp8", "blocks_swapped": 0}
+            for k in ("fast/a", "slow/b", "fast/c")}
+    ready, done = [], []
+    t = time.time()
+    memory.supervise(list(rows), lambda key, until: rows[key], [sys.executable, str(child)], deadline=t + 60,
+                     limit_s={"slow": 1.0, "fast": 20.0}, on_ready=ready.append, on_done=lambda: done.append(1))
+    a, b, c = (rows[k]["measured"] for k in ("fast/a", "slow/b", "fast/c"))
+    assert a["step_s_median"] == 0.1 and a["limit"] == 20.0
+    assert b["step_s_median"] == 0.5 and b["partial"] is True and "stopped at its 1 s limit" in b["error"]
+    assert c["step_s_median"] == 0.1 and len(ready) == 2 and ready[0]["pid"] != ready[1]["pid"] and len(done) == 3
+    assert time.time() - t < 15
+    late = {"key": "fast/d", "workload": "fast", "base": "bf16", "blocks_swapped": 0}
+    memory.supervise(["fast/d"], lambda key, until: late, [sys.executable, str(child)],
+                     deadline=time.time() + memory.WRITE_RESERVE_S + 0.2, limit_s={})
+    assert late["measured"]["error"].startswith("not started")
+
+
+def test_memory_analysis_reads_the_targets():
+    """gpu_summary.memory_analysis on hand-made bench/memory.py rows: measured / predicted within 15%, the swap
+    slowdown against the unswapped fp8 row (<= 1.3x), and a budget met only by a run held to it."""
+    from bench import gpu_summary
+
+    gib = 2**30
+    kind = "torch.cuda.max_memory_allocated"
+
+    def row(workload, base, n, predicted, budget, measured=None):
+        return {"key": f"{workload}/{base}", "workload": workload, "label": workload, "base": base, "blocks_swapped": n,
+                "predicted_bytes": predicted * gib, "budget_bytes": budget * gib, "reserve_bytes": gib,
+                **({"measured": measured} if measured is not None else {})}
+
+    def m(peak, step, **kw):
+        return dict(peak_memory_bytes=peak * gib, step_s_median=step, steps_measured=2, peak_memory_kind=kind, **kw)
+
+    rec = {"rows": [
+        row("lora_sft", "fp8", 0, 26.0, 24, m(27.0, 1.0)),
+        row("lora_sft", "fp8+swap", 12, 22.8, 24, m(22.0, 1.2, memory_cap_bytes=24 * gib, context_bytes=gib // 2)),
+        row("direct4_lora", "fp8", 0, 30.5, 24, m(31.0, 4.0)),
+        row("direct4_lora", "fp8+swap", 26, 22.9, 24, m(27.0, 6.0, capped_error="out of memory: ... (held to 24 GiB)")),
+        row("teacher_sampling", "fp8+swap", 17, 15.0, 16, {"error": "not started: 2 s left before the deadline"}),
+        row("teacher_sampling", "bf16", 0, 38.5, 16)]}
+    out = gpu_summary.memory_analysis(rec)
+    targets = {t["target"]: t for t in out["targets"]}
+    assert targets["lora_sft in 24 GB (fp8 + 12 blocks swapped)"]["verdict"] == "met"
+    assert targets["lora_sft: block swap (12 blocks) <= 1.3x the unswapped step"]["measured"] == pytest.approx(1.2)
+    assert targets["lora_sft: block swap (12 blocks) <= 1.3x the unswapped step"]["verdict"] == "met"
+    assert targets["direct4_lora in 24 GB (fp8 + 26 blocks swapped)"]["verdict"] == "missed"
+    assert targets["direct4_lora: block swap (26 blocks) <= 1.3x the unswapped step"]["verdict"] == "missed"
+    assert targets["teacher_sampling in 16 GB (fp8 + 17 blocks swapped)"]["verdict"] == "not measured"
+    rows = {r["key"]: r for r in out["rows"]}
+    assert rows["lora_sft/fp8"]["within"] is True and rows["direct4_lora/fp8+swap"]["within"] is False  # 1.04x, 1.18x
+    assert rows["teacher_sampling/bf16"]["within"] is None and "not measured" in rows["teacher_sampling/bf16"]["note"]
+    assert out["detail"].startswith("4 of 6 settings measured")
+    md = "\n".join(gpu_summary.memory_md(out))
+    assert "| direct4_lora | fp8+swap | 26 | 24 GiB | 22.90 | 27.00 | 1.18 | **no** |" in md
