@@ -288,7 +288,8 @@ def measure(setting: dict, config: dict, size: int, device, warmup: int, steps: 
             if emit is not None:
                 emit(figures())
             if limit is not None and done < steps and time.perf_counter() - started + clock.times[-1] > limit:
-                info["stopped_early"] = f"after {done} of {steps} timed steps: another would pass the {limit:.0f} s limit"
+                info["stopped_early"] = (f"after {done} of {steps} timed steps: another would pass the {limit:.0f} s "
+                                         "limit")
                 return True
             return False
 
@@ -417,26 +418,27 @@ def supervise(keys: list[str], get_row, cmd: list[str], *, deadline: float, limi
     each held to its limit (`limit_s` per workload, and what `deadline` leaves): a setting past it is stopped, its
     child killed and what it had measured kept (`partial`), and a fresh child takes the next setting.
     `row["measured"]` gets the figures or the reason there are none; `on_done()` after each setting."""
-    child = None
+    child, ready, started = None, False, 0.0
     try:
         for key in keys:
+            if child is None and deadline - time.time() - WRITE_RESERVE_S - GRACE_S >= MIN_SETTING_S:
+                child, ready, started = Child(cmd), False, time.time()  # it imports while the plan is made
             row = get_row(key, deadline - WRITE_RESERVE_S)
             if row is None:
                 continue
             left = deadline - time.time() - WRITE_RESERVE_S
             soft = min(limit_s.get(row["workload"], float("inf")), left - GRACE_S)
-            if soft < MIN_SETTING_S:
+            if soft < MIN_SETTING_S or child is None:
                 row["measured"] = {"error": f"not started: {max(left, 0):.0f} s left before the deadline"}
                 continue
-            if child is None:
-                t = time.time()
-                child = Child(cmd)
-                got = child.expect((READY,), until=min(t + START_TIMEOUT_S, deadline - WRITE_RESERVE_S))
+            if not ready:
+                got = child.expect((READY,), until=min(started + START_TIMEOUT_S, deadline - WRITE_RESERVE_S))
                 if got is None:
                     row["measured"] = {"error": f"the measuring process did not start ({child.stop()} after "
-                                                f"{time.time() - t:.0f} s)"}
+                                                f"{time.time() - started:.0f} s)"}
                     child = None
                     continue
+                ready = True
                 if on_ready is not None:
                     on_ready(got[1])
                 left = deadline - time.time() - WRITE_RESERVE_S
@@ -473,8 +475,8 @@ def supervise(keys: list[str], get_row, cmd: list[str], *, deadline: float, limi
             if on_done is not None:
                 on_done()
     finally:
-        if child is not None:
-            child.close()
+        if child is not None:  # past the deadline's reserve it is killed rather than waited for
+            child.close(timeout=max(1.0, min(30.0, deadline - time.time() - WRITE_RESERVE_S)))
 
 
 # ----------------------------------------------------------------------------------------------------------
