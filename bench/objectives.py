@@ -405,9 +405,12 @@ def write_report(b: Bench, results: Path, command: str) -> list[Path]:
         lines += [f"**Preset `{c.name}`: a smoke run whose numbers mean nothing.**", ""]
     secs = data["seconds"]
     if secs:
-        lines += [f"Wall time: {sum(secs.values()) / 60:.1f} minutes in all (" + ", ".join(
-            f"{k} {s:.0f} s" for k, s in secs.items()) + "); each run's figure is its probe, training and "
-            "evaluation.", ""]
+        matrix = {k: v for k, v in secs.items() if k not in VARIANTS}
+        extra = {k: v for k, v in secs.items() if k in VARIANTS}
+        lines += [f"Wall time of the matrix (data + {len(matrix) - 1} runs): {sum(matrix.values()) / 60:.1f} "
+                  "minutes (" + ", ".join(f"{k} {v:.0f} s" for k, v in matrix.items()) + "); each run's figure "
+                  "is its probe, training and evaluation." + (f" The DMD2 variants took another "
+                  f"{sum(extra.values()) / 60:.1f} minutes." if extra else ""), ""]
     if not done:
         return common.write_results(results, NAME, rec, "\n".join(lines + ["No run finished yet.", ""]))
     first = next(iter(done.values()))["eval"]
@@ -435,7 +438,8 @@ def write_report(b: Bench, results: Path, command: str) -> list[Path]:
               f"{first['prompts']} prompts never trained on x {c.eval_seeds} seeds (from {HELD_OUT_START_SEED}), "
               "the teacher's side read from a held-out teacher dataset. *Accuracy*: colour, shape and background "
               "all read back right by `classify_image`; ± is its binomial standard error "
-              f"(about {_se_points(teacher['accuracy']['all'], n):.1f} points at the teacher's accuracy). *MSE ÷ "
+              f"(about {_se_points(teacher['accuracy']['all'], n):.1f} points at the teacher's accuracy); one image "
+              f"is {100 / n:.2f} points, so the 3-point goal is {math.floor(3 * n / 100)} images of {n}. *MSE ÷ "
               "undistilled*: the student's paired latent MSE to the teacher over that of the undistilled teacher at "
               "the same steps, CFG 1 (below 1: distillation helped). *Diversity ÷ teacher*: mean pairwise RMS pixel "
               "distance between the seeds of a prompt, student over teacher.", "",
@@ -456,7 +460,7 @@ def write_report(b: Bench, results: Path, command: str) -> list[Path]:
             if r:
                 rows.append(_row(steps, LABELS[loss], r["eval"]["student"], teacher, r["eval"]["ratios"], r["train"],
                                  n))
-    lines += common.md_table(head, rows) + [""]
+    lines += common.md_table(head, rows) + [""] + _notes(data, done, c)
     if data["variants"]:
         lines += ["## DMD2's settings, checked at 2 steps", "",
                   "The matrix's DMD2 run and variants of it, each changing one thing (stage `variants`); the same "
@@ -496,6 +500,29 @@ def write_report(b: Bench, results: Path, command: str) -> list[Path]:
             grid.save(tmp, format="PNG")
         written.append(path)
     return written
+
+
+def _notes(data: dict, done: dict, c: ObjectivesConfig) -> list[str]:
+    """Facts the table implies, computed from the runs: the diversity scale, and the 1-step identity of two losses."""
+    out = []
+    base = sorted({r["student_steps"]: common.ratio(
+        r["eval"]["baseline"]["diversity"], r["eval"]["teacher"]["diversity"]) for r in done.values()}.items())
+    students = [r["eval"]["ratios"]["diversity_vs_teacher"] for r in done.values()]
+    if base and students:
+        below = sum(x < 1 for x in students)
+        out.append(f"* Diversity: the undistilled teacher at CFG 1 is {min(v for _, v in base):.2f}-"
+                   f"{max(v for _, v in base):.2f}x as diverse as the CFG-4 teacher; the students lie at "
+                   f"{min(students):.2f}-{max(students):.2f}x. "
+                   + ("No student falls below the teacher's diversity, so no mode collapse shows here; a ratio above "
+                      "1 is not better, it is CFG-1 variation the student kept." if not below else
+                      f"{below} student(s) fall below the teacher's diversity."))
+    dd, tr = (done.get(run_name(k, 1)) for k in ("direct_distill", "trajectory"))
+    if dd and tr and dd["train"] and tr["train"]:
+        out.append(f"* At 1 step Trajectory's target (the chord from the noise to the final latents) is Direct "
+                   f"Distill's: the same loss (first training loss {tr['train']['first_loss']:.5f} vs "
+                   f"{dd['train']['first_loss']:.5f}); the two rows differ only by the steps their probes bought "
+                   f"({tr['train']['train_steps']} vs {dd['train']['train_steps']}) and show the run-to-run spread.")
+    return out + [""] if out else []
 
 
 def _variant_rows(data: dict, done: dict, teacher: dict, n: int, c: ObjectivesConfig) -> list[list]:
