@@ -390,6 +390,7 @@ def write_report(b: Bench, results: Path, command: str) -> list[Path]:
     rec = {"benchmark": NAME, "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
            "machine": {**common.machine("cpu"), **machine_info()}, "versions": common.versions(),
            "git": common.git_commit(), **data}
+    rec = json.loads(json.dumps(rec, default=str).replace(str(ROOT) + "/", ""))  # no path of this machine
     done = {n: r for n, r in data["runs"].items() if r["eval"]}
     rec["goals"] = goal_verdicts(data["runs"], c)
     m, v, g = rec["machine"], rec["versions"], rec["git"]
