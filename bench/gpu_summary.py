@@ -8,8 +8,8 @@ measures the two ceilings MFU is read against (a bf16 matrix product and a devic
 how many Qwen-Image blocks the LoRA benchmark can hold (all 60 on an 80 GB card).
 
 `summary` reads every benchmark's JSON in RES and writes OUT/gpu_summary.md (+ .json and a goals chart): each of
-the issue's goals as met or missed and by how much, the `pytest -m gpu` outcome, every step's status and time, and
-each benchmark's own table. Standard library (+ matplotlib for the chart, when importable) only, so it still runs
+the issue's goals as met or missed and by how much, issue 11's memory targets and the predicted-vs-measured memory
+table (bench/memory.py), the `pytest -m gpu` outcome, every step's status and time, and each benchmark's own table. Standard library (+ matplotlib for the chart, when importable) only, so it still runs
 when a benchmark's imports are broken.
 """
 
@@ -385,8 +385,10 @@ def memory_analysis(rec: dict | None) -> dict:
                 targets.append({"target": slow_name, "verdict": "not measured",
                                 "detail": "needs both the fp8 + swap and the fp8 setting measured"})
     measured = sum(1 for r in rows if r["measured_bytes"])
+    comparable = sum(1 for r in rows if r["within"] is not None)
     within = sum(1 for r in rows if r["within"])
-    detail = (f"{measured} of {len(rows)} settings measured; {within} of them within {MEMORY_TOLERANCE:.0%} of the plan"
+    detail = (f"{measured} of {len(rows)} settings measured; {within} of the {comparable} with a GPU peak within "
+              f"{MEMORY_TOLERANCE:.0%} of the plan"
               + (f"; not planned in time: {', '.join(rec['not_planned'])}" if rec.get("not_planned") else ""))
     return {"rows": rows, "targets": targets, "detail": detail}
 
