@@ -27,7 +27,7 @@ while (($#)); do
     --dry-run) DRY=1 ;;
     --plan) PLAN=1 ;;
     --only) ONLY="${2:?--only needs a comma list of steps}"; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (use --dry-run, --plan, --only STEPS, --help)" >&2; exit 2 ;;
   esac
   shift
