@@ -17,7 +17,7 @@
 # ComfyUI's app/frontend_management.py imports it without listing it. Safe to run again.
 #
 # Then run the tests with:
-#   COMFYUI_DIR=/work/comfyui COMFYUI_PYTHON=/work/comfyui-venv/bin/python python -m pytest -m comfyui tests/
+#   COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/comfyui-venv/bin/python python -m pytest -m comfyui tests/
 set -euo pipefail
 
 usage() { echo "usage: $0 COMFYUI_DIR [VENV]   (env: PYTHON, COMFYUI_GIT, COMFYUI_REF)" >&2; exit 2; }

@@ -5,7 +5,7 @@ Runs only where `COMFYUI_DIR` names a ComfyUI checkout (scripts/setup_comfyui.sh
 tests/comfyui_support/comfy_models_check.py builds small random CLIP/VAE/MODEL objects with ComfyUI's own classes,
 runs our node and ComfyUI's nodes on them, and reports what it measured (about a minute on 2 CPU cores).
 
-    COMFYUI_DIR=/work/comfyui COMFYUI_PYTHON=/work/comfyui-venv/bin/python python -m pytest -m comfyui tests/test_comfy_models.py
+    COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/comfyui-venv/bin/python python -m pytest -m comfyui tests/test_comfy_models.py
 
 Full-size parity (the real 7B Qwen2.5-VL, the 20B DiT, a real VAE at 1328x1328) is the slow real-scale check's.
 """

@@ -4,7 +4,7 @@ Runs only where `COMFYUI_DIR` names a ComfyUI checkout (scripts/setup_comfyui.sh
 `COMFYUI_PYTHON` is the python to run it with (default: this one). One server is started for the module, on
 127.0.0.1, with a temporary base directory whose `custom_nodes/dit-distillery` links to this repository.
 
-    COMFYUI_DIR=/work/comfyui COMFYUI_PYTHON=/work/comfyui-venv/bin/python python -m pytest -q tests/test_comfyui_integration.py
+    COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/comfyui-venv/bin/python python -m pytest -q tests/test_comfyui_integration.py
 """
 
 import json

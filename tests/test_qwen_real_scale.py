@@ -12,7 +12,7 @@ prompt is the text embedding in our training cache, and VAEDecode of a latent is
 The files are deleted afterwards. It prints the wall times and the ComfyUI process's peak resident memory
 (VmHWM), and per node the time and peak anonymous / file-backed resident memory.
 
-    COMFYUI_DIR=/work/comfyui COMFYUI_PYTHON=/work/comfyui-venv/bin/python \
+    COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/comfyui-venv/bin/python \
         python -m pytest -m "slow and comfyui" -s tests/test_qwen_real_scale.py
 
 Needs about 11 GB of disk and 14 GB of available memory (skipped otherwise).
