@@ -250,15 +250,10 @@ class ExternalPipeline(TextToImagePipeline):
         end's current tensors."""
         self._dit = None
 
+    encoder_field = "clip"  # the front end's names for the encoder and codec inputs
+
     def _check_compatible(self) -> None:
-        config = families.detect(self._skeleton)[1]
-        channels, text_width = self.family_spec.latent_channels(config), self.family_spec.text_width(config)
-        if channels != self.codec.latent_channels:
-            raise DistilleryError("vae", self.codec.identity, f"gives {self.codec.latent_channels} latent channels; "
-                                  f"the DiT takes {channels}.", "use the VAE the model was trained with.")
-        if text_width != self.prompt_encoder.width:
-            raise DistilleryError("clip", self.prompt_encoder.identity, f"gives {self.prompt_encoder.width}-wide "
-                                  f"embeddings; the DiT takes {text_width}.", "use the text encoder of the model.")
+        super()._check_compatible(self._skeleton)  # the skeleton: checking must not build our DiT
 
     @property
     def device(self) -> torch.device:

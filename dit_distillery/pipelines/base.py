@@ -86,15 +86,20 @@ class TextToImagePipeline:
         return TextToImagePipeline(dit, self.prompt_encoder, self.codec, template=self.template if same else None,
                                    defaults=dict(self.defaults))
 
-    def _check_compatible(self) -> None:
-        config = families.detect(self.dit)[1]
+    # the input names a mismatch between the DiT and its encoder/codec is reported under (subclasses rename them)
+    encoder_field, codec_field = "text_encoder", "vae"
+
+    def _check_compatible(self, model: torch.nn.Module | None = None) -> None:
+        """The DiT (or `model`, a skeleton of it) must take the codec's latents and the encoder's embeddings."""
+        config = families.detect(self.dit if model is None else model)[1]
         channels, text_width = self.family_spec.latent_channels(config), self.family_spec.text_width(config)
         if channels != self.codec.latent_channels:
-            raise DistilleryError("vae", self.codec.identity, f"gives {self.codec.latent_channels} latent channels; "
-                                  f"the DiT takes {channels}.", "use the VAE/codec the DiT was trained with.")
+            raise DistilleryError(self.codec_field, self.codec.identity, f"gives {self.codec.latent_channels} latent "
+                                  f"channels; the DiT takes {channels}.", "use the VAE/codec the DiT was trained with.")
         if text_width != self.prompt_encoder.width:
-            raise DistilleryError("text_encoder", self.prompt_encoder.identity, f"gives {self.prompt_encoder.width}-wide "
-                                  f"embeddings; the DiT takes {text_width}.", "use the text encoder the DiT was trained with.")
+            raise DistilleryError(self.encoder_field, self.prompt_encoder.identity, f"gives {self.prompt_encoder.width}"
+                                  f"-wide embeddings; the DiT takes {text_width}.",
+                                  "use the text encoder the DiT was trained with.")
 
     # -- placement
     @property
